@@ -1,0 +1,22 @@
+# Two commands do all the set-up on a fresh machine:
+#   make image PROMPT="a red apple, 3d render"   -> writes image.png with the model at the repo root
+#   make test                                    -> lint + the test suite (what .ci/run calls)
+PYTHON ?= python3
+PROMPT ?= a smiling face with heart eyes, 3d render
+OUT ?= image.png
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test lint image
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@$(PYTHON) -m pip install -q -e ".[dev]"
+
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: lint
+	$(PYTHON) -m pytest -q
+
+image: setup
+	$(PYTHON) -m sdxs generate "$(PROMPT)" --output "$(OUT)"

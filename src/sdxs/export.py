@@ -1,0 +1,112 @@
+"""Export a pipeline to the hub layout and prove it loads with plain diffusers.
+
+The hub layout is what `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs for a custom
+pipeline: `model_index.json` whose `_class_name` is `["pipeline", "SDXSPipeline"]`, `pipeline.py` beside it (an
+exact copy of `sdxs/pipeline.py`, the single source of truth), and one folder per component in safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PIPELINE_SOURCE = Path(__file__).with_name("pipeline.py")
+HUB_CLASS_NAME = ["pipeline", "SDXSPipeline"]
+COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "vision_processor")
+
+
+def write_pipeline_file(folder: str | os.PathLike) -> Path:
+    """Copy the pipeline source to `folder/pipeline.py` byte for byte (atomically)."""
+    dst = Path(folder) / "pipeline.py"
+    tmp = dst.with_suffix(".py.tmp")
+    shutil.copyfile(PIPELINE_SOURCE, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def set_hub_class_name(folder: str | os.PathLike) -> None:
+    """diffusers' save_pretrained writes `"_class_name": "SDXSPipeline"`; the hub needs the custom-code form."""
+    path = Path(folder) / "model_index.json"
+    index = json.loads(path.read_text())
+    index["_class_name"] = HUB_CLASS_NAME
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_hub_layout(
+    pipe,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    card: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write `pipe` to `out_dir` in the hub layout; with `verify`, reload it with plain diffusers.
+
+    Args:
+        pipe: an `SDXSPipeline` (from `sdxs.pipeline` or loaded from a hub folder).
+        out_dir: target folder. Existing component folders are replaced; other files (README, media) are kept.
+        dtype: cast weights before saving (e.g. `torch.float16` for the shipped model); the pipeline is not changed.
+        variant: save weights as `*.{variant}.safetensors` (diffusers variants, e.g. "fp16").
+        card: model card text written to `README.md`.
+        extra_config: JSON-serialisable facts (training config, steps) written to `sdxs_export.json`.
+        verify: reload with `DiffusionPipeline.from_pretrained(out_dir, trust_remote_code=True)` and check the class.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Save into a temp folder beside the target, then swap component folders in: a crash never leaves a half model.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        src = pipe
+        if dtype is not None:
+            src = _cast_copy(pipe, dtype)
+        src.save_pretrained(tmp, safe_serialization=True, variant=variant)
+        set_hub_class_name(tmp)
+        write_pipeline_file(tmp)
+        for name in COMPONENT_FOLDERS:
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            if (Path(tmp) / name).exists():
+                os.replace(Path(tmp) / name, out / name)
+        for name in ("model_index.json", "pipeline.py"):
+            os.replace(Path(tmp) / name, out / name)
+    if card is not None:
+        (out / "README.md").write_text(card)
+    if extra_config is not None:
+        (out / "sdxs_export.json").write_text(json.dumps(extra_config, indent=2, sort_keys=True, default=str) + "\n")
+    if verify:
+        verify_hub_folder(out, variant=variant)
+    return out
+
+
+def verify_hub_folder(folder: str | os.PathLike, variant: str | None = None):
+    """Load `folder` exactly as a user would (plain diffusers, custom code) and return the pipeline."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != HUB_CLASS_NAME:
+        raise ValueError(f"{folder}/model_index.json must name {HUB_CLASS_NAME}, has {index.get('_class_name')!r}.")
+    if not (folder / "pipeline.py").is_file():
+        raise FileNotFoundError(f"{folder}/pipeline.py is missing: the hub loads the pipeline class from it.")
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, variant=variant)
+    if type(pipe).__name__ != "SDXSPipeline":
+        raise ValueError(f"{folder} loaded as {type(pipe).__name__}, expected SDXSPipeline.")
+    return pipe
+
+
+def _cast_copy(pipe, dtype: torch.dtype):
+    """A shallow copy of `pipe` whose models are deep copies cast to `dtype` (the caller's pipeline is untouched)."""
+    import copy
+
+    components = dict(pipe.components)
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            components[name] = copy.deepcopy(module).to(dtype)
+    config = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in components}
+    return type(pipe)(**components, **config)

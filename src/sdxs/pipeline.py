@@ -1,0 +1,933 @@
+# Copyright 2026 The SDXS authors. Apache-2.0.
+"""SDXS: Simple Diffusion XS — a compact flow-matching text-to-image pipeline.
+
+This file is the single source of truth for the hub entry point: `sdxs export` copies it verbatim to
+`pipeline.py` beside `model_index.json`, where diffusers loads it as a dynamic module. It may therefore import
+only torch, numpy, PIL, diffusers and transformers — never `sdxs`. The `sdxs` package imports the shared helpers
+from here (`encode_text`, `flow_sigmas`, `shift_sigmas`, `load_rgb_image`, ...), so pipeline, data preparation
+and training cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# The frozen text-conditioning recipe. Stored in model_index.json (pipeline config `text_recipe`), fingerprinted
+# by data preparation, so a cache made with another recipe is refused. Change it only together with a new model.
+DEFAULT_TEXT_RECIPE: dict[str, Any] = {
+    "max_length": 250,  # tokens per prompt, padded to exactly this length (fixed shapes: caching, compile)
+    "padding_side": "right",  # causal encoder: real tokens never see right padding -> batch-invariant states
+    "chat_template": False,  # True: wrap the prompt as a user turn of the tokenizer's chat template first
+    "hidden_layer": -2,  # which entry of `hidden_states` is the sequence (-2: the layer before the last)
+}
+
+# Instruction for `refine_prompts`; stored in the pipeline config, overridable per call.
+DEFAULT_REFINE_INSTRUCTION = (
+    "Rewrite the short prompt as one detailed image caption in the same style as the training captions."
+)
+
+PipelineImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers (imported by sdxs.data and sdxs.train; keep them free of pipeline state)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shift_sigmas(sigmas: torch.Tensor | np.ndarray | float, shift: float):
+    """Resolution shift of flow-matching noise levels: s' = shift * s / (1 + (shift - 1) * s).
+
+    The same formula as `FlowMatchEulerDiscreteScheduler` (static shift); training samples its noise levels
+    through it too, so train and inference see the same distribution of sigmas.
+    """
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(num_inference_steps: int) -> np.ndarray:
+    """Unshifted sigmas for `num_inference_steps` Euler steps: 1, 1 - 1/N, ..., 1/N (the final 0 is implicit).
+
+    Pass these as `scheduler.set_timesteps(sigmas=...)`: the stock scheduler applies its configured shift exactly
+    once. (Its default path shifts the already-shifted sigma_min again, so the last step lands on the wrong level.)
+    """
+    return np.linspace(1.0, 0.0, num_inference_steps + 1, dtype=np.float64)[:-1].astype(np.float32)
+
+
+def sigma_to_timestep(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The UNet's timestep input for noise level `sigmas` (the scheduler's convention: t = sigma * 1000)."""
+    return sigmas * num_train_timesteps
+
+
+def vae_scale_factors(vae) -> tuple[int, int]:
+    """(encoder_factor, decoder_factor) of an (asymmetric) VAE, e.g. (8, 16).
+
+    AsymmetricAutoencoderKL registers the *decoder's* channels as `block_out_channels`, so deriving the factor from
+    that alone (as stock pipelines do) would call a 16x decoder's encoder 16x too. Read both explicitly.
+    """
+    cfg = vae.config
+    down = cfg.get("down_block_out_channels", cfg.get("block_out_channels"))
+    up = cfg.get("up_block_out_channels", cfg.get("block_out_channels"))
+    return 2 ** (len(down) - 1), 2 ** (len(up) - 1)
+
+
+def unet_size_multiple(unet) -> int:
+    """Latent side multiple the UNet needs: every downsampling but the deepest must halve exactly.
+
+    diffusers' UNet2DConditionModel forwards explicit upsample sizes, so its deepest level may round up (e.g. a
+    68-latent goes 68 -> 34 -> 17 -> 9 and back); all shallower levels must halve without remainder.
+    """
+    num_down = len(unet.config.down_block_types) - 1
+    return 2 ** max(num_down - 1, 0)
+
+
+def load_rgb_image(image: PipelineImageInput, background: tuple[int, int, int] = (255, 255, 255)) -> PIL.Image.Image:
+    """Open `image` (path, PIL, HWC uint8/float array) as 8-bit RGB.
+
+    EXIF orientation is applied; transparency (RGBA, LA, palette with transparency) is composited on
+    `background`; greyscale, palette, CMYK and 16-bit images are converted; animated images give their first frame.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"`image` path {path!r} does not exist or is not a file.")
+        try:
+            with PIL.Image.open(path) as im:
+                im.seek(0)
+                im.load()
+                image = im.copy() if im.mode != "P" else im.convert("RGBA")
+                image.info.update(im.info)
+                exif = im.getexif()
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"`image` file {path!r} is not a readable image ({e}).") from e
+        if exif:
+            image.info["exif"] = exif.tobytes()
+    elif isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+        image = PIL.Image.fromarray(arr)
+    elif not isinstance(image, PIL.Image.Image):
+        raise TypeError(
+            f"`image` must be a path, a PIL image or a numpy array, got {type(image).__name__}. "
+            "For tensors in [-1, 1] use the pipeline's `image=` argument."
+        )
+    try:
+        image = PIL.ImageOps.exif_transpose(image)
+    except Exception:  # broken EXIF must not lose the image
+        pass
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits by the type's range, not by clipping
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 or image.mode.startswith("I;16") else 255.0
+        image = PIL.Image.fromarray((arr / top * 255).round().clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        image = PIL.Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("RGB", "L") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = PIL.Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        image = PIL.Image.alpha_composite(canvas, rgba)
+    return image.convert("RGB")
+
+
+def encode_text(
+    text_encoder,
+    tokenizer,
+    prompts: list[str],
+    recipe: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text conditioning shared by the pipeline, data preparation and training.
+
+    Returns `(embeds, mask)`: embeds (B, 1 + max_length, D) with `embeds[:, 0]` the pooled vector (hidden state of
+    the last real token) followed by the hidden states of layer `recipe["hidden_layer"]`, zeroed at padding; mask
+    (B, 1 + max_length) long, 1 for the pooled slot and real tokens. Over-long prompts are truncated with a warning.
+    An empty prompt has no tokens, so it is encoded as one pad token (still a fixed, batch-independent vector).
+    """
+    recipe = {**DEFAULT_TEXT_RECIPE, **(recipe or {})}
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a full processor carries its tokenizer
+    max_length = int(recipe["max_length"])
+    if recipe["chat_template"]:
+        prompts = [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=False)
+            for p in prompts
+        ]
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
+    dropped = [n - max_length for n in lengths if n > max_length]
+    if dropped:
+        logger.warning(
+            f"{len(dropped)} prompt(s) longer than {max_length} tokens were truncated "
+            f"({', '.join(str(d) for d in dropped)} token(s) dropped)."
+        )
+    enc = tok(
+        prompts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        padding_side=recipe["padding_side"],
+        return_tensors="pt",
+    )
+    device = device if device is not None else text_encoder.device
+    input_ids = enc["input_ids"].to(device)
+    mask = enc["attention_mask"].to(device)
+    empty = mask.sum(1) == 0
+    if empty.any():  # no tokens at all: let the (first) pad token stand in as the one real token
+        pos = 0 if recipe["padding_side"] == "right" else max_length - 1
+        mask[empty, pos] = 1
+    out = text_encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    return _pool_and_pack(out.hidden_states[recipe["hidden_layer"]], mask, dtype)
+
+
+def _pool_and_pack(
+    hidden: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # hidden (B, L, D), mask (B, L) -> embeds (B, 1 + L, D), mask (B, 1 + L)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (mask * positions).argmax(dim=1)  # index of the last real token, whatever the padding side
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    seq = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+    embeds = torch.cat([pooled.unsqueeze(1), seq], dim=1)
+    mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1).long()
+    return embeds.to(dtype or hidden.dtype), mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SDXSPipeline(DiffusionPipeline):
+    r"""
+    Text-to-image with a flow-matching UNet, an asymmetric VAE (encoder 8x, decoder 16x) and a Qwen3.5 text encoder.
+
+    Args:
+        unet ([`UNet2DConditionModel`]): predicts the flow velocity `noise - x0` from latents, sigma*1000 and text.
+        vae ([`AsymmetricAutoencoderKL`]): the encoder downsamples 8x, the decoder upsamples 16x (2x upscaler).
+        text_encoder ([`~transformers.PreTrainedModel`]): returns hidden states (Qwen3_5ForConditionalGeneration:
+            its LM head serves `refine_prompts`, its vision tower `encode_image`).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`] or a processor holding one): the text encoder's tokenizer.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): Euler steps from sigma 1 to 0; `shift` in its config.
+        vision_processor ([`~transformers.ImageProcessingMixin`], *optional*): the text encoder's image processor
+            (e.g. the PIL backend `Qwen2VLImageProcessorPil`, which needs no torchvision), for `encode_image`.
+        text_recipe (`dict`, *optional*): the frozen text-conditioning recipe, see `DEFAULT_TEXT_RECIPE`.
+        default_width / default_height (`int`, *optional*): the size `__call__` makes when none is given.
+        refine_instruction (`str`, *optional*): default instruction for `refine_prompts`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vision_processor"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        vision_processor=None,
+        text_recipe: dict[str, Any] | None = None,
+        default_width: int | None = None,
+        default_height: int | None = None,
+        refine_instruction: str | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            vision_processor=vision_processor,
+        )
+        self.vae_encoder_scale_factor, self.vae_scale_factor = vae_scale_factors(vae)
+        self.size_step = self.vae_scale_factor * unet_size_multiple(unet)
+        default_side = int(unet.config.sample_size) * self.vae_scale_factor
+        self.register_to_config(
+            text_recipe={**DEFAULT_TEXT_RECIPE, **(text_recipe or {})},
+            default_width=int(default_width or default_side),
+            default_height=int(default_height or default_side),
+            refine_instruction=refine_instruction or DEFAULT_REFINE_INSTRUCTION,
+        )
+        # Postprocessing only (resize/normalise of pipeline images is done at the latent scale below).
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Text and image conditioning
+    # ------------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        r"""
+        Encode prompts into `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_mask)`.
+
+        Embeddings are (B * num_images_per_prompt, 1 + max_length, D) with the pooled vector first. The negative
+        pair is `None` without classifier-free guidance; an absent negative prompt is the empty prompt.
+        """
+        device = device or self._execution_device
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt = batch * [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, device)
+        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+            )
+
+        def expand(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        prompt_embeds = expand(prompt_embeds).to(dtype)
+        negative_prompt_embeds = expand(negative_prompt_embeds)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_attention_mask = None
+        elif negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype)
+        return (
+            prompt_embeds,
+            expand(prompt_attention_mask),
+            negative_prompt_embeds,
+            expand(negative_prompt_attention_mask),
+        )
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("This pipeline has no text encoder/tokenizer: pass `prompt_embeds` instead of `prompt`.")
+        return encode_text(self.text_encoder, self.tokenizer, prompts, self.config.text_recipe, device=device)
+
+    @torch.no_grad()
+    def encode_image(
+        self, image: PipelineImageInput | list[PipelineImageInput], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Embed image(s) through the text encoder's vision path, in exactly the prompt-embedding layout.
+
+        Returns `(embeds, mask)` usable as `prompt_embeds` / `prompt_attention_mask`: `embeds[:, 0]` is the pooled
+        vector (last token), the image tokens are capped so that the sequence fits `max_length`.
+        """
+        te = self.text_encoder
+        if te is None or getattr(te.config, "vision_config", None) is None or self.vision_processor is None:
+            raise ValueError(
+                "`encode_image` needs a text encoder with a vision tower (e.g. Qwen3_5ForConditionalGeneration) and "
+                "its image processor as the pipeline's `vision_processor`; this pipeline has "
+                f"text_encoder={type(te).__name__}, vision_processor={type(self.vision_processor).__name__}."
+            )
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("`image` is an empty list: pass at least one image or path.")
+        images = [load_rgb_image(im) for im in images]
+        device = device or self._execution_device
+        recipe = self.config.text_recipe
+        max_length = int(recipe["max_length"])
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        vp = self.vision_processor
+        unit = int(vp.patch_size) * int(vp.merge_size)  # pixels per side of one image token
+        # at most max_length - 2 image tokens (vision_start/end around them), at least 4
+        size = {"shortest_edge": 4 * unit * unit, "longest_edge": max(4, max_length - 2) * unit * unit}
+        cfg = te.config
+        start = tok.convert_ids_to_tokens(cfg.vision_start_token_id)
+        end = tok.convert_ids_to_tokens(cfg.vision_end_token_id)
+        pad = tok.convert_ids_to_tokens(cfg.image_token_id)
+        all_embeds, all_masks = [], []
+        for im in images:  # one at a time: each image has its own token count
+            vis = vp(images=[im], size=size, return_tensors="pt")
+            n = int(vis["image_grid_thw"][0].prod()) // (int(vp.merge_size) ** 2)
+            text = start + pad * n + end
+            if recipe["chat_template"]:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+            enc = tok([text], padding="max_length", max_length=max_length, padding_side=recipe["padding_side"])
+            input_ids = torch.tensor(enc["input_ids"], device=device)
+            mask = torch.tensor(enc["attention_mask"], device=device)
+            if input_ids.shape[1] > max_length:
+                raise ValueError(f"image prompt has {input_ids.shape[1]} tokens, more than max_length={max_length}.")
+            out = te(
+                input_ids=input_ids,
+                attention_mask=mask,
+                pixel_values=vis["pixel_values"].to(device, te.dtype),
+                image_grid_thw=vis["image_grid_thw"].to(device),
+                mm_token_type_ids=(input_ids == cfg.image_token_id).long(),
+                output_hidden_states=True,
+            )
+            embeds, mask = _pool_and_pack(out.hidden_states[recipe["hidden_layer"]], mask, None)
+            all_embeds.append(embeds)
+            all_masks.append(mask)
+        self.maybe_free_model_hooks()
+        return torch.cat(all_embeds), torch.cat(all_masks)
+
+    @torch.no_grad()
+    def refine_prompts(
+        self,
+        prompt: str | list[str],
+        instruction: str | None = None,
+        max_new_tokens: int = 120,
+        do_sample: bool = True,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+    ) -> list[str]:
+        r"""
+        Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s) to refine.
+            instruction (`str`, *optional*): system instruction; defaults to the pipeline's `refine_instruction`.
+            max_new_tokens (`int`): length limit of each refined prompt in tokens.
+            do_sample, temperature, top_p: sampling settings passed to `generate`.
+            seed (`int`, *optional*): makes sampling reproducible.
+
+        Returns:
+            `list[str]`: one refined prompt per input prompt.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompt` must be a string or a list of strings.")
+        te = self.text_encoder
+        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
+        if not can_generate:
+            raise ValueError(
+                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
+                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
+        device = self._execution_device
+        instruction = self.config.refine_instruction if instruction is None else instruction
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "system", "content": instruction}, {"role": "user", "content": p}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for p in prompts
+        ]
+        # left padding so every row's generation starts right after its own prompt
+        enc = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(device)
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = te.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                pad_token_id=tok.pad_token_id,
+            )
+        self.maybe_free_model_hooks()
+        new = out[:, enc["input_ids"].shape[1] :]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # VAE: encode at 8x, decode at 16x, tiled upscale
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _image_to_tensor(self, image: PIL.Image.Image) -> torch.Tensor:
+        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
+
+    def _vae_encode(self, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8); H, W multiples of the encoder factor."""
+        vae = self.vae
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return latents * vae.config.scaling_factor
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents -> pixels (B, 3, 16h, 16w) in [-1, 1], float32; never NaN (fp16 falls back to fp32)."""
+        vae = self.vae
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(z).sample
+        if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+            logger.warning("VAE decode overflowed in %s; decoding again in float32.", vae.dtype)
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(z.float()).sample
+            finally:
+                vae.to(dtype)
+        return image.float().clamp(-1, 1)
+
+    def _upscale_tiled(self, pixels: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+        """pixels (1, 3, H, W) -> (1, 3, rH, rW) through overlapping tiles blended with linear ramps."""
+        enc, dec = self.vae_encoder_scale_factor, self.vae_scale_factor
+        r = dec // enc
+        _, _, h, w = pixels.shape
+        stride = tile - overlap
+        out = torch.zeros(1, 3, h * r, w * r)
+        weight = torch.zeros(1, 1, h * r, w * r)
+        ys = list(range(0, max(h - tile, 0) + 1, stride))
+        xs = list(range(0, max(w - tile, 0) + 1, stride))
+        if ys[-1] + tile < h:
+            ys.append(h - tile)
+        if xs[-1] + tile < w:
+            xs.append(w - tile)
+        for y in ys:
+            for x in xs:
+                crop = pixels[:, :, y : y + tile, x : x + tile]
+                th, tw = crop.shape[-2:]
+                up = self._vae_decode(self._vae_encode(crop)).cpu()  # (1, 3, th*r, tw*r)
+                ramp_y = _ramp(th * r, overlap * r, y > 0, y + th < h)
+                ramp_x = _ramp(tw * r, overlap * r, x > 0, x + tw < w)
+                wgt = (ramp_y[:, None] * ramp_x[None, :])[None, None]
+                out[:, :, y * r : (y + th) * r, x * r : (x + tw) * r] += up * wgt
+                weight[:, :, y * r : (y + th) * r, x * r : (x + tw) * r] += wgt
+        return out / weight.clamp_min(1e-8)
+
+    @torch.no_grad()
+    def image_upscale(
+        self,
+        image: PipelineImageInput | list[PipelineImageInput],
+        tile_size: int = 512,
+        tile_overlap: int = 64,
+    ) -> list[PIL.Image.Image]:
+        r"""
+        Upscale image(s) 2x with the asymmetric VAE: encode at 8x, decode at 16x (a "blind" latent upscaler).
+
+        Args:
+            image: a path, a PIL image, a numpy array or a list of them. Any mode (RGBA, palette, greyscale, 16-bit)
+                and EXIF orientation are handled; sizes that are not multiples of 8 are padded and cropped back.
+            tile_size (`int`): inputs larger than this (pixels per side) go through overlapping tiles, so memory stays
+                bounded; must be a multiple of the encoder factor.
+            tile_overlap (`int`): overlap of neighbouring tiles in input pixels; seams are blended linearly.
+
+        Returns:
+            `list[PIL.Image.Image]`: each exactly (decoder factor / encoder factor) = 2x the input size.
+        """
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("`image` is an empty list: pass at least one image or path.")
+        enc = self.vae_encoder_scale_factor
+        r = self.vae_scale_factor // enc
+        if tile_size % enc or tile_size < 4 * enc:
+            raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
+        if not 0 <= tile_overlap < tile_size // 2 or tile_overlap % enc:
+            raise ValueError(
+                f"`tile_overlap` must be a multiple of {enc} in [0, tile_size/2), got {tile_overlap}."
+            )
+        results = []
+        for im in images:
+            pil = load_rgb_image(im)
+            w, h = pil.size
+            pixels = self._image_to_tensor(pil)
+            ph, pw = (-h) % enc, (-w) % enc  # pad to the encoder's multiple with edge pixels, crop back after
+            if ph or pw:
+                pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
+            if max(h + ph, w + pw) > tile_size:
+                up = self._upscale_tiled(pixels, tile_size, tile_overlap)
+            else:
+                up = self._vae_decode(self._vae_encode(pixels)).cpu()
+            up = up[:, :, : h * r, : w * r]
+            results.append(self.image_processor.postprocess(up, output_type="pil")[0])
+        self.maybe_free_model_hooks()
+        return results
+
+
+    # ------------------------------------------------------------------------------------------------------------
+    # __call__ helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        strength: float,
+        output_type: str,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        step = self.size_step
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+            if value < step or value % step:
+                lo = value // step * step
+                nearest = [v for v in (lo, lo + step) if v >= step]
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {step} for this model, got {value}; "
+                    f"nearest valid sizes: {nearest}."
+                )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"`strength` must be in [0, 1], got {strength}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide a `prompt` (str or list of str) or `prompt_embeds`.")
+        if prompt is not None:
+            if isinstance(prompt, list):
+                if not prompt or not all(isinstance(p, str) for p in prompt):
+                    raise ValueError("`prompt` must be a non-empty list of strings.")
+            elif not isinstance(prompt, str):
+                raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if isinstance(negative_prompt, list):
+            n = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
+            if len(negative_prompt) != n:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but there are {n} prompts; "
+                    "pass one negative prompt per prompt, or a single string."
+                )
+        elif negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}.")
+        for name, emb, m in (
+            ("prompt", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            if emb is None:
+                continue
+            if emb.ndim != 3 or emb.shape[-1] != self.unet.config.cross_attention_dim:
+                raise ValueError(
+                    f"`{name}_embeds` must be (batch, tokens, {self.unet.config.cross_attention_dim}), "
+                    f"got {tuple(emb.shape)}."
+                )
+            if m is not None and tuple(m.shape) != tuple(emb.shape[:2]):
+                raise ValueError(
+                    f"`{name}_attention_mask` must be {tuple(emb.shape[:2])} to match `{name}_embeds`, "
+                    f"got {tuple(m.shape)}."
+                )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]:
+                raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same batch size.")
+        if callback_on_step_end_tensor_inputs is not None:
+            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if bad:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {bad}."
+                )
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gaussian noise (B, C, H/16, W/16), drawn on the CPU so a seed gives the same image on every device."""
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=dtype)
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(
+                    f"Got {len(generator)} generators for {batch_size} images; pass one per image or a single one."
+                )
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+        else:
+            gen_device = generator.device if generator is not None else "cpu"
+            noise = torch.randn(shape, generator=generator, device=gen_device)
+        return noise.to(device=device, dtype=dtype)
+
+    def prepare_image_latents(
+        self, image, height: int, width: int, batch_size: int, device: torch.device
+    ) -> torch.Tensor:
+        """img2img source: resize to the output size, halve (the encoder works at 8x, the decoder at 16x), encode."""
+        images = image if isinstance(image, list) else [image]
+        if isinstance(image, torch.Tensor):  # (B, 3, H, W) or (3, H, W) in [-1, 1]
+            pixels = image if image.ndim == 4 else image[None]
+            pixels = torch.nn.functional.interpolate(pixels.float(), size=(height, width), mode="bicubic").clamp(-1, 1)
+        else:
+            pils = [load_rgb_image(im).resize((width, height), PIL.Image.Resampling.LANCZOS) for im in images]
+            pixels = torch.cat([self._image_to_tensor(p) for p in pils])
+        r = self.vae_scale_factor // self.vae_encoder_scale_factor
+        if r > 1:
+            pixels = torch.nn.functional.interpolate(pixels, scale_factor=1 / r, mode="area")
+        latents = self._vae_encode(pixels.to(device)).to(device)
+        if latents.shape[0] == 1:
+            latents = latents.expand(batch_size, -1, -1, -1)
+        elif latents.shape[0] != batch_size:
+            raise ValueError(f"Got {latents.shape[0]} `image`s for {batch_size} images to make; pass 1 or {batch_size}.")
+        return latents
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------------------
+    # __call__
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        image: PipelineImageInput | list[PipelineImageInput] | None = None,
+        strength: float = 0.6,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images from text (or from prompt embeddings, e.g. `encode_image`), optionally from an init image.
+
+        Args:
+            prompt (`str` or `list[str]`): what to draw. Mutually exclusive with `prompt_embeds`.
+            negative_prompt (`str` or `list[str]`, *optional*): what to steer away from (needs guidance > 1).
+            height, width (`int`, *optional*): output size in pixels, a multiple of `pipe.size_step`; defaults to the
+                model's `default_height` / `default_width` (or the init image's size for img2img).
+            num_inference_steps (`int`, defaults to 40): Euler steps from sigma 1 to 0.
+            guidance_scale (`float`, defaults to 4.0): classifier-free guidance; 1 disables it (one UNet pass/step).
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            batch_size (`int`, *optional*): repeat a single prompt (or a batch-1 `prompt_embeds`) this many times.
+            seed (`int`, *optional*): image `i` uses `seed + i`, so image `i` of a batch equals a single call with that
+                seed. Mutually exclusive with `generator`.
+            generator (`torch.Generator` or a list of them, *optional*): diffusers-style randomness.
+            latents (`torch.Tensor`, *optional*): initial noise (B, C, H/16, W/16).
+            prompt_embeds, prompt_attention_mask: precomputed `(embeds, mask)` as returned by `encode_prompt` /
+                `encode_image` (pooled vector first).
+            negative_prompt_embeds, negative_prompt_attention_mask: the same for the negative prompt.
+            image (*optional*): img2img source (path, PIL, array, or tensor in [-1, 1]).
+            strength (`float`, defaults to 0.6): img2img noise level; 0 returns the (VAE-reconstructed) input,
+                1 ignores it.
+            output_type (`str`): "pil", "np", "pt" or "latent".
+            return_dict (`bool`): return an `ImagePipelineOutput` (else a tuple whose `[0]` is the images).
+            callback_on_step_end (`Callable`, *optional*): `fn(pipe, step, timestep, callback_kwargs) -> dict`;
+                returned tensors (e.g. "latents") replace the pipeline's.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs`.
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple`: the generated images.
+        """
+        # 1. Defaults and input checks
+        default_w, default_h = self.config.default_width, self.config.default_height
+        if image is not None and (width is None or height is None) and not isinstance(image, torch.Tensor):
+            first = load_rgb_image(image[0] if isinstance(image, list) else image)
+            step = self.size_step
+            default_w = max(step, round(first.width / step) * step)
+            default_h = max(step, round(first.height / step) * step)
+        height = default_h if height is None else height
+        width = default_w if width is None else width
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            strength,
+            output_type,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            callback_on_step_end_tensor_inputs,
+        )
+        if seed is not None and generator is not None:
+            raise ValueError("Pass either `seed` or `generator`, not both.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
+
+        # 2. Batch: a single prompt (or batch-1 embeddings) may be repeated `batch_size` times
+        n_prompts = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
+        if batch_size is not None:
+            if not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+            if n_prompts not in (1, batch_size):
+                raise ValueError(f"`batch_size`={batch_size} but {n_prompts} prompts were given; pass 1 or {batch_size}.")
+            if n_prompts == 1 and batch_size > 1:
+                if prompt is not None:
+                    prompt = (prompt if isinstance(prompt, list) else [prompt]) * batch_size
+                else:
+                    prompt_embeds = prompt_embeds.repeat(batch_size, 1, 1)
+                    if prompt_attention_mask is not None:
+                        prompt_attention_mask = prompt_attention_mask.repeat(batch_size, 1)
+                    if negative_prompt_embeds is not None:
+                        negative_prompt_embeds = negative_prompt_embeds.repeat(batch_size, 1, 1)
+                    if negative_prompt_attention_mask is not None:
+                        negative_prompt_attention_mask = negative_prompt_attention_mask.repeat(batch_size, 1)
+                if isinstance(negative_prompt, list):
+                    negative_prompt = negative_prompt * batch_size
+                n_prompts = batch_size
+        total = n_prompts * num_images_per_prompt
+        if seed is not None:
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+            generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(total)]
+        device = self._execution_device
+
+        # 3. Encode the prompt (B, 1 + L, D), pooled vector first
+        prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+        )
+        if self.do_classifier_free_guidance:
+            # one batched forward: [unconditional, conditional]; pad the shorter sequence with masked zeros
+            negative_embeds, prompt_embeds = _pad_to_same_length(negative_embeds, prompt_embeds)
+            negative_mask, prompt_mask = _pad_to_same_length(negative_mask, prompt_mask)
+            cond_embeds = torch.cat([negative_embeds, prompt_embeds])
+            cond_mask = torch.cat([negative_mask, prompt_mask])
+        else:
+            cond_embeds, cond_mask = prompt_embeds, prompt_mask
+        cond_embeds = cond_embeds.to(self.unet.dtype)
+
+        # 4. Timesteps: unshifted sigmas in, the scheduler applies the configured shift once
+        self.scheduler.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
+        timesteps = self.scheduler.timesteps
+        start = 0
+        if image is not None:
+            start = num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)
+            timesteps = timesteps[start:]
+            self.scheduler.set_begin_index(start)
+        self._num_timesteps = len(timesteps)
+
+        # 5. Initial latents (B, C, H/16, W/16): noise, or the init image noised to the first sigma
+        latents = self.prepare_latents(total, height, width, torch.float32, device, generator, latents)
+        if image is not None:
+            image_latents = self.prepare_image_latents(image, height, width, total, device).float()
+            sigma = self.scheduler.sigmas[start].to(device)
+            latents = (1.0 - sigma) * image_latents + sigma * latents  # x_s = (1 - s) x0 + s e
+
+        # 6. Denoising loop (latents kept in float32; the UNet runs in its own dtype)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                velocity = self.unet(
+                    model_input.to(self.unet.dtype),
+                    t.expand(model_input.shape[0]),
+                    encoder_hidden_states=cond_embeds,
+                    encoder_attention_mask=cond_mask,
+                    return_dict=False,
+                )[0].float()
+                if self.do_classifier_free_guidance:
+                    v_uncond, v_cond = velocity.chunk(2)
+                    velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
+                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        # 7. Decode at 16x
+        if output_type == "latent":
+            images = latents
+        else:
+            pixels = self._vae_decode(latents)
+            images = self.image_processor.postprocess(pixels, output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def _pad_to_same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad dim 1 of the shorter tensor (embeddings or masks) so both can share one batched UNet call."""
+    n = max(a.shape[1], b.shape[1])
+
+    def pad(x):
+        if x.shape[1] == n:
+            return x
+        extra = torch.zeros((x.shape[0], n - x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device)
+        return torch.cat([x, extra], dim=1)
+
+    return pad(a), pad(b)
+
+
+def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
+    """Per-pixel blend weight along one axis of a tile: linear ramps over the overlaps, 1 elsewhere."""
+    w = torch.ones(n)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        if fade_in:
+            w[:overlap] = ramp
+        if fade_out:
+            w[-overlap:] = ramp.flip(0)
+    return w

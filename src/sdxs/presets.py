@@ -1,0 +1,301 @@
+"""Model presets: build a fresh SDXS model (random weights) from configs.
+
+Each preset is a set of plain config dicts for stock classes: diffusers `UNet2DConditionModel`,
+`AsymmetricAutoencoderKL`, `FlowMatchEulerDiscreteScheduler` and transformers `Qwen3_5ForConditionalGeneration`.
+Random weights are for tests, benchmarks and as the starting point of training — never for making images.
+
+    tiny      seconds on a CPU; every code path of the real model (8x/16x VAE, VLM text encoder) at toy width
+    emoji     the shipped model: 128 px into the VAE encoder, 256 px out of the decoder, small Qwen3.5 VLM
+    sdxs-1b   ~1.6B-parameter SD1.5-like UNet, 32-channel 8x/16x VAE, Qwen3.5-2B-sized text encoder
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Special tokens of the Qwen chat/vision format; our tokenizers are trained with them so a tiny model speaks the
+# same protocol as the real Qwen3.5 (chat template, <|image_pad|> placeholders).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen-style chat template (text and image parts), used by refine_prompts and by text-encoder training.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A small built-in corpus so a tokenizer can be trained offline for tests and random-weight benchmarks.
+BUILTIN_CORPUS = [
+    "girl, smiling, red eyes, blue hair, white shirt",
+    "a red apple on a wooden table, 3d render",
+    "woman surfing, medium skin tone, 3d render",
+    "a cat sleeping on a sofa, soft light, illustration",
+    "low quality, blurry, jpeg artifacts, watermark",
+    "mountain lake at golden hour, detailed, sharp focus",
+    "green, blue, yellow, red, black, white, orange, purple",
+    "0 1 2 3 4 5 6 7 8 9 flag keycap heart face hand",
+]
+
+
+@dataclass
+class Preset:
+    """Configs of one model size. `tokenizer_vocab` is the BPE vocabulary trained for it when no tokenizer is given."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    vision_processor: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 3.0})
+    tokenizer_vocab: int = 512
+    default_size: tuple[int, int] = (256, 256)  # (width, height) of __call__ when none is given
+    note: str = ""
+
+
+def _text_config(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, inter: int, vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim,
+        linear_num_key_heads=heads,
+        linear_num_value_heads=heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        # 25% of each head is rotary, split over (time, height, width) as Qwen3.5's interleaved M-RoPE
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [max(head_dim // 16, 1), max(head_dim // 32, 1), max(head_dim // 32, 1)],
+            "mrope_interleaved": True,
+        },
+    )
+
+
+def _unet(channels, attn_levels, layers, heads_dim, cross_dim, sample_size, latent_ch, groups, transformer_layers=1):
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_levels))
+    return dict(
+        sample_size=sample_size,
+        in_channels=latent_ch,
+        out_channels=latent_ch,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers,
+        cross_attention_dim=cross_dim,
+        attention_head_dim=heads_dim,
+        transformer_layers_per_block=transformer_layers,
+        norm_num_groups=groups,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def _vae(down_channels, up_channels, latent_ch, groups, layers_down=1, layers_up=1, scaling_factor=1.0):
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(down_channels),
+        down_block_out_channels=tuple(down_channels),
+        layers_per_down_block=layers_down,
+        up_block_types=("UpDecoderBlock2D",) * len(up_channels),
+        up_block_out_channels=tuple(up_channels),
+        layers_per_up_block=layers_up,
+        latent_channels=latent_ch,
+        norm_num_groups=groups,
+        scaling_factor=scaling_factor,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        unet=_unet((32, 64), (True, True), 1, 8, 32, sample_size=4, latent_ch=4, groups=8),
+        vae=_vae((8, 8, 16, 16), (8, 8, 16, 16, 16), latent_ch=4, groups=4),
+        text_encoder=dict(
+            text_config=_text_config(32, 4, 2, 1, 16, 64, vocab=512),
+            vision_config=dict(
+                depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+                temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=64,
+            ),
+        ),
+        vision_processor=dict(patch_size=8, merge_size=2, temporal_patch_size=2),
+        tokenizer_vocab=512,
+        default_size=(64, 64),
+        note="for tests: seconds on a CPU",
+    ),
+    "emoji": Preset(
+        name="emoji",
+        unet=_unet((64, 128, 256), (False, True, True), 2, 32, 256, sample_size=16, latent_ch=8, groups=32),
+        vae=_vae((32, 64, 128, 128), (32, 64, 64, 128, 128), latent_ch=8, groups=32),
+        text_encoder=dict(
+            text_config=_text_config(256, 6, 4, 2, 64, 768, vocab=4096),
+            vision_config=dict(
+                depth=4, hidden_size=192, intermediate_size=512, num_heads=4, patch_size=16, spatial_merge_size=2,
+                temporal_patch_size=2, out_hidden_size=256, num_position_embeddings=256,
+            ),
+        ),
+        vision_processor=dict(patch_size=16, merge_size=2, temporal_patch_size=2),
+        tokenizer_vocab=4096,
+        default_size=(256, 256),
+        note="the shipped sdxs-emoji model: 128 px VAE input, 256 px output",
+    ),
+    "sdxs-1b": Preset(
+        name="sdxs-1b",
+        # four levels, one transformer block at every level ("even attention"), a widened last level
+        unet=_unet(
+            (320, 640, 1280, 1920), (True, True, True, True), 2, 64, 2048, sample_size=64, latent_ch=32, groups=32
+        ),
+        vae=_vae((128, 256, 512, 512), (128, 128, 256, 512, 512), latent_ch=32, groups=32, layers_down=2, layers_up=3),
+        # Qwen3.5-2B-sized language model (hidden 2048, 24 layers, 248,320-token vocabulary) + vision tower
+        text_encoder=dict(
+            text_config=_text_config(2048, 24, 8, 2, 256, 4096, vocab=248320),
+            vision_config=dict(
+                depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+                temporal_patch_size=2, out_hidden_size=2048, num_position_embeddings=2304,
+            ),
+        ),
+        vision_processor=dict(patch_size=16, merge_size=2, temporal_patch_size=2),
+        tokenizer_vocab=248320,
+        default_size=(1024, 1408),
+        note="the SDXS-1B shape, random weights: for benchmarks and as a training start",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return copy.deepcopy(PRESETS[name])
+
+
+def train_tokenizer(corpus, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer with the Qwen special tokens and chat template (offline, `tokenizers`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+        model_max_length=4096,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_text_encoder(preset: Preset, tokenizer, dtype: torch.dtype = torch.float32):
+    """A Qwen3_5ForConditionalGeneration with the preset's shape and the tokenizer's vocabulary and special ids."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_cfg = dict(preset.text_encoder["text_config"])
+    text_cfg["vocab_size"] = max(text_cfg["vocab_size"], len(tokenizer))
+    text_cfg.update(pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
+    config = Qwen3_5Config(
+        text_config=text_cfg,
+        vision_config=dict(preset.text_encoder["vision_config"]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model = Qwen3_5ForConditionalGeneration(config).to(dtype)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    return model.eval()
+
+
+def build_pipeline(
+    name: str = "tiny",
+    seed: int = 0,
+    tokenizer=None,
+    corpus=None,
+    dtype: torch.dtype = torch.float32,
+    text_recipe: dict | None = None,
+):
+    """A fresh SDXSPipeline of preset `name` with random weights (fixed `seed`) and a locally trained tokenizer."""
+    from diffusers import AsymmetricAutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from sdxs.pipeline import SDXSPipeline
+
+    preset = get_preset(name)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(corpus or BUILTIN_CORPUS, preset.tokenizer_vocab)
+    torch.manual_seed(seed)
+    text_encoder = build_text_encoder(preset, tokenizer, dtype)
+    preset.unet["cross_attention_dim"] = text_encoder.config.text_config.hidden_size
+    unet = UNet2DConditionModel(**preset.unet).to(dtype)
+    vae = AsymmetricAutoencoderKL(**preset.vae).to(dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(**preset.scheduler)
+    vision_processor = Qwen2VLImageProcessorPil(**preset.vision_processor)
+    return SDXSPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        vision_processor=vision_processor,
+        text_recipe=text_recipe,
+        default_width=preset.default_size[0],
+        default_height=preset.default_size[1],
+    )
+
+
+def count_parameters(name: str) -> dict[str, int]:
+    """Parameter counts per component of a preset, built on the meta device (no memory, no time)."""
+    from accelerate import init_empty_weights
+    from diffusers import AsymmetricAutoencoderKL, UNet2DConditionModel
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    preset = get_preset(name)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**preset.unet)
+        vae = AsymmetricAutoencoderKL(**preset.vae)
+        te = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**copy.deepcopy(preset.text_encoder)))
+
+    def n(m):
+        return sum(p.numel() for p in m.parameters())
+
+    vision = n(te.model.visual)
+    return {
+        "unet": n(unet),
+        "vae_encoder": n(vae.encoder) + n(vae.quant_conv),
+        "vae_decoder": n(vae.decoder) + n(vae.post_quant_conv),
+        "text_encoder_language": n(te) - vision,
+        "text_encoder_vision": vision,
+    }
