@@ -110,3 +110,17 @@ def _cast_copy(pipe, dtype: torch.dtype):
             components[name] = copy.deepcopy(module).to(dtype)
     config = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in components}
     return type(pipe)(**components, **config)
+
+
+def sync_root_pipeline() -> Path:
+    """Refresh `pipeline.py` at the repository root (the shipped model's entry point) from the source."""
+    return write_pipeline_file(Path(__file__).resolve().parents[2])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Maintenance helpers for the hub layout.")
+    parser.add_argument("--sync-root", action="store_true", help="copy src/sdxs/pipeline.py to the repo root")
+    if parser.parse_args().sync_root:
+        print(sync_root_pipeline())

@@ -10,9 +10,11 @@ and training cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -124,10 +126,8 @@ def load_rgb_image(image: PipelineImageInput, background: tuple[int, int, int] =
             f"`image` must be a path, a PIL image or a numpy array, got {type(image).__name__}. "
             "For tensors in [-1, 1] use the pipeline's `image=` argument."
         )
-    try:
+    with contextlib.suppress(Exception):  # broken EXIF must not lose the image
         image = PIL.ImageOps.exif_transpose(image)
-    except Exception:  # broken EXIF must not lose the image
-        pass
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits by the type's range, not by clipping
         arr = np.asarray(image, dtype=np.float64)
@@ -539,10 +539,8 @@ class SDXSPipeline(DiffusionPipeline):
         r = self.vae_scale_factor // enc
         if tile_size % enc or tile_size < 4 * enc:
             raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
-        if not 0 <= tile_overlap < tile_size // 2 or tile_overlap % enc:
-            raise ValueError(
-                f"`tile_overlap` must be a multiple of {enc} in [0, tile_size/2), got {tile_overlap}."
-            )
+        if not 0 <= tile_overlap <= tile_size // 2 or tile_overlap % enc:
+            raise ValueError(f"`tile_overlap` must be a multiple of {enc} in [0, tile_size/2], got {tile_overlap}.")
         results = []
         for im in images:
             pil = load_rgb_image(im)
@@ -559,7 +557,6 @@ class SDXSPipeline(DiffusionPipeline):
             results.append(self.image_processor.postprocess(up, output_type="pil")[0])
         self.maybe_free_model_hooks()
         return results
-
 
     # ------------------------------------------------------------------------------------------------------------
     # __call__ helpers
@@ -637,9 +634,12 @@ class SDXSPipeline(DiffusionPipeline):
                     f"`{name}_attention_mask` must be {tuple(emb.shape[:2])} to match `{name}_embeds`, "
                     f"got {tuple(m.shape)}."
                 )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]:
-                raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same batch size.")
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]
+        ):
+            raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same batch size.")
         if callback_on_step_end_tensor_inputs is not None:
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
@@ -658,7 +658,12 @@ class SDXSPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gaussian noise (B, C, H/16, W/16), drawn on the CPU so a seed gives the same image on every device."""
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
@@ -692,7 +697,9 @@ class SDXSPipeline(DiffusionPipeline):
         if latents.shape[0] == 1:
             latents = latents.expand(batch_size, -1, -1, -1)
         elif latents.shape[0] != batch_size:
-            raise ValueError(f"Got {latents.shape[0]} `image`s for {batch_size} images to make; pass 1 or {batch_size}.")
+            raise ValueError(
+                f"Got {latents.shape[0]} `image`s for {batch_size} images to make; pass 1 or {batch_size}."
+            )
         return latents
 
     @property
@@ -809,7 +816,9 @@ class SDXSPipeline(DiffusionPipeline):
             if not isinstance(batch_size, int) or batch_size < 1:
                 raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
             if n_prompts not in (1, batch_size):
-                raise ValueError(f"`batch_size`={batch_size} but {n_prompts} prompts were given; pass 1 or {batch_size}.")
+                raise ValueError(
+                    f"`batch_size`={batch_size} but {n_prompts} prompts were given; pass 1 or {batch_size}."
+                )
             if n_prompts == 1 and batch_size > 1:
                 if prompt is not None:
                     prompt = (prompt if isinstance(prompt, list) else [prompt]) * batch_size
@@ -889,7 +898,11 @@ class SDXSPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    local = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_embeds}
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_embeds,
+                    }
                     callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)

@@ -1,0 +1,99 @@
+"""refine_prompts and encode_image with a tiny random Qwen3.5 VLM; clear errors with a text-only encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "girl.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (72, 56, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_refine_prompts_returns_one_string_per_prompt_and_is_seedable(pipe):
+    a = pipe.refine_prompts(["girl", "a red apple"], max_new_tokens=6, seed=0)
+    b = pipe.refine_prompts(["girl", "a red apple"], max_new_tokens=6, seed=0)
+    assert isinstance(a, list) and len(a) == 2 and all(isinstance(x, str) for x in a)
+    assert a == b
+    assert isinstance(pipe.refine_prompts("girl", instruction="Be brief.", max_new_tokens=3, seed=1)[0], str)
+
+
+def test_refine_prompts_errors(pipe):
+    with pytest.raises(ValueError, match="empty list"):
+        pipe.refine_prompts([])
+    with pytest.raises(TypeError, match="string"):
+        pipe.refine_prompts([1])
+
+
+def test_encode_image_has_the_prompt_layout_and_drives_generation(pipe, image):
+    emb, mask = pipe.encode_image(str(image))
+    p_emb, p_mask, _, _ = pipe.encode_prompt("girl", do_classifier_free_guidance=False)
+    assert emb.shape == p_emb.shape and mask.shape == p_mask.shape
+    n = int(mask[0].sum())
+    assert mask[0, :n].all() and not mask[0, n:].any()
+    torch.testing.assert_close(emb[0, 0], emb[0, n - 1])  # pooled = last real token
+    print("Pooled vector shape:", emb[:, 0, :].shape)
+    images = pipe(
+        prompt_embeds=emb,
+        prompt_attention_mask=mask,
+        negative_prompt="low quality",
+        guidance_scale=4,
+        width=48,
+        height=80,
+        seed=0,
+        batch_size=1,
+        num_inference_steps=2,
+    )[0]
+    assert images[0].size == (48, 80)
+
+
+def test_encode_image_batch_of_paths_and_pil(pipe, image):
+    emb, mask = pipe.encode_image([str(image), Image.open(image).convert("RGBA")])
+    assert emb.shape[0] == 2
+    torch.testing.assert_close(emb[0], emb[1], atol=1e-5, rtol=1e-5)  # RGBA fully opaque == RGB
+
+
+def text_only_pipe(pipe, with_lm_head: bool):
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextModel
+
+    from sdxs.pipeline import SDXSPipeline
+
+    cfg = pipe.text_encoder.config.text_config
+    torch.manual_seed(0)
+    te = (Qwen3_5ForCausalLM(cfg) if with_lm_head else Qwen3_5TextModel(cfg)).eval()
+    components = {**pipe.components, "text_encoder": te, "vision_processor": None}
+    p = SDXSPipeline(**components)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_text_only_encoder_gives_clear_errors_but_still_generates(pipe, image):
+    lm = text_only_pipe(pipe, with_lm_head=True)
+    with pytest.raises(ValueError, match="vision tower"):
+        lm.encode_image(str(image))
+    assert isinstance(lm.refine_prompts("girl", max_new_tokens=2, seed=0)[0], str)
+    assert lm("girl", num_inference_steps=1, seed=0).images[0].size == (64, 64)
+    bare = text_only_pipe(pipe, with_lm_head=False)
+    with pytest.raises(ValueError, match="cannot generate"):
+        bare.refine_prompts("girl")
+    assert bare("girl", num_inference_steps=1, seed=0).images[0].size == (64, 64)
+
+
+def test_everything_works_under_model_cpu_offload(image):
+    from sdxs.presets import build_pipeline
+
+    pipe = build_pipeline("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("girl", num_inference_steps=2, seed=0, output_type="np").images
+    pipe.enable_model_cpu_offload(device="cpu")  # the accelerate hooks run on CPU too
+    np.testing.assert_allclose(
+        pipe("girl", num_inference_steps=2, seed=0, output_type="np").images, reference, atol=1e-6
+    )
+    assert len(pipe.refine_prompts("girl", max_new_tokens=2, seed=0)) == 1
+    assert pipe.encode_image(str(image))[0].shape[0] == 1
+    assert pipe.image_upscale(str(image))[0].size == (112, 144)
