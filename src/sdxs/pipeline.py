@@ -292,17 +292,28 @@ class SDXSPipeline(DiffusionPipeline):
         """
         device = device or self._execution_device
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        texts: list[str] = []
         if prompt_embeds is None:
-            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds, prompt_attention_mask = self._encode_text(prompt, device)
-        elif prompt_attention_mask is None:
-            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
-        batch = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(texts) if prompt_embeds is None else prompt_embeds.shape[0]
+        need_negative = do_classifier_free_guidance and negative_prompt_embeds is None
+        if need_negative:
             negative_prompt = negative_prompt or ""
-            negative_prompt = batch * [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(negative_prompt, device)
-        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            texts += batch * [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if texts:
+            # One text-encoder pass for prompts and negatives, each distinct text once: the embeddings are
+            # batch-invariant, so this equals encoding them separately.
+            unique = list(dict.fromkeys(texts))
+            emb, mask = self._encode_text(unique, device)
+            index = torch.tensor([unique.index(t) for t in texts], device=emb.device)
+            emb, mask = emb[index], mask[index]
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask = emb[:batch], mask[:batch]
+            if need_negative:
+                negative_prompt_embeds, negative_prompt_attention_mask = emb[-batch:], mask[-batch:]
+        if prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        if negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(
                 negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
             )
