@@ -1,0 +1,261 @@
+"""HTTP API with the tiny pipeline (in-process, no sockets): sizes, seeds, validation, limits, the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sdxs.server import ServerSettings, create_app
+
+UPLOAD_LIMIT = 16 * 1024  # small, so the 413 tests send little data
+
+
+@pytest.fixture(scope="module")
+def app(tiny_pipe):
+    settings = ServerSettings(
+        default_steps=2, max_steps=8, max_images=3, max_queue=2, max_upload_bytes=UPLOAD_LIMIT, refine_max_new_tokens=4
+    )
+    return create_app(tiny_pipe, settings)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+def decode(uri: str) -> Image.Image:
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---- generate -----------------------------------------------------------------------------------------------
+
+
+def test_generate_returns_requested_sizes_and_seeds(client):
+    r = client.post("/generate", json={"prompt": "a red apple", "width": 32, "height": 16, "seed": 5, "num_images": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [im["seed"] for im in body["images"]] == [5, 6]
+    for im in body["images"]:
+        assert (im["width"], im["height"]) == (32, 16)
+        assert decode(im["image"]).size == (32, 16)
+    assert body["seconds"] > 0 and body["queued_seconds"] >= 0 and body["steps"] == 2
+
+
+def test_seed_reproduces_and_batch_matches_single(client):
+    batch = client.post("/generate", json={"prompt": "a cat", "width": 32, "height": 16, "seed": 11, "num_images": 2})
+    again = client.post("/generate", json={"prompt": "a cat", "width": 32, "height": 16, "seed": 12})
+    first, second = (np.asarray(decode(im["image"])) for im in batch.json()["images"])
+    alone = np.asarray(decode(again.json()["images"][0]["image"]))
+    assert not np.array_equal(first, second)
+    assert np.abs(second.astype(int) - alone.astype(int)).max() <= 1  # image i of a batch == seed + i alone
+
+
+def test_random_seed_is_reported_and_reusable(client):
+    r = client.post("/generate", json={"prompt": "a cat", "width": 32, "height": 16})
+    im = r.json()["images"][0]
+    assert isinstance(im["seed"], int)
+    again = client.post("/generate", json={"prompt": "a cat", "width": 32, "height": 16, "seed": im["seed"]})
+    assert again.json()["images"][0]["image"] == im["image"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"width": 50}, "width must be a multiple of 16 (nearest: 48 or 64)"),
+        ({"height": 40}, "height must be a multiple of 16"),
+        ({"width": 0}, "width: Input should be greater than or equal to 16"),
+        ({"width": 4096}, "width: Input should be less than or equal to 128"),
+        ({"steps": 9}, "steps: Input should be less than or equal to 8"),
+        ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
+        ({"num_images": 4}, "num_images: Input should be less than or equal to 3"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"guidance": "lots"}, "guidance: Input should be a valid number"),
+        ({"prompt": "   "}, "prompt must not be empty"),
+        ({"prompt": None}, "prompt: Input should be a valid string"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_generate_validation_422(client, change, message):
+    payload = {"prompt": "a cat", "width": 32, "height": 32, **change}
+    r = client.post("/generate", json=payload)
+    assert r.status_code == 422
+    assert message in r.json()["detail"], r.json()["detail"]
+    assert r.json()["errors"]  # the structured list stays available to programs
+
+
+def test_pixel_budget_422(tiny_pipe):
+    app = create_app(tiny_pipe, ServerSettings(default_steps=1, max_pixels=64 * 64))
+    r = TestClient(app).post("/generate", json={"prompt": "x", "width": 128, "height": 64})
+    assert r.status_code == 422
+    assert "8192 pixels is more than the limit of 4096" in r.json()["detail"]
+
+
+def test_missing_prompt_and_bad_json_422(client):
+    assert "prompt: is required" in client.post("/generate", json={}).json()["detail"]
+    r = client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+
+
+# ---- uploads ------------------------------------------------------------------------------------------------
+
+
+def test_upscale_returns_png_at_twice_the_size(client):
+    r = client.post("/upscale", files={"image": ("in.png", png(24, 16), "image/png")})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (48, 32)
+
+
+def test_upload_too_large_413(client):
+    big = png(128, 128)  # ~49 KB of noise: over the 16 KB limit, under limit + form overhead (handler check)
+    assert UPLOAD_LIMIT < len(big) < UPLOAD_LIMIT + 64 * 1024
+    r = client.post("/upscale", files={"image": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "larger than the limit" in r.json()["detail"]
+    huge = b"\0" * (UPLOAD_LIMIT + 128 * 1024)  # refused from Content-Length, before the body is read
+    r = client.post("/encode-image", files={"image": ("huge.png", huge, "image/png")})
+    assert r.status_code == 413
+
+
+def test_unreadable_upload_422(client):
+    r = client.post("/upscale", files={"image": ("notes.txt", b"hello", "text/plain")})
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
+    r = client.post("/upscale")
+    assert r.status_code == 422 and "image: is required" in r.json()["detail"]
+
+
+def test_encode_image_variation(client):
+    form = {"width": "32", "height": "16", "seed": "3", "num_images": "2", "steps": "1"}
+    r = client.post("/encode-image", files={"image": ("p.png", png(40, 40), "image/png")}, data=form)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert [im["seed"] for im in images] == [3, 4]
+    assert all(decode(im["image"]).size == (32, 16) for im in images)
+    r = client.post("/encode-image", files={"image": ("p.png", png(40, 40), "image/png")}, data={"width": "33"})
+    assert r.status_code == 422 and "width must be a multiple of 16" in r.json()["detail"]
+
+
+def test_refine_returns_text(client):
+    r = client.post("/refine", json={"prompt": "a cat", "seed": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt"] == "a cat" and isinstance(r.json()["refined"], str)
+    assert client.post("/refine", json={"prompt": ""}).status_code == 422
+
+
+# ---- server info, schema, page ------------------------------------------------------------------------------
+
+
+def test_health_and_config(client, tiny_pipe):
+    health = client.get("/health").json()
+    assert health["model_loaded"] and health["device"] == "cpu" and health["dtype"] == "float32"
+    assert health["busy"] is False and health["waiting"] == 0
+    cfg = client.get("/config").json()
+    assert cfg["size_step"] == tiny_pipe.size_step == 16
+    assert (cfg["default_width"], cfg["default_height"]) == (64, 64)
+    assert cfg["max_side"] == 128 and cfg["max_pixels"] == 128 * 128
+    assert cfg["sizes"] == list(range(16, 129, 16))
+    assert cfg["max_steps"] == 8 and cfg["max_images"] == 3 and cfg["max_queue"] == 2
+    assert cfg["features"] == {"refine": True, "encode_image": True, "upscale": True}
+
+
+def test_openapi_documents_the_limits(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/generate", "/upscale", "/refine", "/encode-image", "/health", "/config"} <= set(schema["paths"])
+    props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert props["steps"]["maximum"] == 8 and props["width"]["maximum"] == 128
+    assert client.get("/docs").status_code == 200
+
+
+class _Labels(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.controls, self.labelled = [], set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "label" and "for" in a:
+            self.labelled.add(a["for"])
+        if tag in ("input", "select", "textarea") and a.get("type") != "hidden":
+            self.controls.append(a.get("id"))
+
+
+def test_page_served_and_every_control_labelled(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    parser = _Labels()
+    parser.feed(r.text)
+    assert len(parser.controls) >= 10
+    assert None not in parser.controls
+    assert set(parser.controls) <= parser.labelled, set(parser.controls) - parser.labelled
+    for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', r.text):
+        assert client.get(asset).status_code == 200, asset
+    static = Path(__file__).resolve().parents[1] / "src/sdxs/server/static"
+    assert {"index.html", "app.js", "style.css"} <= {p.name for p in static.iterdir()}
+
+
+# ---- one job at a time, bounded queue -------------------------------------------------------------------------
+
+
+def test_queue_full_429_with_retry_after(tiny_pipe):
+    """Hold the device, fill the queue, and the next request is refused at once; the queued ones then finish."""
+    app = create_app(tiny_pipe, ServerSettings(default_steps=1, max_queue=2))
+    gate = app.state.gate
+    body = {"prompt": "a cat", "width": 32, "height": 16, "seed": 1}
+
+    async def scenario():
+        release = threading.Event()
+        running = asyncio.create_task(gate.run(release.wait))  # a job that holds the device until released
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            while not gate.busy:
+                await asyncio.sleep(0.01)
+            queued = [asyncio.create_task(ac.post("/generate", json=body)) for _ in range(2)]  # = max_queue
+            while gate.pending < 3:
+                await asyncio.sleep(0.01)
+            health = (await ac.get("/health")).json()  # answers while the queue is full
+            refused = await ac.post("/generate", json=body)
+            release.set()
+            await running
+            done = await asyncio.gather(*queued)
+        return health, refused, done
+
+    health, refused, done = asyncio.run(scenario())
+    assert health["busy"] is True and health["waiting"] == 2
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1 and "busy" in refused.json()["detail"]
+    assert [r.status_code for r in done] == [200, 200]
+    assert gate.pending == 0
+
+
+def test_pipeline_errors_become_422(tiny_pipe):
+    class Refusing:
+        """A stand-in whose model calls raise the pipeline's own argument errors."""
+
+        size_step, device, dtype, vision_processor = 16, "cpu", "torch.float32", None
+        config = tiny_pipe.config
+
+        def __call__(self, *args, **kwargs):
+            raise ValueError("`prompt` has 300 tokens,\n more than max_length=250.")
+
+    r = TestClient(create_app(Refusing(), ServerSettings(default_steps=1))).post("/generate", json={"prompt": "x"})
+    assert r.status_code == 422 and r.json()["detail"] == "`prompt` has 300 tokens, more than max_length=250."
