@@ -490,8 +490,37 @@ class SDXSPipeline(DiffusionPipeline):
         latents = posterior.sample(generator) if sample else posterior.mode()
         return latents * vae.config.scaling_factor
 
+    def enable_vae_tiling(self, tile_latents: int = 64, overlap_latents: int = 8) -> None:
+        """Decode latents larger than `tile_latents` in overlapping tiles blended linearly: bounded memory for big
+        images (a 64-latent tile is 1024 px out of the 16x decoder)."""
+        if tile_latents < 4 or not 0 <= overlap_latents <= tile_latents // 2:
+            raise ValueError(
+                f"`tile_latents` must be >= 4 and `overlap_latents` in [0, tile_latents/2], "
+                f"got {tile_latents} and {overlap_latents}."
+            )
+        self._vae_tiling = (tile_latents, overlap_latents)
+
+    def disable_vae_tiling(self) -> None:
+        self._vae_tiling = None
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time (lower peak memory for large batches)."""
+        self._vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self._vae_slicing = False
+
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """scaled latents -> pixels (B, 3, 16h, 16w) in [-1, 1], float32; never NaN (fp16 falls back to fp32)."""
+        """scaled latents (B, C, h, w) -> pixels (B, 3, 16h, 16w) in [-1, 1], float32; sliced/tiled if enabled."""
+        if getattr(self, "_vae_slicing", False) and latents.shape[0] > 1:
+            return torch.cat([self._vae_decode(z) for z in latents.split(1)])
+        tiling = getattr(self, "_vae_tiling", None)
+        if tiling is not None and max(latents.shape[-2:]) > tiling[0]:
+            return _blend_tiles(latents, tiling[0], tiling[1], self.vae_scale_factor, self._vae_decode_whole)
+        return self._vae_decode_whole(latents)
+
+    def _vae_decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
+        """One decoder pass; never NaN: an fp16 decode that overflows is repeated in fp32."""
         vae = self.vae
         z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
         image = vae.decode(z).sample
@@ -504,32 +533,6 @@ class SDXSPipeline(DiffusionPipeline):
             finally:
                 vae.to(dtype)
         return image.float().clamp(-1, 1)
-
-    def _upscale_tiled(self, pixels: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
-        """pixels (1, 3, H, W) -> (1, 3, rH, rW) through overlapping tiles blended with linear ramps."""
-        enc, dec = self.vae_encoder_scale_factor, self.vae_scale_factor
-        r = dec // enc
-        _, _, h, w = pixels.shape
-        stride = tile - overlap
-        out = torch.zeros(1, 3, h * r, w * r)
-        weight = torch.zeros(1, 1, h * r, w * r)
-        ys = list(range(0, max(h - tile, 0) + 1, stride))
-        xs = list(range(0, max(w - tile, 0) + 1, stride))
-        if ys[-1] + tile < h:
-            ys.append(h - tile)
-        if xs[-1] + tile < w:
-            xs.append(w - tile)
-        for y in ys:
-            for x in xs:
-                crop = pixels[:, :, y : y + tile, x : x + tile]
-                th, tw = crop.shape[-2:]
-                up = self._vae_decode(self._vae_encode(crop)).cpu()  # (1, 3, th*r, tw*r)
-                ramp_y = _ramp(th * r, overlap * r, y > 0, y + th < h)
-                ramp_x = _ramp(tw * r, overlap * r, x > 0, x + tw < w)
-                wgt = (ramp_y[:, None] * ramp_x[None, :])[None, None]
-                out[:, :, y * r : (y + th) * r, x * r : (x + tw) * r] += up * wgt
-                weight[:, :, y * r : (y + th) * r, x * r : (x + tw) * r] += wgt
-        return out / weight.clamp_min(1e-8)
 
     @torch.no_grad()
     def image_upscale(
@@ -568,10 +571,14 @@ class SDXSPipeline(DiffusionPipeline):
             ph, pw = (-h) % enc, (-w) % enc  # pad to the encoder's multiple with edge pixels, crop back after
             if ph or pw:
                 pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
+
+            def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
+                return self._vae_decode_whole(self._vae_encode(x))
+
             if max(h + ph, w + pw) > tile_size:
-                up = self._upscale_tiled(pixels, tile_size, tile_overlap)
+                up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct).cpu()
             else:
-                up = self._vae_decode(self._vae_encode(pixels)).cpu()
+                up = reconstruct(pixels).cpu()
             up = up[:, :, : h * r, : w * r]
             results.append(self.image_processor.postprocess(up, output_type="pil")[0])
         self.maybe_free_model_hooks()
@@ -951,6 +958,38 @@ def _pad_to_same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor,
         return torch.cat([x, extra], dim=1)
 
     return pad(a), pad(b)
+
+
+def _blend_tiles(
+    x: torch.Tensor, tile: int, overlap: int, scale: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Apply `fn` ((B, C, h, w) -> (B, C', h*scale, w*scale)) to overlapping tiles of `x` and blend the results.
+
+    Tiles start every `tile - overlap` pixels (the last one flush with the edge); inside overlaps the weights ramp
+    linearly and sum to one, so a local `fn` gives exactly the untiled result.
+    """
+    _, _, h, w = x.shape
+
+    def starts(n: int) -> list[int]:
+        s = list(range(0, max(n - tile, 0) + 1, tile - overlap))
+        if s[-1] + tile < n:
+            s.append(n - tile)
+        return s
+
+    out = weight = None
+    for y in starts(h):
+        for x0 in starts(w):
+            part = fn(x[:, :, y : y + tile, x0 : x0 + tile]).float()
+            th, tw = part.shape[-2] // scale, part.shape[-1] // scale
+            if out is None:
+                out = torch.zeros(x.shape[0], part.shape[1], h * scale, w * scale, device=part.device)
+                weight = torch.zeros(1, 1, h * scale, w * scale, device=part.device)
+            ramp_y = _ramp(th * scale, overlap * scale, y > 0, y + th < h).to(part.device)
+            ramp_x = _ramp(tw * scale, overlap * scale, x0 > 0, x0 + tw < w).to(part.device)
+            wgt = (ramp_y[:, None] * ramp_x[None, :])[None, None]
+            out[:, :, y * scale : (y + th) * scale, x0 * scale : (x0 + tw) * scale] += part * wgt
+            weight[:, :, y * scale : (y + th) * scale, x0 * scale : (x0 + tw) * scale] += wgt
+    return out / weight.clamp_min(1e-8)
 
 
 def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
