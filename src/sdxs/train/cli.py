@@ -1,0 +1,123 @@
+"""`sdxs train unet|vae|text-encoder`, `sdxs export`, `sdxs push`.
+
+    sdxs train unet --config configs/tiny/unet.toml [section.key=value ...] [--resume latest]
+    accelerate launch --num_processes 2 -m sdxs.train.cli train unet --config ...    (multi-GPU / multi-node)
+    sdxs export runs/unet out/ [--weights ema|raw] [--dtype fp16 --variant fp16]
+    sdxs push out/ user/sdxs-tiny [--private]
+
+`register(subparsers)` adds the commands to the top-level CLI; `python -m sdxs.train.cli ...` runs them alone.
+User errors raise ValueError / FileNotFoundError / TypeError (the top-level CLI prints them as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+TRAINERS = ("unet", "vae", "text-encoder")
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train a UNet, VAE or text encoder (runs under accelerate launch)")
+    kinds = train.add_subparsers(dest="trainer", required=True, metavar="{unet,vae,text-encoder}")
+    for kind in TRAINERS:
+        p = kinds.add_parser(kind, help=f"train the {kind} (see configs/ for recipes)")
+        p.add_argument("--config", help="recipe file (.toml or .json); omitted keys keep their defaults")
+        p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue the run in run.output_dir exactly")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed config overrides")
+        p.set_defaults(func=cmd_train)
+
+    export = subparsers.add_parser("export", help="write a training run as a hub model folder (and reload it)")
+    export.add_argument("run", help="the run folder (run.output_dir)")
+    export.add_argument("out", help="output folder (hub layout)")
+    export.add_argument("--checkpoint", default="latest", help="'latest' or a checkpoint folder")
+    export.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"), help="EMA or raw weights")
+    export.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the saved weights")
+    export.add_argument("--variant", help="diffusers weight variant name, e.g. fp16")
+    export.add_argument("--license", default="apache-2.0", help="licence in the model card")
+    export.add_argument("--dataset", action="append", dest="datasets", help="dataset id for the card (repeatable)")
+    export.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
+    export.set_defaults(func=cmd_export)
+
+    push = subparsers.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    push.add_argument("folder", help="an exported folder (has model_index.json)")
+    push.add_argument("repo_id", help="user/name of the model repository (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token", help="HF token (default: the logged-in one / HF_TOKEN)")
+    push.set_defaults(func=cmd_push)
+
+
+def cmd_train(args) -> int:
+    from sdxs.train.common import NonFiniteLossError
+    from sdxs.train.config import TextEncoderTrainConfig, UNetTrainConfig, VAETrainConfig, load_config
+
+    _setup_logging()
+    if args.trainer == "unet":
+        from sdxs.train.unet import train_unet as train
+
+        cls = UNetTrainConfig
+    elif args.trainer == "vae":
+        from sdxs.train.vae import train_vae as train
+
+        cls = VAETrainConfig
+    else:
+        from sdxs.train.text_encoder import train_text_encoder as train
+
+        cls = TextEncoderTrainConfig
+    cfg = load_config(cls, args.config, args.overrides)
+    try:
+        final = train(cfg, resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    logging.getLogger("sdxs.train").info("final checkpoint: %s", final)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sdxs.train.hub import export_run
+
+    _setup_logging()
+    out = export_run(
+        args.run,
+        args.out,
+        checkpoint=args.checkpoint,
+        weights=args.weights,
+        dtype=args.dtype,
+        variant=args.variant,
+        license=args.license,
+        datasets=args.datasets,
+        verify=not args.no_verify,
+    )
+    print(out)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from sdxs.train.hub import push_folder
+
+    print(push_folder(args.folder, args.repo_id, private=args.private, token=args.token))
+    return 0
+
+
+def _setup_logging() -> None:
+    main = int(os.environ.get("RANK", "0")) == 0  # other ranks only warn
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if main else logging.WARNING)
+    logging.getLogger("sdxs.train").setLevel(logging.INFO if main else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdxs", description="SDXS training, export and publishing")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

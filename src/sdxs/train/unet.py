@@ -1,0 +1,260 @@
+"""UNet training with flow matching on a latent cache (`sdxs train unet`).
+
+The convention is the pipeline's, through its shared helpers: a clean latent x0 and noise e at level s give
+x_s = (1 - s) x0 + s e; the UNet sees timestep s * 1000 and predicts the velocity e - x0; noise levels are drawn
+uniform or logit-normal and then shifted with `shift_sigmas(s, scheduler.config.shift)`, the same shift the
+scheduler applies at inference. One Euler step x0 = x_s - s * v undoes it exactly (tests/test_train_unet.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sdxs.pipeline import shift_sigmas, sigma_to_timestep
+from sdxs.train.common import Task, fit, load_matching, log_load_report, make_accelerator, make_grid, read_weights
+from sdxs.train.config import FlowConfig, SampleConfig, UNetTrainConfig
+
+logger = logging.getLogger("sdxs.train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow matching
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample_sigmas(n: int, flow: FlowConfig, shift: float, generator: torch.Generator, device) -> torch.Tensor:
+    """n noise levels in (0, 1): uniform or logit-normal, then the inference shift. (n,) float32."""
+    if flow.timestep_sampling == "uniform":
+        s = torch.rand(n, generator=generator, device=device)
+    elif flow.timestep_sampling == "logit_normal":
+        s = torch.sigmoid(torch.randn(n, generator=generator, device=device) * flow.logit_std + flow.logit_mean)
+    else:
+        raise ValueError(
+            f"`flow.timestep_sampling` must be 'uniform' or 'logit_normal', got {flow.timestep_sampling!r}."
+        )
+    return shift_sigmas(s, shift)
+
+
+def flow_matching_pair(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor):
+    """(x_s, target): x_s = (1 - s) x0 + s e and the velocity e - x0 the UNet learns. latents/noise (B, C, h, w)."""
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return (1 - s) * latents + s * noise, noise - latents
+
+
+def drop_captions(embeds, mask, empty_embeds, empty_mask, p: float, generator: torch.Generator):
+    """Replace each sample's text by the cached empty prompt with probability p (what CFG's unconditional branch sees)."""
+    from sdxs.data.loader import pad_text
+
+    # batches are trimmed to their longest caption: bring both to the same token count (zero padding is masked)
+    n = max(embeds.shape[1], int(empty_mask.sum()))
+    embeds, mask = pad_text(embeds, mask, n)
+    empty_embeds, empty_mask = pad_text(empty_embeds, empty_mask, n)
+    drop = torch.rand(embeds.shape[0], generator=generator, device=embeds.device) < p  # (B,)
+    embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds), embeds)
+    mask = torch.where(drop[:, None], empty_mask.to(mask), mask)
+    return embeds, mask
+
+
+def flow_matching_loss(
+    unet,
+    batch: dict,
+    empty: tuple[torch.Tensor, torch.Tensor],
+    flow: FlowConfig,
+    shift: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE between the UNet's velocity and e - x0 for one batch {latents (B,C,h,w), embeds (B,1+L,D), mask (B,1+L)}."""
+    device = generator.device
+    latents = batch["latents"].to(device, torch.float32)
+    embeds, mask = batch["embeds"].to(device), batch["mask"].to(device)
+    embeds, mask = drop_captions(
+        embeds, mask, empty[0].to(device), empty[1].to(device), flow.caption_dropout, generator
+    )
+    sigmas = sample_sigmas(latents.shape[0], flow, shift, generator, device)  # (B,)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    noisy, target = flow_matching_pair(latents, noise, sigmas)
+    pred = unet(noisy, sigma_to_timestep(sigmas), encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
+    loss = F.mse_loss(pred.float(), target)
+    return loss, {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, data, samples
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_base_pipeline(path: str):
+    """The pipeline the UNet belongs to (VAE, text encoder, tokenizer, scheduler): the model `prepare` used."""
+    from sdxs.pipeline import SDXSPipeline
+
+    if not path:
+        raise ValueError(
+            "`model.pretrained` is required: the hub folder whose VAE and text encoder made the latent cache."
+        )
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"`model.pretrained` {path!r} is not a model folder (no model_index.json).")
+    from diffusers import DiffusionPipeline
+
+    # Loaded through the folder's own pipeline.py (the hub layout), then rebuilt as this package's SDXSPipeline so
+    # validation samples run the current source.
+    loaded = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    keys = ("text_recipe", "default_width", "default_height", "refine_instruction")
+    pipe = SDXSPipeline(**loaded.components, **{k: loaded.config[k] for k in keys if k in loaded.config})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_unet(cfg: UNetTrainConfig, base):
+    """A fresh preset UNet (seeded), or the base pipeline's; then every matching tensor of `model.init_from`."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxs.presets import get_preset
+
+    m = cfg.model
+    if m.unet_preset:
+        config = get_preset(m.unet_preset).unet
+        config["cross_attention_dim"] = _text_hidden_size(base.text_encoder)
+        torch.manual_seed(cfg.run.seed)
+        unet = UNet2DConditionModel(**config)
+        source = f"preset {m.unet_preset!r} (random init, seed {cfg.run.seed})"
+    else:
+        unet = UNet2DConditionModel.from_config(base.unet.config)
+        unet.load_state_dict(base.unet.state_dict())
+        source = f"{m.pretrained}/unet"
+    logger.info("UNet from %s: %.2fM parameters", source, sum(p.numel() for p in unet.parameters()) / 1e6)
+    if m.init_from:
+        folder = Path(m.init_from)
+        folder = folder / "unet" if (folder / "unet").is_dir() else folder
+        log_load_report(load_matching(unet, read_weights(folder)), str(folder))
+    return unet.float().train()
+
+
+def _text_hidden_size(text_encoder) -> int:
+    cfg = text_encoder.config
+    return getattr(cfg, "text_config", cfg).hidden_size
+
+
+class Endless:
+    """Make a per-epoch `LatentShardLoader` yield forever; its state is the position of the next batch."""
+
+    def __init__(self, loader):
+        self.loader, self._it = loader, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        for _ in range(2):  # at most one empty tail of an epoch between batches
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("the latent loader yields no batches.")
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+
+def make_sampler(base, sample: SampleConfig, device):
+    """fn(unet, png_path): the fixed prompts and seeds through the real SDXSPipeline, pasted into one grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdxs.pipeline import SDXSPipeline
+
+    if not sample.prompts:
+        return None
+
+    def write_grid(unet, path: Path) -> None:
+        was_training = unet.training
+        pipe = SDXSPipeline(
+            unet=unet.eval(),
+            vae=base.vae.to(device),
+            text_encoder=base.text_encoder.to(device),
+            tokenizer=base.tokenizer,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config),
+            vision_processor=base.vision_processor,
+            text_recipe=base.config.text_recipe,
+            default_width=base.config.default_width,
+            default_height=base.config.default_height,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(
+            sample.prompts,
+            num_inference_steps=sample.steps,
+            guidance_scale=sample.guidance_scale,
+            seed=sample.seed,
+            width=sample.width or None,
+            height=sample.height or None,
+        ).images
+        make_grid(images).save(path)
+        unet.train(was_training)
+
+    return write_grid
+
+
+def save_unet(unet, folder: Path) -> None:
+    unet.save_pretrained(folder, safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
+    """Train the UNet of `cfg.model.pretrained`'s pipeline on the latent cache `cfg.data.path`; returns the final checkpoint."""
+    from sdxs.data.loader import LatentShardLoader
+    from sdxs.train.hub import export_run
+
+    accelerator = make_accelerator(cfg.run)
+    base = load_base_pipeline(cfg.model.pretrained)
+    unet = build_unet(cfg, base)
+
+    if not cfg.data.path:
+        raise ValueError("`data.path` is required: the latent cache written by `sdxs prepare`.")
+    loader = LatentShardLoader(
+        cfg.data.path,
+        cfg.data.batch_size,
+        seed=cfg.run.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        sample_posterior=cfg.data.sample_posterior,
+        pad_to_max_length=False,  # trim each batch to its longest caption: same result under the mask, less compute
+    )
+    loader.check_fingerprint(base)  # latents and embeddings must come from this VAE / text encoder / recipe
+    empty = loader.empty_prompt()  # (1, 1+L, D), (1, 1+L)
+    shift = cfg.flow.shift or float(base.scheduler.config.shift)
+    if accelerator.is_main_process:
+        logger.info(
+            "flow matching: %s sigmas, shift %.3g, caption dropout %.0f%%; %d samples in %d bucket(s)",
+            cfg.flow.timestep_sampling,
+            shift,
+            100 * cfg.flow.caption_dropout,
+            loader.num_samples,
+            len(loader.buckets),
+        )
+
+    def loss_fn(model, batch, generator):
+        return flow_matching_loss(model, batch, empty, cfg.flow, shift, generator)
+
+    task = Task(
+        name="unet",
+        model=unet,
+        loss_fn=loss_fn,
+        data=Endless(loader),
+        batch_size=cfg.data.batch_size,
+        save_model=save_unet,
+        sample_fn=make_sampler(base, cfg.sample, accelerator.device) if accelerator.is_main_process else None,
+        export_fn=lambda run_dir: export_run(run_dir, run_dir / "export"),
+    )
+    return fit(task, cfg, resume=resume, accelerator=accelerator)

@@ -1,0 +1,239 @@
+"""Asymmetric VAE training (`sdxs train vae`): the encoder sees the image at half size, the 16x decoder rebuilds it.
+
+The SDXS trick: train the 8x encoder on a 2x-downsampled crop and ask the 16x decoder for the full-resolution crop,
+so the decoder learns a 2x upscale for free. AsymmetricAutoencoderKL.forward(sample) would hand the target image
+to its MaskConditionDecoder as a condition (a leak), so training calls encode(...).latent_dist and decode(z) only.
+Losses: L1 / MSE + KL + Sobel edges (+ LPIPS when its weights are on disk). At the end the latent channel
+statistics are measured and `scaling_factor = 1 / std` is written into the VAE config, so pipeline and prepare agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdxs.train.common import IndexBatches, Task, fit, load_matching, log_load_report, make_accelerator, read_weights
+from sdxs.train.config import VAELossConfig, VAETrainConfig
+
+logger = logging.getLogger("sdxs.train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model wrapper and losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EncodeDecode(torch.nn.Module):
+    """Half-size image -> posterior -> sampled latent -> full-size image, as one forward (so DDP sees it)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, small: torch.Tensor, generator: torch.Generator | None = None):
+        # small (B, 3, H/2, W/2) in [-1, 1] -> recon (B, 3, H, W), posterior over (B, C, H/16, W/16)
+        posterior = self.vae.encode(small).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=generator, device=small.device, dtype=posterior.mean.dtype)
+        z = posterior.mean + posterior.std * eps
+        return self.vae.decode(z).sample, posterior
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal and vertical Sobel responses per channel: (B, C, H, W) -> (B, 2C, H, W)."""
+    k = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device, dtype=x.dtype)
+    kernels = torch.stack([k, k.T])[:, None].repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernels, groups=x.shape[1])
+
+
+def load_lpips(cfg: VAELossConfig):
+    """LPIPS from local weights only; None when its weight is 0."""
+    if cfg.lpips_weight <= 0:
+        return None
+    if not cfg.lpips_path or not Path(cfg.lpips_path).is_file():
+        raise FileNotFoundError(
+            f"`loss.lpips_weight` > 0 needs `loss.lpips_path`, a local LPIPS weights file (got {cfg.lpips_path!r}); "
+            "weights are never downloaded during training. Set loss.lpips_weight=0 to train without it."
+        )
+    try:
+        import lpips
+    except ModuleNotFoundError as e:
+        raise ValueError("`loss.lpips_weight` > 0 needs the `lpips` package (pip install lpips).") from e
+    # lpips_path holds LPIPS's linear heads; its VGG backbone comes from torchvision's cache, which must exist too
+    backbone = sorted((Path(torch.hub.get_dir()) / "checkpoints").glob("vgg16-*.pth"))
+    if not backbone:
+        raise FileNotFoundError(
+            f"LPIPS needs torchvision's VGG16 weights in {torch.hub.get_dir()}/checkpoints (never downloaded here)."
+        )
+    return (
+        lpips.LPIPS(net="vgg", model_path=cfg.lpips_path, pnet_rand=False, verbose=False).eval().requires_grad_(False)
+    )
+
+
+def vae_loss(model, batch: dict, cfg: VAELossConfig, lpips_model, generator: torch.Generator):
+    """Reconstruction of the full-size image from its half-size version; returns (loss, parts)."""
+    device = generator.device
+    target = batch["pixels"].to(device)  # (B, 3, H, W) in [-1, 1]
+    small = F.interpolate(target, scale_factor=0.5, mode="area")  # what the 8x encoder sees
+    recon, posterior = model(small, generator)
+    recon = recon.float()
+    parts = {
+        "l1": (recon - target).abs().mean(),
+        "mse": F.mse_loss(recon, target),
+        "kl": posterior.kl().mean() / posterior.mean[0].numel(),  # per latent element: independent of size
+        "edge": (sobel(recon) - sobel(target)).abs().mean(),
+    }
+    loss = (
+        cfg.l1_weight * parts["l1"]
+        + cfg.mse_weight * parts["mse"]
+        + cfg.kl_weight * parts["kl"]
+        + cfg.edge_weight * parts["edge"]
+    )
+    if lpips_model is not None:
+        parts["lpips"] = lpips_model.to(device)(recon, target).mean()
+        loss = loss + cfg.lpips_weight * parts["lpips"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: image crops, seeded per (epoch, batch, rank) so a resumed run sees the same crops
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def list_images(folder: str) -> list[Path]:
+    from sdxs.data.folder import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not folder or not root.is_dir():
+        raise FileNotFoundError(f"`data.path` {folder!r} is not an image folder.")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"`data.path` {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
+class ImageBatches:
+    """Random square crops of side `resolution` (shorter side resized to it first), as (B, 3, R, R) in [-1, 1]."""
+
+    def __init__(self, files: list[Path], resolution: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.files, self.resolution, self.seed, self.rank = files, resolution, seed, rank
+        self.index = IndexBatches(len(files), batch_size, seed, rank, world)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        import PIL.Image
+
+        from sdxs.pipeline import load_rgb_image
+
+        rng = np.random.default_rng([self.seed, self.index.epoch, self.index.position, self.rank])
+        pixels = []
+        for i in next(self.index):
+            im = load_rgb_image(self.files[i])
+            scale = self.resolution / min(im.size)
+            w, h = max(self.resolution, round(im.width * scale)), max(self.resolution, round(im.height * scale))
+            im = im.resize((w, h), PIL.Image.Resampling.LANCZOS)
+            x, y = int(rng.integers(0, w - self.resolution + 1)), int(rng.integers(0, h - self.resolution + 1))
+            im = im.crop((x, y, x + self.resolution, y + self.resolution))
+            pixels.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+        return {"pixels": torch.stack(pixels)}
+
+    def state_dict(self) -> dict:
+        return self.index.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, statistics, entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_vae(cfg: VAETrainConfig):
+    from diffusers import AsymmetricAutoencoderKL
+
+    from sdxs.presets import get_preset
+
+    m = cfg.model
+    if m.vae_preset:
+        torch.manual_seed(cfg.run.seed)
+        vae = AsymmetricAutoencoderKL(**get_preset(m.vae_preset).vae)
+    elif m.pretrained:
+        vae = AsymmetricAutoencoderKL.from_pretrained(Path(m.pretrained) / "vae")
+    else:
+        raise ValueError("set `model.vae_preset` (fresh VAE) or `model.pretrained` (a model folder with vae/).")
+    if m.init_from:
+        folder = Path(m.init_from)
+        folder = folder / "vae" if (folder / "vae").is_dir() else folder
+        log_load_report(load_matching(vae, read_weights(folder)), str(folder))
+    return vae.float().train()
+
+
+@torch.no_grad()
+def latent_statistics(vae, batches, num_batches: int) -> dict:
+    """Per-channel mean/std of the (unscaled) posterior means over `num_batches`, and the implied scaling factor."""
+    device = next(vae.parameters()).device
+    latents = []
+    for _ in range(num_batches):
+        pixels = next(batches)["pixels"].to(device)
+        latents.append(vae.encode(F.interpolate(pixels, scale_factor=0.5, mode="area")).latent_dist.mean.float())
+    z = torch.cat(latents)  # (N, C, h, w)
+    std = float(z.std())
+    return {
+        "latent_channel_mean": [round(v, 5) for v in z.mean((0, 2, 3)).tolist()],
+        "latent_channel_std": [round(v, 5) for v in z.std((0, 2, 3)).tolist()],
+        "latent_std": std,
+        "scaling_factor": 1.0 / max(std, 1e-8),
+    }
+
+
+def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
+    """Train an AsymmetricAutoencoderKL on `cfg.data.path`; returns the final checkpoint folder."""
+    from sdxs.train.hub import export_run
+
+    accelerator = make_accelerator(cfg.run)
+    vae = build_vae(cfg)
+    files = list_images(cfg.data.path)
+    d = cfg.data
+    if d.resolution % 32:
+        raise ValueError(
+            f"`data.resolution` must be a multiple of 32 (16x decoder, half-size input), got {d.resolution}."
+        )
+    data = ImageBatches(
+        files, d.resolution, d.batch_size, cfg.run.seed, accelerator.process_index, accelerator.num_processes
+    )
+    lpips_model = load_lpips(cfg.loss)
+    if accelerator.is_main_process:
+        logger.info("VAE: %d images, %d px out, %d px into the encoder", len(files), d.resolution, d.resolution // 2)
+
+    def record_statistics(model) -> dict:
+        # the same fixed batches on every rank, so every rank writes the same scaling factor
+        stats = latent_statistics(
+            model.vae, ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed + 1), cfg.loss.stats_batches
+        )
+        model.vae.register_to_config(scaling_factor=stats["scaling_factor"])
+        logger.info(
+            "latent channel mean %s std %s -> scaling_factor %.4f",
+            stats["latent_channel_mean"],
+            stats["latent_channel_std"],
+            stats["scaling_factor"],
+        )
+        return stats
+
+    task = Task(
+        name="vae",
+        model=EncodeDecode(vae),
+        loss_fn=lambda model, batch, gen: vae_loss(model, batch, cfg.loss, lpips_model, gen),
+        data=data,
+        batch_size=d.batch_size,
+        save_model=lambda vae, folder: vae.save_pretrained(folder, safe_serialization=True),
+        inner=lambda model: model.vae,
+        before_final_save=record_statistics,
+        export_fn=(lambda run_dir: export_run(run_dir, run_dir / "export")) if cfg.model.pretrained else None,
+    )
+    return fit(task, cfg, resume=resume, accelerator=accelerator)
