@@ -100,6 +100,51 @@ def verify_hub_folder(folder: str | os.PathLike, variant: str | None = None):
     return pipe
 
 
+def load_component(folder: str | os.PathLike, name: str, index: dict | None = None, **kwargs):
+    """Load one component of a hub folder with the stock class its model_index.json names (no custom code runs)."""
+    import importlib
+
+    folder = Path(folder)
+    if index is None:
+        index = read_model_index(folder)
+    if name not in index or not (folder / name).is_dir():
+        raise FileNotFoundError(f"{folder} lacks the `{name}` component (model_index.json entry and {name}/ folder).")
+    library, class_name = index[name]
+    return getattr(importlib.import_module(library), class_name).from_pretrained(folder / name, **kwargs)
+
+
+def read_model_index(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no model_index.json: pass an exported SDXS model folder.")
+    return json.loads(path.read_text())
+
+
+def load_local_pipeline(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Load a hub folder as this package's `SDXSPipeline`, component by component.
+
+    Unlike `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` this does not execute the folder's
+    pipeline.py: training and evaluation run the current source, and several processes can load at once without
+    racing on diffusers' dynamic-module cache.
+    """
+    from sdxs.pipeline import SDXSPipeline
+
+    index = read_model_index(folder)
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2]
+    components = {}
+    for name in names:
+        if index[name][0] is None or not (Path(folder) / name).is_dir():
+            components[name] = None  # an optional component saved as [null, null]
+            continue
+        component = load_component(folder, name, index)
+        if isinstance(component, torch.nn.Module):
+            component = component.to(dtype) if dtype is not None else component
+            component.eval()
+        components[name] = component
+    config_keys = ("text_recipe", "default_width", "default_height", "refine_instruction")
+    return SDXSPipeline(**components, **{k: index[k] for k in config_keys if k in index})
+
+
 def _cast_copy(pipe, dtype: torch.dtype):
     """A shallow copy of `pipe` whose models are deep copies cast to `dtype` (the caller's pipeline is untouched)."""
     import copy

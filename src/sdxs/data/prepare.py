@@ -14,7 +14,6 @@ leaves half a shard. `num_shards` / `shard_index` split the files over machines 
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from sdxs.data.shards import (
     shard_name,
     to_storage,
 )
+from sdxs.export import load_component
 from sdxs.pipeline import encode_text, load_rgb_image, unet_size_multiple, vae_scale_factors
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,11 +94,11 @@ class Encoders:
                 f"`model` {str(folder)!r} has no model_index.json: pass an exported SDXS model folder (hub layout)."
             )
         index = json.loads(index_path.read_text())
-        vae = _load_component(folder, "vae", index).to(dtype=torch.float32).eval()
-        text_encoder = _load_component(folder, "text_encoder", index).eval()
+        vae = load_component(folder, "vae", index).to(dtype=torch.float32).eval()
+        text_encoder = load_component(folder, "text_encoder", index).eval()
         if dtype is not None:
             text_encoder = text_encoder.to(dtype=dtype)
-        tokenizer = _load_component(folder, "tokenizer", index)
+        tokenizer = load_component(folder, "tokenizer", index)
         # the UNet's *config* (not its weights) gives the size multiple
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
         multiple = unet_size_multiple(SimpleNamespace(config=SimpleNamespace(**unet_config)))
@@ -113,14 +113,6 @@ class Encoders:
             size_step=dec * multiple,
             source=str(folder.resolve()),
         )
-
-
-def _load_component(folder: Path, name: str, index: dict):
-    if name not in index or not (folder / name).is_dir():
-        raise FileNotFoundError(f"{folder} lacks the `{name}` component (model_index.json entry and {name}/ folder).")
-    library, class_name = index[name]
-    cls = getattr(importlib.import_module(library), class_name)
-    return cls.from_pretrained(folder / name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

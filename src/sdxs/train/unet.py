@@ -89,21 +89,17 @@ def flow_matching_loss(
 
 def load_base_pipeline(path: str):
     """The pipeline the UNet belongs to (VAE, text encoder, tokenizer, scheduler): the model `prepare` used."""
-    from sdxs.pipeline import SDXSPipeline
-
     if not path:
         raise ValueError(
             "`model.pretrained` is required: the hub folder whose VAE and text encoder made the latent cache."
         )
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"`model.pretrained` {path!r} is not a model folder (no model_index.json).")
-    from diffusers import DiffusionPipeline
+    from sdxs.export import load_local_pipeline
 
-    # Loaded through the folder's own pipeline.py (the hub layout), then rebuilt as this package's SDXSPipeline so
-    # validation samples run the current source.
-    loaded = DiffusionPipeline.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
-    keys = ("text_recipe", "default_width", "default_height", "refine_instruction")
-    pipe = SDXSPipeline(**loaded.components, **{k: loaded.config[k] for k in keys if k in loaded.config})
+    # Component by component with stock classes, as this package's SDXSPipeline: validation samples run the current
+    # source, and ranks of a multi-process launch do not race on diffusers' dynamic-module cache.
+    pipe = load_local_pipeline(path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
