@@ -154,12 +154,14 @@ PRESETS: dict[str, Preset] = {
     ),
     "emoji": Preset(
         name="emoji",
-        unet=_unet((64, 128, 256), (False, True, True), 2, 32, 256, sample_size=16, latent_ch=8, groups=32),
-        vae=_vae((32, 64, 128, 128), (32, 64, 64, 128, 128), latent_ch=8, groups=32),
+        # sized so the whole model is < 60 MB in fp16 (repo-root budget); GroupNorm groups of >= 4 channels, because
+        # a group of 1 (instance norm) erases each channel's mean and with it flat colour
+        unet=_unet((64, 128, 256), (False, True, True), 1, 32, 256, sample_size=16, latent_ch=8, groups=16),
+        vae=_vae((32, 64, 128, 128), (32, 64, 64, 128, 128), latent_ch=8, groups=8),
         text_encoder=dict(
-            text_config=_text_config(256, 6, 4, 2, 64, 768, vocab=4096),
+            text_config=_text_config(256, 4, 4, 2, 64, 768, vocab=4096),
             vision_config=dict(
-                depth=4,
+                depth=2,
                 hidden_size=192,
                 intermediate_size=512,
                 num_heads=4,
