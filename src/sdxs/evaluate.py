@@ -28,7 +28,6 @@ import platform
 import random
 import shlex
 import sys
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+
+from sdxs.grid import make_grid
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults
@@ -411,25 +412,6 @@ def evaluate_vae(pipe, items: Sequence[EmojiItem], label: str, batch_size: int, 
 # ----------------------------------------------------------------------------------------------------------------
 # Sample grid
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def make_grid(images: Sequence, labels: Sequence[str], columns: int = 4, cell: int = GRID_THUMB) -> PIL.Image.Image:
-    """Images in rows of `columns`, each `cell` px square with its (wrapped) label underneath, on white."""
-    font = PIL.ImageFont.load_default()
-    wrap = max(8, cell // 7)  # characters per line of the default bitmap-like font
-    lines = [textwrap.wrap(label, wrap)[:3] or [""] for label in labels]
-    line_h = 12
-    label_h = 4 + line_h * max(len(ls) for ls in lines)
-    rows = math.ceil(len(images) / columns)
-    grid = PIL.Image.new("RGB", (columns * cell, rows * (cell + label_h)), "white")
-    draw = PIL.ImageDraw.Draw(grid)
-    for i, (image, text) in enumerate(zip(images, lines, strict=True)):
-        x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
-        thumb = image.convert("RGB").resize((cell, cell), PIL.Image.Resampling.LANCZOS)
-        grid.paste(thumb, (x, y))
-        for j, line in enumerate(text):
-            draw.text((x + 3, y + cell + 2 + j * line_h), line, fill="black", font=font)
-    return grid
 
 
 def save_small_png(image: PIL.Image.Image, path: Path, max_bytes: int = GRID_MAX_BYTES) -> int:

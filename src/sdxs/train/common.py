@@ -378,19 +378,6 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
-def make_grid(images, cols: int | None = None):
-    """Paste PIL images into one grid image (row-major)."""
-    import PIL.Image
-
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = PIL.Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------------------

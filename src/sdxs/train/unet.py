@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sdxs.grid import make_grid
 from sdxs.pipeline import shift_sigmas, sigma_to_timestep
-from sdxs.train.common import Task, fit, load_matching, log_load_report, make_accelerator, make_grid, read_weights
+from sdxs.train.common import Task, fit, load_matching, log_load_report, make_accelerator, read_weights
 from sdxs.train.config import FlowConfig, SampleConfig, UNetTrainConfig
 
 logger = logging.getLogger("sdxs.train")
@@ -59,6 +60,19 @@ def drop_captions(embeds, mask, empty_embeds, empty_mask, p: float, generator: t
     return embeds, mask
 
 
+def use_image_prompts(embeds, mask, image_embeds, image_mask, p: float, generator: torch.Generator):
+    """Replace each sample's caption embedding by its image's encode_image embedding with probability p."""
+    from sdxs.data.loader import pad_text
+
+    n = max(embeds.shape[1], image_embeds.shape[1])
+    embeds, mask = pad_text(embeds, mask, n)
+    image_embeds, image_mask = pad_text(image_embeds, image_mask, n)
+    use = torch.rand(embeds.shape[0], generator=generator, device=embeds.device) < p  # (B,)
+    embeds = torch.where(use[:, None, None], image_embeds.to(embeds), embeds)
+    mask = torch.where(use[:, None], image_mask.to(mask), mask)
+    return embeds, mask
+
+
 def flow_matching_loss(
     unet,
     batch: dict,
@@ -71,6 +85,19 @@ def flow_matching_loss(
     device = generator.device
     latents = batch["latents"].to(device, torch.float32)
     embeds, mask = batch["embeds"].to(device), batch["mask"].to(device)
+    if flow.image_prompt_fraction > 0:  # no extra random draw otherwise: older runs resume bit-identically
+        if "image_embeds" not in batch:
+            raise ValueError(
+                "`flow.image_prompt_fraction` > 0 needs a latent cache made with `sdxs prepare --image-embeds`."
+            )
+        embeds, mask = use_image_prompts(
+            embeds,
+            mask,
+            batch["image_embeds"].to(device),
+            batch["image_mask"].to(device),
+            flow.image_prompt_fraction,
+            generator,
+        )
     embeds, mask = drop_captions(
         embeds, mask, empty[0].to(device), empty[1].to(device), flow.caption_dropout, generator
     )
@@ -192,7 +219,7 @@ def make_sampler(base, sample: SampleConfig, device):
             width=sample.width or None,
             height=sample.height or None,
         ).images
-        make_grid(images).save(path)
+        make_grid(images, sample.prompts, columns=min(4, len(images))).save(path)
         unet.train(was_training)
 
     return write_grid
@@ -229,13 +256,19 @@ def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
     )
     loader.check_fingerprint(base)  # latents and embeddings must come from this VAE / text encoder / recipe
     empty = loader.empty_prompt()  # (1, 1+L, D), (1, 1+L)
+    if cfg.flow.image_prompt_fraction > 0 and not loader.has_image_embeds:
+        raise ValueError(
+            f"`flow.image_prompt_fraction` is {cfg.flow.image_prompt_fraction} but the latent cache {cfg.data.path!r} "
+            "holds no image embeddings: make it with `sdxs prepare ... --image-embeds` (or set the fraction to 0)."
+        )
     shift = cfg.flow.shift or float(base.scheduler.config.shift)
     if accelerator.is_main_process:
         logger.info(
-            "flow matching: %s sigmas, shift %.3g, caption dropout %.0f%%; %d samples in %d bucket(s)",
+            "flow matching: %s sigmas, shift %.3g, caption dropout %.0f%%, image prompts %.0f%%; %d samples in %d bucket(s)",
             cfg.flow.timestep_sampling,
             shift,
             100 * cfg.flow.caption_dropout,
+            100 * cfg.flow.image_prompt_fraction,
             loader.num_samples,
             len(loader.buckets),
         )

@@ -1,0 +1,103 @@
+"""Optional speed features of the pipeline, one at a time, against the plain pipeline.
+
+    python bench/bench_speed_features.py --model emoji [--steps 40] [--device cuda --dtype bf16]
+
+Features (all stock diffusers/torch calls or SDXSPipeline methods; none is on by default except SDPA attention,
+which diffusers' attention processors use whenever torch provides it):
+  channels_last    pipe.unet.to(memory_format=torch.channels_last)
+  fused_qkv        pipe.unet.fuse_qkv_projections()
+  compile          pipe.unet.compile_repeated_blocks(fullgraph=True)  (regional: each BasicTransformerBlock)
+  vae_tiling       pipe.enable_vae_tiling()  (memory, not speed: bounded decode for big images)
+For `compile`, the first call's time (compile included) is reported separately, and a second prompt and seed are
+run to check that nothing recompiles (dynamo's graph count must not grow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+
+def build(model: str, dtype: torch.dtype, device: str):
+    import os
+
+    if os.path.isdir(model):
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=True)
+    else:
+        from sdxs.presets import build_pipeline
+
+        pipe = build_pipeline(model, seed=0, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+FEATURES = {
+    "baseline": lambda p: None,
+    "channels_last": lambda p: p.unet.to(memory_format=torch.channels_last),
+    "fused_qkv": lambda p: p.unet.fuse_qkv_projections(),
+    "compile": lambda p: p.unet.compile_repeated_blocks(fullgraph=True),
+    "vae_tiling": lambda p: p.enable_vae_tiling(),
+}
+
+
+def timed(pipe, prompt: str, seed: int, steps: int) -> float:
+    t = time.perf_counter()
+    pipe(prompt, negative_prompt="low quality", num_inference_steps=steps, seed=seed)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="emoji")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--features", nargs="+", default=list(FEATURES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    rows = []
+    for name in args.features:
+        torch._dynamo.reset()
+        pipe = build(args.model, dtype, args.device)
+        FEATURES[name](pipe)
+        first = timed(pipe, "a red apple, 3d render", 0, args.steps)  # warm-up (compiles, if compiling)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        best = min(timed(pipe, "girl, smiling, blue hair", 1 + i, args.steps) for i in range(args.repeats))
+        recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+        rows.append(
+            {
+                "feature": name,
+                "first_call_s": round(first, 2),
+                "s_per_image": round(best, 3),
+                "it_per_s": round(args.steps / best, 2),
+                "new_graphs_after_warmup": recompiled,
+            }
+        )
+        print(rows[-1], flush=True)
+    base = rows[0]["s_per_image"] if rows[0]["feature"] == "baseline" else None
+    print(f"\n{args.model}, {args.device}, {args.dtype}, {args.steps} steps, CFG 4")
+    print("| feature | first call (s) | s/image | it/s | vs baseline | graphs added after warm-up |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        speedup = f"{base / r['s_per_image']:.2f}x" if base else "-"
+        print(
+            f"| {r['feature']} | {r['first_call_s']} | {r['s_per_image']} | {r['it_per_s']} | {speedup} | "
+            f"{r['new_graphs_after_warmup']} |"
+        )
+    out = Path(__file__).parent / "results" / f"speed-features-{args.model}-{args.device}-{args.dtype}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows, "torch": torch.__version__}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
