@@ -60,6 +60,11 @@ def register(subparsers) -> None:
     p.add_argument("--shard-index", type=int, default=0, help="this worker's index in [0, num-shards)")
     p.add_argument("--offload-text-encoder", action="store_true", help="text encoder on CPU during the VAE pass")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding threads")
+    p.add_argument(
+        "--image-embeds",
+        action="store_true",
+        help="also store encode_image embeddings of each image (UNet training with flow.image_prompt_fraction)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 
@@ -113,6 +118,7 @@ def run_prepare(args) -> int:
         offload_text_encoder=args.offload_text_encoder,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        image_embeds=args.image_embeds,
     )
     print(
         f"{manifest['count_written']} of {manifest['count_in']} files written to {args.out} "

@@ -70,7 +70,8 @@ class LatentShardLoader:
 
     Yields dicts: `latents` (B, C, h, w) float32, `embeds` (B, 1+L, D) float32, `mask` (B, 1+L) long,
     `bucket` (width, height) at output resolution, `keys` (list of source paths relative to the dataset folder)
-    and `captions` (the caption chosen for each sample).
+    and `captions` (the caption chosen for each sample); from a cache made with `image_embeds=True` also
+    `image_embeds` (B, 1+L', D) float32 and `image_mask` (B, 1+L') long, the `encode_image` of each sample's image.
     """
 
     def __init__(
@@ -119,6 +120,11 @@ class LatentShardLoader:
     # ---------------------------------------------------------------------------------------------------------
     # Facts about the cache
     # ---------------------------------------------------------------------------------------------------------
+
+    @property
+    def has_image_embeds(self) -> bool:
+        """True when the cache was made with `prepare(..., image_embeds=True)`: batches carry `image_embeds`."""
+        return bool(self.manifest.get("options", {}).get("image_embeds", False))
 
     @property
     def num_samples(self) -> int:
@@ -247,6 +253,7 @@ class LatentShardLoader:
 
     def _make_batch(self, bucket: tuple[int, int], rows: list[tuple[int, int]], gen: torch.Generator) -> dict:
         means, logvars, embeds, masks, keys, captions = [], [], [], [], [], []
+        img_embeds, img_masks = [], []
         for shard_i, row in rows:
             handle, offsets, meta = self._shard(shard_i)
             means.append(handle.get_slice("latents_mean")[row : row + 1])
@@ -258,6 +265,11 @@ class LatentShardLoader:
             e, m = pad_text(e.float(), m.long(), self.text_length)  # shards differ in trimmed length
             embeds.append(e)
             masks.append(m)
+            if self.has_image_embeds:
+                ie, im = handle.get_slice("image_embeds")[row : row + 1], handle.get_slice("image_mask")[row : row + 1]
+                ie, im = pad_text(ie.float(), im.long(), self.text_length)
+                img_embeds.append(ie)
+                img_masks.append(im)
             keys.append(meta["files"][row])
             captions.append(meta["captions"][row][k - first])
         mean = torch.cat(means).float()  # (B, C, h, w)
@@ -269,7 +281,7 @@ class LatentShardLoader:
         if not self.pad_to_max_length:
             # cut the columns that are padding in every row (right padding: the tail; left padding: nothing)
             embeds_t, mask_t = pad_text(embeds_t, mask_t, int(mask_t.any(0).nonzero().max()) + 1)
-        return {
+        batch = {
             "latents": latents,
             "embeds": embeds_t,
             "mask": mask_t,
@@ -277,3 +289,9 @@ class LatentShardLoader:
             "keys": keys,
             "captions": captions,
         }
+        if img_embeds:  # encode_image of each sample's own image, same layout as `embeds` (image prompts)
+            ie, im = torch.cat(img_embeds), torch.cat(img_masks)
+            if not self.pad_to_max_length:
+                ie, im = pad_text(ie, im, int(im.any(0).nonzero().max()) + 1)
+            batch["image_embeds"], batch["image_mask"] = ie, im
+        return batch

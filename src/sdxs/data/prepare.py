@@ -63,6 +63,7 @@ class Encoders:
     default_size: tuple[int, int]  # (width, height) the model generates by default
     size_step: int  # output sides must be multiples of this (decoder factor * UNet multiple)
     source: str
+    vision_processor: Any = None  # the text encoder's image processor (for `image_embeds`); None when absent
 
     @property
     def scale_factors(self) -> tuple[int, int]:
@@ -80,6 +81,7 @@ class Encoders:
             default_size=(int(cfg.default_width), int(cfg.default_height)),
             size_step=int(pipe.size_step),
             source=f"in-memory {type(pipe).__name__}",
+            vision_processor=getattr(pipe, "vision_processor", None),
         )
 
     @classmethod
@@ -99,6 +101,8 @@ class Encoders:
         if dtype is not None:
             text_encoder = text_encoder.to(dtype=dtype)
         tokenizer = load_component(folder, "tokenizer", index)
+        has_vision = (index.get("vision_processor") or [None])[0] is not None and (folder / "vision_processor").is_dir()
+        vision_processor = load_component(folder, "vision_processor", index) if has_vision else None
         # the UNet's *config* (not its weights) gives the size multiple
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
         multiple = unet_size_multiple(SimpleNamespace(config=SimpleNamespace(**unet_config)))
@@ -112,6 +116,7 @@ class Encoders:
             default_size=(int(index.get("default_width") or side), int(index.get("default_height") or side)),
             size_step=dec * multiple,
             source=str(folder.resolve()),
+            vision_processor=vision_processor,
         )
 
 
@@ -210,6 +215,39 @@ def encode_captions(enc: Encoders, captions: list[str], batch_size: int, device:
     return torch.cat(embeds), torch.cat(masks)
 
 
+class _ImageEncoder:
+    """What `SDXSPipeline.encode_image` reads from its pipeline, so prepare runs that exact code without a UNet."""
+
+    def __init__(self, enc: Encoders, device: torch.device):
+        self.text_encoder, self.tokenizer, self.vision_processor = enc.text_encoder, enc.tokenizer, enc.vision_processor
+        self.config = SimpleNamespace(text_recipe=enc.text_recipe)
+        self._execution_device = device
+
+    def maybe_free_model_hooks(self) -> None:
+        pass
+
+
+@torch.inference_mode()
+def encode_images(enc: Encoders, images: list[PIL.Image.Image], device: torch.device):
+    """The pipeline's `encode_image` of each image -> embeds (N, 1+L, D), mask (N, 1+L) on the CPU.
+
+    The same layout as caption embeddings, so the UNet trainer can use them in place of a caption (image prompts).
+    """
+    from sdxs.pipeline import SDXSPipeline
+
+    if enc.vision_processor is None:
+        raise ValueError(
+            "`image_embeds` needs the model's vision_processor (a model folder with vision_processor/ and a text "
+            "encoder with a vision tower)."
+        )
+    embeds, masks = [], []
+    for image in images:
+        e, m = SDXSPipeline.encode_image(_ImageEncoder(enc, device), image, device=device)
+        embeds.append(e.float().cpu())
+        masks.append(m.cpu())
+    return torch.cat(embeds), torch.cat(masks)
+
+
 @torch.inference_mode()
 def encode_latents(vae, pixels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pixels (B, H, W, 3) -> scaled posterior mean and log-variance, each (B, C, H/8, W/8) float32 on CPU.
@@ -246,6 +284,7 @@ def encode_shard(
     offload_text_encoder: bool,
     pool: ThreadPoolExecutor,
     progress=None,
+    image_embeds: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode one planned shard -> (tensors, metadata without fingerprint/options)."""
     ratio = enc.scale_factors[1] // enc.scale_factors[0]
@@ -296,6 +335,19 @@ def encode_shard(
         "mask": mask[:, :length].to(torch.uint8).contiguous(),
         "caption_offsets": torch.tensor(offsets, dtype=torch.int64),
     }
+    if image_embeds:  # encode_image of each written image at its own size (as a user's image prompt is encoded)
+        _to(enc.text_encoder, device, offload_text_encoder)
+        if kept:
+            images = [load_rgb_image(it.path, background=background) for it in kept]
+            img_embeds, img_mask = encode_images(enc, images, device)
+        else:
+            d = int(embeds.shape[-1])
+            img_embeds, img_mask = torch.zeros(0, 1, d), torch.zeros(0, 1, dtype=torch.long)
+        if offload_text_encoder:
+            _to(enc.text_encoder, torch.device("cpu"), True)
+        img_length = trim_length(img_mask, enc.text_recipe["padding_side"]) if kept else 1
+        tensors["image_embeds"] = to_storage(img_embeds[:, :img_length], storage_dtype)
+        tensors["image_mask"] = img_mask[:, :img_length].to(torch.uint8).contiguous()
     meta = {
         "bucket": list(plan.bucket),
         "inputs": [it.rel for it in plan.items],
@@ -343,6 +395,7 @@ def prepare(
     num_workers: int = 2,
     progress: bool = True,
     stop_after_shards: int | None = None,
+    image_embeds: bool = False,
 ) -> dict[str, Any]:
     r"""
     Encode the images and captions under `src` into a latent cache in `out`.
@@ -370,6 +423,8 @@ def prepare(
         num_workers: threads that decode and resize images.
         progress: show a tqdm bar (images/s).
         stop_after_shards: stop after making this many shards without writing a manifest (tests, time boxes).
+        image_embeds: also store the pipeline's `encode_image` embedding of every image (`image_embeds` (N, T, D),
+            `image_mask` (N, T) per shard), for UNet training with image prompts (`flow.image_prompt_fraction`).
 
     Returns:
         The manifest (also written to `out/manifest.json`, or the partial manifest of this worker).
@@ -406,6 +461,10 @@ def prepare(
         "shard_size": shard_size,
         "storage_dtype": str(storage_dtype).removeprefix("torch."),
     }
+    if image_embeds:  # only when asked, so caches made before this option stay valid
+        if enc.vision_processor is None:
+            raise ValueError("`image_embeds` needs a model with a vision_processor component and a vision tower.")
+        options["image_embeds"] = True
 
     # 2. This worker's files, their sizes and buckets (file headers only)
     items, scan_skipped = scan_folder(src, caption_column)
@@ -443,7 +502,7 @@ def prepare(
             if stop_after_shards is not None and n >= stop_after_shards:
                 return {}
             tensors, meta = encode_shard(
-                enc, plan, device, batch_size, background, storage_dtype, offload_text_encoder, pool, bar
+                enc, plan, device, batch_size, background, storage_dtype, offload_text_encoder, pool, bar, image_embeds
             )
             atomic_save(tensors, out / plan.name, {**meta, "fingerprint": fingerprint, "options": options})
 

@@ -115,6 +115,9 @@ class FlowConfig:
     logit_std: float = 1.0  # std of the normal before the sigmoid
     shift: float = 0.0  # 0: the scheduler's configured shift (what inference uses); else this value
     caption_dropout: float = 0.1  # fraction of samples conditioned on the cached empty prompt (enables CFG)
+    # fraction of samples conditioned on encode_image of their own image instead of a caption (image prompts);
+    # needs a cache made with `sdxs prepare --image-embeds`. Drawn before caption dropout.
+    image_prompt_fraction: float = 0.0
 
 
 @dataclass

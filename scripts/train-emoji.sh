@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Train sdxs-emoji from scratch with the project's own commands (issue 5, item 1). See docs/training-emoji.md.
+#
+#   scripts/train-emoji.sh                      # the full recipe (configs/emoji/*.toml) into runs/emoji
+#   SMOKE=1 RUN=runs/emoji-smoke scripts/train-emoji.sh           # 30 steps per stage: checks the chain works
+#   TE_STEPS=200 VAE_STEPS=200 UNET_STEPS=500 scripts/train-emoji.sh   # any stage length
+#
+# Stages (each one project command; a finished stage leaves RUN/.done-STAGE and is skipped on a rerun):
+#   1 te        sdxs train text-encoder   tokenizer + Qwen3.5 VLM on the captions (refine + image->caption pairs)
+#   2 model     sdxs init                 model folder: trained text encoder + fresh emoji VAE, UNet, scheduler
+#   3 vae       sdxs train vae            128 px -> 256 px asymmetric VAE; then `sdxs init --base` swaps it in
+#   4 prepare   sdxs prepare              latent cache with caption and encode_image embeddings
+#   5 unet      sdxs train unet           flow matching, 20% image prompts
+#   6 export    sdxs export               fp16 hub folder in OUT (< 60 MB), loaded back with plain diffusers
+# Resumable: an interrupted training stage continues from its latest checkpoint (--resume latest), prepare skips
+# finished shards, init/export are rewritten whole. Delete RUN/.done-STAGE to redo a stage (and the ones after it).
+#
+# Environment: RUN (runs/emoji), DATA (data/emoji/train), OUT (RUN/export); TE_STEPS, VAE_STEPS, UNET_STEPS
+# (default: the recipes'); TE_ARGS, VAE_ARGS, UNET_ARGS, PREPARE_ARGS: extra `section.key=value` overrides or
+# flags, split on spaces (e.g. UNET_ARGS="run.mixed_precision=bf16 data.batch_size=128"); SMOKE=1: 30 steps per
+# stage, no sample grids, batch sizes as in the recipes.
+set -euo pipefail
+set -f # overrides like sample.prompts=[] must not be globbed
+
+cd "$(dirname "$0")/.."
+RUN=${RUN:-runs/emoji}
+DATA=${DATA:-data/emoji/train}
+OUT=${OUT:-$RUN/export}
+if [[ "${SMOKE:-0}" != 0 ]]; then
+  TE_STEPS=${TE_STEPS:-30} VAE_STEPS=${VAE_STEPS:-30} UNET_STEPS=${UNET_STEPS:-30}
+  UNET_ARGS="sample.prompts=[] ${UNET_ARGS:-}"
+fi
+TE_ARGS=${TE_ARGS:-} VAE_ARGS=${VAE_ARGS:-} UNET_ARGS=${UNET_ARGS:-} PREPARE_ARGS=${PREPARE_ARGS:-}
+mkdir -p "$RUN"
+
+log() { printf '\n== %s  %s\n' "$(date +%H:%M:%S)" "$*"; }
+done_stage() { [[ -f "$RUN/.done-$1" ]]; }
+mark() { date -Iseconds >"$RUN/.done-$1"; }
+steps() { [[ -n "$1" ]] && echo "run.max_steps=$1" || true; }
+
+# sdxs train KIND CONFIG DIR [overrides...]: resume from the latest complete checkpoint when there is one
+train() {
+  local kind=$1 config=$2 dir=$3
+  shift 3
+  local resume=()
+  if compgen -G "$dir/checkpoints/step-*/state.json" >/dev/null; then
+    resume=(--resume latest)
+    log "resuming $kind from $(ls -d "$dir"/checkpoints/step-* | tail -1)"
+  fi
+  sdxs train "$kind" --config "$config" "${resume[@]}" run.output_dir="$dir" "$@"
+}
+
+if ! done_stage te; then
+  log "1/6 text encoder + tokenizer"
+  # shellcheck disable=SC2086  # word splitting of the extra overrides is intended
+  train text-encoder configs/emoji/text_encoder.toml "$RUN/text_encoder" data.path="$DATA" $(steps "${TE_STEPS:-}") $TE_ARGS
+  mark te
+fi
+
+if ! done_stage model; then
+  log "2/6 model folder: trained text encoder + fresh emoji VAE/UNet/scheduler"
+  sdxs init "$RUN/model" --preset emoji --text-encoder "$RUN/text_encoder"
+  mark model
+fi
+
+if ! done_stage vae; then
+  log "3/6 VAE (128 px -> 256 px)"
+  # shellcheck disable=SC2086
+  train vae configs/emoji/vae.toml "$RUN/vae" data.path="$DATA" $(steps "${VAE_STEPS:-}") $VAE_ARGS
+  sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae"
+  mark vae
+fi
+
+if ! done_stage prepare; then
+  log "4/6 latent cache (captions + encode_image embeddings)"
+  # shellcheck disable=SC2086
+  sdxs prepare "$DATA" "$RUN/cache" --model "$RUN/model" --image-embeds $PREPARE_ARGS
+  mark prepare
+fi
+
+if ! done_stage unet; then
+  log "5/6 UNet (flow matching, image prompts)"
+  # shellcheck disable=SC2086
+  train unet configs/emoji/unet.toml "$RUN/unet" model.pretrained="$RUN/model" data.path="$RUN/cache" \
+    $(steps "${UNET_STEPS:-}") $UNET_ARGS
+  mark unet
+fi
+
+if ! done_stage export; then
+  log "6/6 export (fp16) to $OUT"
+  sdxs export "$RUN/unet" "$OUT" --dtype fp16
+  mark export
+fi
+
+set +f
+size=$(du -cb "$OUT"/{unet,vae,text_encoder,tokenizer,scheduler,vision_processor} "$OUT"/*.json "$OUT"/pipeline.py 2>/dev/null | tail -1 | cut -f1)
+log "done: $OUT ($((size / 1000000)) MB; limit for the repo root: 60 MB)"
+if ((size > 60000000)); then
+  echo "warning: $OUT is over 60 MB" >&2
+fi

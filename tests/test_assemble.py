@@ -1,0 +1,98 @@
+"""`sdxs init`: a model folder from a preset, with trained components swapped in from runs, checkpoints, folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdxs.assemble import assemble, resolve_component
+from sdxs.cli import main
+from sdxs.train.common import read_weights
+
+
+def _fake_checkpoint(run, name: str, model, tokenizer=None, ema=None) -> None:
+    """A checkpoint folder as `fit` writes it (only what `sdxs init` reads)."""
+    ckpt = run / "checkpoints" / "step-0000002"
+    model.save_pretrained(ckpt / name, safe_serialization=True)
+    if ema is not None:
+        ema.save_pretrained(ckpt / f"{name}_ema", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(ckpt / "tokenizer")
+    (ckpt / "config.json").write_text(json.dumps({"ema": {"use_for_export": True}}))
+    (ckpt / "state.json").write_text(json.dumps({"trainer": name, "step": 2, "final": True}))
+
+
+def test_fresh_preset_folder_loads_with_plain_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = assemble(tmp_path / "model", preset="tiny", seed=3)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "SDXSPipeline"] and (out / "pipeline.py").is_file()
+    assert index["default_width"] == 64 and index["vision_processor"][0] is not None
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.text_config.hidden_size
+    sources = json.loads((out / "sdxs_export.json").read_text())["sources"]
+    assert "random" in sources["unet"] and "random" in sources["vae"]
+
+
+def test_swap_trained_text_encoder_vae_and_unet(tmp_path, tiny_pipe):
+    from diffusers import AsymmetricAutoencoderKL
+
+    from sdxs.presets import build_text_encoder, get_preset, train_tokenizer
+
+    # stage 1: a text encoder run with its own tokenizer (and EMA weights, which win)
+    tokenizer = train_tokenizer(["a red apple", "a green frog", "a blue sky"], 300)
+    torch.manual_seed(1)
+    raw, ema = build_text_encoder(get_preset("tiny"), tokenizer), build_text_encoder(get_preset("tiny"), tokenizer)
+    _fake_checkpoint(tmp_path / "te_run", "text_encoder", raw, tokenizer, ema=ema)
+    assert resolve_component(tmp_path / "te_run", "text_encoder").name == "text_encoder_ema"
+    model = assemble(tmp_path / "model", preset="tiny", text_encoder=tmp_path / "te_run", verify=False)
+    te = read_weights(model / "text_encoder")
+    for name, value in ema.state_dict().items():
+        if name in te:
+            torch.testing.assert_close(te[name], value)
+    assert (
+        json.loads((model / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+        == json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
+    )
+    unet_before = read_weights(model / "unet")
+
+    # stage 3: a trained VAE (its measured scaling factor travels with it) swapped into the same folder
+    vae = AsymmetricAutoencoderKL(**get_preset("tiny").vae)
+    vae.register_to_config(scaling_factor=0.37)
+    vae.save_pretrained(tmp_path / "vae_folder")
+    assemble(model, base=model, vae=tmp_path / "vae_folder", preset="tiny")
+    assert json.loads((model / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(0.37)
+    for name, value in read_weights(model / "unet").items():  # the rest is kept as it was
+        torch.testing.assert_close(value, unet_before[name])
+    for name, value in read_weights(model / "text_encoder").items():
+        torch.testing.assert_close(value, te[name])
+
+    # a UNet from a model folder must fit the text encoder's width
+    assemble(tmp_path / "ok", base=model, unet=model, preset="tiny", verify=False)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        assemble(tmp_path / "bad", preset="tiny", base=model, unet=_other_width_unet(tmp_path), verify=False)
+
+
+def _other_width_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sdxs.presets import get_preset
+
+    config = dict(get_preset("tiny").unet, cross_attention_dim=48)
+    UNet2DConditionModel(**config).save_pretrained(tmp_path / "unet48")
+    return tmp_path / "unet48"
+
+
+def test_cli_init_and_errors(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "m"), "--preset", "tiny", "--no-verify", "--dtype", "fp16"]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert next(iter(read_weights(tmp_path / "m" / "unet").values())).dtype == torch.float16
+    assert main(["init", str(tmp_path / "x"), "--preset", "nope"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "x"), "--preset", "tiny", "--vae", str(tmp_path / "missing")]) == 2
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    assert main(["init", str(tmp_path / "x"), "--preset", "tiny", "--unet", str(tmp_path / "empty_run")]) == 2
+    assert "without a complete checkpoint" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Image prompts in UNet training: `prepare --image-embeds` stores encode_image embeddings, the loader yields them,
+and `flow.image_prompt_fraction` conditions that share of samples on them instead of the caption."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+
+from sdxs.train.unet import use_image_prompts
+
+
+@pytest.fixture(scope="module")
+def image_cache(tmp_path_factory, tiny_hub_dir):
+    from sdxs.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("image-prompts")
+    images = tmp / "images"
+    images.mkdir()
+    for name, rgb in {"red": (255, 0, 0), "blue": (0, 0, 255)}.items():
+        PIL.Image.new("RGB", (64, 64), rgb).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(name)
+    manifest = prepare(images, tmp / "cache", model=tiny_hub_dir, progress=False, num_workers=0, image_embeds=True)
+    assert manifest["options"]["image_embeds"] is True
+    return images, tmp / "cache"
+
+
+def test_loader_yields_the_pipelines_encode_image(image_cache, tiny_pipe):
+    from sdxs.data.loader import LatentShardLoader
+
+    images, cache = image_cache
+    loader = LatentShardLoader(cache, batch_size=2, seed=0, sample_posterior=False)
+    assert loader.has_image_embeds
+    batch = next(iter(loader))
+    assert batch["image_embeds"].shape == batch["embeds"].shape[:1] + batch["image_embeds"].shape[1:]
+    for i, key in enumerate(batch["keys"]):
+        expect, mask = tiny_pipe.encode_image(str(images / key))  # (1, 1+L, D): what a user's image prompt gives
+        n = int(mask.sum())
+        assert int(batch["image_mask"][i].sum()) == n
+        torch.testing.assert_close(batch["image_embeds"][i, :n], expect[0, :n], atol=2e-3, rtol=2e-3)  # fp16 storage
+    # trimmed to the longest real length, like the caption embeddings
+    trimmed = next(iter(LatentShardLoader(cache, batch_size=2, seed=0, pad_to_max_length=False)))
+    assert trimmed["image_mask"][:, -1].any() and trimmed["image_embeds"].shape[1] < loader.text_length
+
+
+def test_use_image_prompts_swaps_that_share_of_samples():
+    g = torch.Generator().manual_seed(0)
+    embeds, mask = torch.ones(1000, 3, 2), torch.ones(1000, 3, dtype=torch.long)
+    img, img_mask = torch.full((1000, 5, 2), 7.0), torch.tensor([[1, 1, 1, 1, 0]]).repeat(1000, 1)
+    e, m = use_image_prompts(embeds, mask, img, img_mask, 0.2, g)
+    used = e[:, 0, 0] == 7
+    assert 0.16 < float(used.float().mean()) < 0.24
+    assert e.shape == (1000, 5, 2) and torch.equal(m[~used][0], torch.tensor([1, 1, 1, 0, 0]))
+    assert torch.equal(m[used][0], torch.tensor([1, 1, 1, 1, 0]))
+
+
+def test_unet_trains_with_image_prompts_and_refuses_a_cache_without(image_cache, tiny_hub_dir, tmp_path):
+    from sdxs.train.config import UNetTrainConfig, load_config
+    from sdxs.train.unet import train_unet
+
+    _, cache = image_cache
+    common = [
+        f"model.pretrained={tiny_hub_dir}",
+        "model.unet_preset=tiny",
+        "data.batch_size=2",
+        "run.max_steps=2",
+        "run.progress_bar=false",
+        "run.export_at_end=false",
+        "flow.image_prompt_fraction=0.5",
+    ]
+    cfg = load_config(UNetTrainConfig, None, [*common, f"data.path={cache}", f"run.output_dir={tmp_path / 'run'}"])
+    assert (train_unet(cfg) / "unet" / "config.json").is_file()
+
+    from test_train_unet import make_colour_cache
+
+    plain = make_colour_cache(tmp_path, tiny_hub_dir)  # made without --image-embeds
+    cfg = load_config(UNetTrainConfig, None, [*common, f"data.path={plain}", f"run.output_dir={tmp_path / 'run2'}"])
+    with pytest.raises(ValueError, match="--image-embeds"):
+        train_unet(cfg)
