@@ -202,6 +202,68 @@ def encode_text(
     return _pool_and_pack(hidden, mask, dtype)
 
 
+def encode_images(
+    text_encoder,
+    tokenizer,
+    vision_processor,
+    images: list[PipelineImageInput],
+    recipe: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image conditioning in exactly `encode_text`'s layout (used by `SDXSPipeline.encode_image` and `sdxs prepare`).
+
+    Each image goes through the vision processor, its tokens (`<|vision_start|><|image_pad|>*n<|vision_end|>`, at most
+    max_length - 2 image tokens) through the language model; returns embeds (B, 1 + max_length, D) with the pooled
+    (last-token) vector first, and the mask (B, 1 + max_length).
+    """
+    te = text_encoder
+    if te is None or getattr(te.config, "vision_config", None) is None or vision_processor is None:
+        raise ValueError(
+            "`encode_image` needs a text encoder with a vision tower (e.g. Qwen3_5ForConditionalGeneration) and "
+            "its image processor as the pipeline's `vision_processor`; this pipeline has "
+            f"text_encoder={type(te).__name__}, vision_processor={type(vision_processor).__name__}."
+        )
+    if not images:
+        raise ValueError("`image` is an empty list: pass at least one image or path.")
+    images = [load_rgb_image(im) for im in images]
+    recipe = {**DEFAULT_TEXT_RECIPE, **(recipe or {})}
+    device = device if device is not None else te.device
+    max_length = int(recipe["max_length"])
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    vp = vision_processor
+    unit = int(vp.patch_size) * int(vp.merge_size)  # pixels per side of one image token
+    # at most max_length - 2 image tokens (vision_start/end around them), at least 4
+    size = {"shortest_edge": 4 * unit * unit, "longest_edge": max(4, max_length - 2) * unit * unit}
+    cfg = te.config
+    start = tok.convert_ids_to_tokens(cfg.vision_start_token_id)
+    end = tok.convert_ids_to_tokens(cfg.vision_end_token_id)
+    pad = tok.convert_ids_to_tokens(cfg.image_token_id)
+    all_embeds, all_masks = [], []
+    for im in images:  # one at a time: each image has its own token count
+        vis = vp(images=[im], size=size, return_tensors="pt")
+        n = int(vis["image_grid_thw"][0].prod()) // (int(vp.merge_size) ** 2)
+        text = start + pad * n + end
+        if recipe["chat_template"]:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+        enc = tok([text], padding="max_length", max_length=max_length, padding_side=recipe["padding_side"])
+        input_ids = torch.tensor(enc["input_ids"], device=device)
+        mask = torch.tensor(enc["attention_mask"], device=device)
+        if input_ids.shape[1] > max_length:
+            raise ValueError(f"image prompt has {input_ids.shape[1]} tokens, more than max_length={max_length}.")
+        out = te(
+            input_ids=input_ids,
+            attention_mask=mask,
+            pixel_values=vis["pixel_values"].to(device, te.dtype),
+            image_grid_thw=vis["image_grid_thw"].to(device),
+            mm_token_type_ids=(input_ids == cfg.image_token_id).long(),
+            output_hidden_states=True,
+        )
+        embeds, mask = _pool_and_pack(out.hidden_states[recipe["hidden_layer"]], mask, None)
+        all_embeds.append(embeds)
+        all_masks.append(mask)
+    return torch.cat(all_embeds), torch.cat(all_masks)
+
+
 def _pool_and_pack(
     hidden: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,54 +420,17 @@ class SDXSPipeline(DiffusionPipeline):
         Returns `(embeds, mask)` usable as `prompt_embeds` / `prompt_attention_mask`: `embeds[:, 0]` is the pooled
         vector (last token), the image tokens are capped so that the sequence fits `max_length`.
         """
-        te = self.text_encoder
-        if te is None or getattr(te.config, "vision_config", None) is None or self.vision_processor is None:
-            raise ValueError(
-                "`encode_image` needs a text encoder with a vision tower (e.g. Qwen3_5ForConditionalGeneration) and "
-                "its image processor as the pipeline's `vision_processor`; this pipeline has "
-                f"text_encoder={type(te).__name__}, vision_processor={type(self.vision_processor).__name__}."
-            )
         images = image if isinstance(image, (list, tuple)) else [image]
-        if not images:
-            raise ValueError("`image` is an empty list: pass at least one image or path.")
-        images = [load_rgb_image(im) for im in images]
-        device = device or self._execution_device
-        recipe = self.config.text_recipe
-        max_length = int(recipe["max_length"])
-        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
-        vp = self.vision_processor
-        unit = int(vp.patch_size) * int(vp.merge_size)  # pixels per side of one image token
-        # at most max_length - 2 image tokens (vision_start/end around them), at least 4
-        size = {"shortest_edge": 4 * unit * unit, "longest_edge": max(4, max_length - 2) * unit * unit}
-        cfg = te.config
-        start = tok.convert_ids_to_tokens(cfg.vision_start_token_id)
-        end = tok.convert_ids_to_tokens(cfg.vision_end_token_id)
-        pad = tok.convert_ids_to_tokens(cfg.image_token_id)
-        all_embeds, all_masks = [], []
-        for im in images:  # one at a time: each image has its own token count
-            vis = vp(images=[im], size=size, return_tensors="pt")
-            n = int(vis["image_grid_thw"][0].prod()) // (int(vp.merge_size) ** 2)
-            text = start + pad * n + end
-            if recipe["chat_template"]:
-                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-            enc = tok([text], padding="max_length", max_length=max_length, padding_side=recipe["padding_side"])
-            input_ids = torch.tensor(enc["input_ids"], device=device)
-            mask = torch.tensor(enc["attention_mask"], device=device)
-            if input_ids.shape[1] > max_length:
-                raise ValueError(f"image prompt has {input_ids.shape[1]} tokens, more than max_length={max_length}.")
-            out = te(
-                input_ids=input_ids,
-                attention_mask=mask,
-                pixel_values=vis["pixel_values"].to(device, te.dtype),
-                image_grid_thw=vis["image_grid_thw"].to(device),
-                mm_token_type_ids=(input_ids == cfg.image_token_id).long(),
-                output_hidden_states=True,
-            )
-            embeds, mask = _pool_and_pack(out.hidden_states[recipe["hidden_layer"]], mask, None)
-            all_embeds.append(embeds)
-            all_masks.append(mask)
+        embeds, mask = encode_images(
+            self.text_encoder,
+            self.tokenizer,
+            self.vision_processor,
+            images,
+            self.config.text_recipe,
+            device=device or self._execution_device,
+        )
         self.maybe_free_model_hooks()
-        return torch.cat(all_embeds), torch.cat(all_masks)
+        return embeds, mask
 
     @torch.no_grad()
     def refine_prompts(

@@ -215,37 +215,23 @@ def encode_captions(enc: Encoders, captions: list[str], batch_size: int, device:
     return torch.cat(embeds), torch.cat(masks)
 
 
-class _ImageEncoder:
-    """What `SDXSPipeline.encode_image` reads from its pipeline, so prepare runs that exact code without a UNet."""
-
-    def __init__(self, enc: Encoders, device: torch.device):
-        self.text_encoder, self.tokenizer, self.vision_processor = enc.text_encoder, enc.tokenizer, enc.vision_processor
-        self.config = SimpleNamespace(text_recipe=enc.text_recipe)
-        self._execution_device = device
-
-    def maybe_free_model_hooks(self) -> None:
-        pass
-
-
 @torch.inference_mode()
 def encode_images(enc: Encoders, images: list[PIL.Image.Image], device: torch.device):
     """The pipeline's `encode_image` of each image -> embeds (N, 1+L, D), mask (N, 1+L) on the CPU.
 
     The same layout as caption embeddings, so the UNet trainer can use them in place of a caption (image prompts).
     """
-    from sdxs.pipeline import SDXSPipeline
+    from sdxs.pipeline import encode_images as encode_pipeline_images
 
     if enc.vision_processor is None:
         raise ValueError(
             "`image_embeds` needs the model's vision_processor (a model folder with vision_processor/ and a text "
             "encoder with a vision tower)."
         )
-    embeds, masks = [], []
-    for image in images:
-        e, m = SDXSPipeline.encode_image(_ImageEncoder(enc, device), image, device=device)
-        embeds.append(e.float().cpu())
-        masks.append(m.cpu())
-    return torch.cat(embeds), torch.cat(masks)
+    embeds, masks = encode_pipeline_images(
+        enc.text_encoder, enc.tokenizer, enc.vision_processor, images, enc.text_recipe, device
+    )
+    return embeds.float().cpu(), masks.cpu()
 
 
 @torch.inference_mode()
