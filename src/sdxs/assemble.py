@@ -20,8 +20,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 logger = logging.getLogger("sdxs.assemble")
 
@@ -82,6 +85,7 @@ def assemble(
     Returns `out`. The text encoder's hidden size must match the UNet's cross-attention width when both are given
     or kept from `base`; a fresh UNet is built to fit.
     """
+    import torch
     from diffusers import AsymmetricAutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -193,6 +197,8 @@ def cmd_init(args) -> int:
         raise ValueError(f"--preset {args.preset}: unknown preset; choose one of {', '.join(PRESETS)}.")
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     logging.getLogger("sdxs.assemble").setLevel(logging.INFO)
+    import torch
+
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     out = assemble(
         args.out,
