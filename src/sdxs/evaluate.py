@@ -317,12 +317,15 @@ def _batches(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def generate_from_prompts(pipe, prompts: Sequence[str], gen: GenerationSettings, progress=None) -> list:
-    """Text to image in batches; image `i` uses seed `gen.seed + i` whatever the batch size."""
+def _generate(pipe, n: int, gen: GenerationSettings, conditioning, progress=None) -> list:
+    """Generate `n` images in batches; `conditioning(start, end)` gives the prompt kwargs of images start..end-1.
+
+    Image `i` uses seed `gen.seed + i` whatever the batch size.
+    """
     images = []
-    for start, end in _batches(len(prompts), gen.batch_size):
+    for start, end in _batches(n, gen.batch_size):
         out = pipe(
-            list(prompts[start:end]),
+            **conditioning(start, end),
             num_inference_steps=gen.steps,
             guidance_scale=gen.guidance,
             seed=gen.seed + start,
@@ -333,26 +336,21 @@ def generate_from_prompts(pipe, prompts: Sequence[str], gen: GenerationSettings,
         if progress is not None:
             progress.update(end - start)
     return images
+
+
+def generate_from_prompts(pipe, prompts: Sequence[str], gen: GenerationSettings, progress=None) -> list:
+    """Text to image; image `i` uses seed `gen.seed + i`."""
+    return _generate(pipe, len(prompts), gen, lambda s, e: {"prompt": list(prompts[s:e])}, progress)
 
 
 def generate_from_images(pipe, paths: Sequence[Path], gen: GenerationSettings, progress=None) -> list:
     """Image prompts: `encode_image` of each source, then generation from those embeddings (seed `gen.seed + i`)."""
-    images = []
-    for start, end in _batches(len(paths), gen.batch_size):
+
+    def conditioning(start: int, end: int) -> dict:
         embeds, mask = pipe.encode_image([str(p) for p in paths[start:end]])
-        out = pipe(
-            prompt_embeds=embeds,
-            prompt_attention_mask=mask,
-            num_inference_steps=gen.steps,
-            guidance_scale=gen.guidance,
-            seed=gen.seed + start,
-            width=gen.width,
-            height=gen.height,
-        )
-        images += out.images
-        if progress is not None:
-            progress.update(end - start)
-    return images
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+    return _generate(pipe, len(paths), gen, conditioning, progress)
 
 
 def _stack_same_size(images: Sequence[np.ndarray], multiple: int = 16) -> np.ndarray:
