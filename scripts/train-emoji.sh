@@ -8,7 +8,7 @@
 # Stages (each one project command; a finished stage leaves RUN/.done-STAGE and is skipped on a rerun):
 #   1 te        sdxs train text-encoder   tokenizer + Qwen3.5 VLM on the captions (refine + image->caption pairs)
 #   2 model     sdxs init                 model folder: trained text encoder + fresh emoji VAE, UNet, scheduler
-#   3 vae       sdxs train vae            128 px -> 256 px asymmetric VAE; then `sdxs init --base` swaps it in
+#   3 vae       sdxs train vae            64 px -> 128 px asymmetric VAE; then `sdxs init --base` swaps it in
 #   4 prepare   sdxs prepare              latent cache with caption and encode_image embeddings
 #   5 unet      sdxs train unet           flow matching, 20% image prompts
 #   6 export    sdxs export               fp16 hub folder in OUT (< 60 MB), loaded back with plain diffusers
@@ -64,7 +64,7 @@ if ! done_stage model; then
 fi
 
 if ! done_stage vae; then
-  log "3/6 VAE (128 px -> 256 px)"
+  log "3/6 VAE (64 px -> 128 px)"
   # shellcheck disable=SC2086
   train vae configs/emoji/vae.toml "$RUN/vae" data.path="$DATA" $(steps "${VAE_STEPS:-}") $VAE_ARGS
   sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae"

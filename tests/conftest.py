@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,3 +41,23 @@ def tiny_hub_dir(tiny_pipe, tmp_path_factory):
 def pipe(tiny_pipe):
     """The tiny pipeline with default scheduler state; use when a test changes nothing else."""
     return tiny_pipe
+
+
+@pytest.fixture(scope="session")
+def root_model_dir():
+    """The model shipped at the repo root (sdxs-emoji). Its absence is a failure, not a skip: the repo is the model."""
+    if not (ROOT / "model_index.json").is_file():
+        pytest.fail(f"no model at the repo root ({ROOT}/model_index.json is missing)")
+    return ROOT
+
+
+def copy_model_folder(src: Path, dst: Path) -> Path:
+    """Copy only the model repository part of `src` (model_index.json, pipeline.py, component folders) to `dst`."""
+    dst.mkdir(parents=True)
+    index = json.loads((src / "model_index.json").read_text())
+    for name in ("model_index.json", "pipeline.py"):
+        shutil.copy2(src / name, dst / name)
+    for name, spec in index.items():
+        if isinstance(spec, list) and (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+    return dst

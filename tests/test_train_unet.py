@@ -66,53 +66,34 @@ def test_caption_dropout_uses_the_empty_embedding():
     assert torch.equal(m[e[:, 0, 0] == -1][0], torch.tensor([1, 1, 0, 0, 0]))
 
 
-def make_colour_cache(tmp_path, hub_dir):
+def make_colour_cache(tmp_path, hub_dir, size: int = 64):
+    """Four solid-colour images captioned with their colour names, prepared with `hub_dir`'s VAE and text encoder."""
     from sdxs.data.prepare import prepare
 
     images = tmp_path / "colours"
     images.mkdir()
     for name, rgb in COLOURS.items():
-        PIL.Image.new("RGB", (64, 64), rgb).save(images / f"{name}.png")
+        PIL.Image.new("RGB", (size, size), rgb).save(images / f"{name}.png")
         (images / f"{name}.txt").write_text(name)
     prepare(images, tmp_path / "cache", model=hub_dir, progress=False, num_workers=0)
     return tmp_path / "cache"
 
 
-def scaled_hub(tmp_path, hub_dir, images):
-    """A copy of the tiny hub whose VAE scaling_factor gives unit-std latents (what `sdxs train vae` writes)."""
-    import json
-    import shutil
+def test_overfit_four_colours(tmp_path, root_model_dir):
+    """prepare -> train a fresh UNet -> generating "red", "green", "blue", "yellow" gives images of those colours.
 
-    from diffusers import AsymmetricAutoencoderKL
-
-    from sdxs.train.vae import ImageBatches, latent_statistics, list_images
-
-    hub = tmp_path / "hub"
-    shutil.copytree(hub_dir, hub)
-    vae = AsymmetricAutoencoderKL.from_pretrained(hub / "vae").eval()
-    stats = latent_statistics(vae, ImageBatches(list_images(str(images)), 64, 4, seed=0), 1)
-    config = json.loads((hub / "vae" / "config.json").read_text())
-    config["scaling_factor"] = stats["scaling_factor"]
-    (hub / "vae" / "config.json").write_text(json.dumps(config))
-    return hub
-
-
-def test_overfit_four_colours(tmp_path, tiny_hub_dir):
-    """prepare -> train the tiny UNet from scratch -> each caption generates the latent (and image) of its own colour.
-
-    The tiny VAE has random weights (a GroupNorm VAE does not learn solid colours in seconds), so the reference for
-    each caption is what this VAE decodes from that image's own training latent.
+    The frozen parts are the shipped model's trained VAE and text encoder (a random VAE decodes every flat colour
+    to the same grey, so only a trained one can show the colour); the UNet is the tiny preset, from scratch.
     """
+    from conftest import copy_model_folder
+
     from sdxs.data.loader import LatentShardLoader
     from sdxs.train.unet import train_unet
 
-    (tmp_path / "c").mkdir()
-    cache = make_colour_cache(tmp_path / "c", tiny_hub_dir)  # writes tmp/c/colours (images) and tmp/c/cache
-    hub = scaled_hub(tmp_path, tiny_hub_dir, tmp_path / "c" / "colours")
-    from sdxs.data.prepare import prepare
-
-    cache = tmp_path / "cache"
-    prepare(tmp_path / "c" / "colours", cache, model=hub, progress=False, num_workers=0)
+    hub = copy_model_folder(root_model_dir, tmp_path / "hub")
+    pipe = _pipeline_with(hub, None)
+    size = int(pipe.config.default_width)
+    cache = make_colour_cache(tmp_path, hub, size=size)
     cfg = load_config(
         UNetTrainConfig,
         "configs/tiny/unet.toml",
@@ -130,25 +111,27 @@ def test_overfit_four_colours(tmp_path, tiny_hub_dir):
     pipe = _pipeline_with(hub, final / "unet")
     batch = next(iter(LatentShardLoader(cache, 4, shuffle=False, sample_posterior=False)))
     names = batch["captions"]
-    with torch.no_grad():
-        ref_pixels = pipe.image_processor.postprocess(pipe._vae_decode(batch["latents"]), output_type="np")
     out = pipe(names, num_inference_steps=20, guidance_scale=1.0, seed=0, output_type="latent").images
     latent_dist = torch.cdist(out.flatten(1), batch["latents"].flatten(1))  # (generated, data)
     assert latent_dist.argmin(1).tolist() == [0, 1, 2, 3], latent_dist
     with torch.no_grad():
-        images = pipe.image_processor.postprocess(pipe._vae_decode(out), output_type="np")
-    # Through the decoder: each generated image is nearest (pixel L2) to the image its own training latent decodes to.
-    # (Mean colour alone cannot separate them: this random VAE decodes all four latents to nearly the same grey.)
-    for i, name in enumerate(names):
-        dist = {n: float(np.linalg.norm(images[i] - ref_pixels[j])) for j, n in enumerate(names)}
-        assert min(dist, key=dist.get) == name, (name, dist, latent_dist)
+        images = pipe.image_processor.postprocess(pipe._vae_decode(out), output_type="np")  # (4, H, W, 3) in [0, 1]
+    assert images.shape == (4, size, size, 3)
+    palette = {n: np.array(rgb) / 255.0 for n, rgb in COLOURS.items()}
+    for name, image in zip(names, images, strict=True):
+        mean = image.reshape(-1, 3).mean(0)
+        dist = {n: float(np.linalg.norm(mean - rgb)) for n, rgb in palette.items()}
+        assert min(dist, key=dist.get) == name, (name, mean.round(3), dist)
 
 
 def _pipeline_with(hub_dir, unet_folder):
+    """The hub folder's pipeline with the UNet from `unet_folder` (None: no UNet, e.g. to read the config)."""
     from diffusers import UNet2DConditionModel
 
     from sdxs.train.unet import load_base_pipeline
 
     pipe = load_base_pipeline(str(hub_dir))
-    pipe.register_modules(unet=UNet2DConditionModel.from_pretrained(unet_folder))
+    if unet_folder is not None:
+        pipe.register_modules(unet=UNet2DConditionModel.from_pretrained(unet_folder))
+    pipe.set_progress_bar_config(disable=True)
     return pipe

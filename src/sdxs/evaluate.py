@@ -3,8 +3,8 @@ docs/eval-method.md).
 
 Sections of the report:
 
-1. VAE: the 128 -> 256 reconstruction (2x box downsample -> 8x encoder -> 16x decoder) against a bicubic 2x
-   upscale of the same 128 px input: MSE, PSNR, Sobel edge error, KL.
+1. VAE: the R/2 -> R reconstruction (R = the model's output size; 2x box downsample -> encoder -> decoder with 2x
+   the encoder's factor) against a bicubic 2x upscale of the same R/2 input: MSE, PSNR, Sobel edge error, KL.
 2. Prompt fidelity: generate from each caption, then retrieve the prompted emoji among all dataset images in a
    fixed pixel feature space (CIELAB thumbnails, cosine similarity); top-1 / top-5 on training captions, held-out
    emoji and held-out skin-tone variants, with chance and the feature space's ceiling (VAE reconstructions).
@@ -162,11 +162,14 @@ def load_emoji_dataset(data_dir: str | os.PathLike) -> list[EmojiItem]:
     return items
 
 
-def load_image01(path: str | os.PathLike) -> np.ndarray:
-    """An image composited on white as float32 (H, W, 3) in [0, 1]."""
+def load_image01(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """An image composited on white as float32 (H, W, 3) in [0, 1]; box-resized to `size` x `size` if given."""
     from sdxs.pipeline import load_rgb_image
 
-    return np.asarray(load_rgb_image(str(path)), dtype=np.float32) / 255.0
+    image = load_rgb_image(str(path))
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), PIL.Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float32) / 255.0
 
 
 def pick_subset(items: Sequence[EmojiItem], n: int | None, seed: int) -> list[EmojiItem]:
@@ -374,18 +377,24 @@ class VAEResult:
     recon_features: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # name -> (count, D)
 
 
-def evaluate_vae(pipe, items: Sequence[EmojiItem], label: str, batch_size: int, progress=None) -> VAEResult:
-    """The 128 -> 256 reconstruction of each image (decoder factor / encoder factor = 2) against bicubic 2x."""
+def evaluate_vae(
+    pipe, items: Sequence[EmojiItem], label: str, batch_size: int, progress=None, resolution: int | None = None
+) -> VAEResult:
+    """The R/2 -> R reconstruction of each image (decoder factor / encoder factor = 2) against bicubic 2x.
+
+    `resolution` R is the target side (the images are box-resized to it first; None: their own size)."""
     import torch
 
     vae = pipe.vae
     ratio = pipe.vae_scale_factor // pipe.vae_encoder_scale_factor  # 2: the decoder's extra upsampling
     if ratio != 2:
-        raise ValueError(f"the VAE eval needs a 2x asymmetric VAE (8x encoder, 16x decoder); this one is {ratio}x")
+        raise ValueError(
+            f"the VAE eval needs a 2x asymmetric VAE (decoder factor = 2 x encoder's); this one is {ratio}x"
+        )
     sums: dict[str, dict[str, float]] = {"VAE": {}, "bicubic": {}}
     feats: dict[str, list[np.ndarray]] = {"VAE": [], "bicubic": []}
     for start, end in _batches(len(items), batch_size):
-        target = torch.from_numpy(_stack_same_size([load_image01(it.path) for it in items[start:end]]))
+        target = torch.from_numpy(_stack_same_size([load_image01(it.path, resolution) for it in items[start:end]]))
         target = target.permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
         small = downsample2x(target)  # (B, 3, H/2, W/2) in [0, 1]
         with torch.no_grad():
@@ -499,6 +508,7 @@ def evaluate(
     items = load_emoji_dataset(data_dir)
     pipe, model_name = _load_pipeline(model, device, dtype, progress)
     gen = GenerationSettings(steps, guidance, seed, width, height, batch_size)
+    vae_res = int(pipe.config.default_width)  # the VAE table's target side: the model's native output size
 
     def cap(n: int | None) -> int | None:
         return n if limit is None else min(limit, n if n is not None else limit)
@@ -533,12 +543,14 @@ def evaluate(
     vae_results, oracle = [], []
     for label, subset in vae_sets.items():
         bar.set_postfix_str(f"vae {label}")
-        result = evaluate_vae(pipe, subset, label, batch_size, bar)
+        result = evaluate_vae(pipe, subset, label, batch_size, bar, resolution=vae_res)
         vae_results.append(result)
         targets = [it.index for it in subset]
         for name, feats in result.recon_features.items():
             oracle.append(
-                RetrievalResult(f"{label} images, {name} 128 -> 256", index.ranks(feats, targets), len(index))
+                RetrievalResult(
+                    f"{label} images, {name} {vae_res // 2} -> {vae_res}", index.ranks(feats, targets), len(index)
+                )
             )
 
     # 3. Prompt fidelity
@@ -584,6 +596,8 @@ def evaluate(
         "hardware": describe_hardware(pipe.device),
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "size": f"{width or pipe.config.default_width}x{height or pipe.config.default_height}",
+        "vae_resolution": vae_res,
+        "vae_factors": (int(pipe.vae_encoder_scale_factor), int(pipe.vae_scale_factor)),
         "gen": gen,
         "refine_max_new_tokens": refine_max_new_tokens,
         "versions": f"torch {torch.__version__}, diffusers {_version('diffusers')}, "
@@ -683,6 +697,8 @@ def _retrieval_table(results: Sequence[RetrievalResult], first_column: str) -> l
 def render_markdown(result: EvalResult, settings: dict[str, Any]) -> str:
     """The report: settings, then one section per measurement, with a link to docs/eval-method.md."""
     gen: GenerationSettings = settings["gen"]
+    res = settings.get("vae_resolution", 256)
+    enc_f, dec_f = settings.get("vae_factors", (8, 16))
     md_dir = result.markdown_path.parent
     lines = [
         "# SDXS evaluation",
@@ -698,10 +714,11 @@ def render_markdown(result: EvalResult, settings: dict[str, Any]) -> str:
         f"- generation: {gen.steps} steps, guidance {gen.guidance}, {settings['size']} px, {settings['dtype']}, "
         f"seed {gen.seed} + i for image i of each group, batch size {gen.batch_size}",
         "",
-        "## VAE: 128 -> 256 reconstruction",
+        f"## VAE: {res // 2} -> {res} reconstruction",
         "",
-        "Each 256 px image is box-downsampled to 128 px, then either encoded (8x) and decoded (16x) by the VAE or "
-        "upscaled 2x bicubic; both are compared with the 256 px original (pixels in [0, 1]). KL only applies to "
+        f"Each image is box-resized to {res} px (the model's output size; the emoji files are 256 px), "
+        f"box-downsampled to {res // 2} px, then either encoded ({enc_f}x) and decoded ({dec_f}x) by the VAE or "
+        f"upscaled 2x bicubic; both are compared with the {res} px image (pixels in [0, 1]). KL only applies to "
         "the VAE.",
         "",
     ]
@@ -718,7 +735,8 @@ def render_markdown(result: EvalResult, settings: dict[str, Any]) -> str:
         "",
         *_retrieval_table(result.prompts, "captions"),
         "",
-        "Ceiling of the feature space: the dataset's own images, reconstructed 128 -> 256, retrieving the original.",
+        f"Ceiling of the feature space: the dataset's own images, reconstructed {res // 2} -> {res}, retrieving the "
+        "original.",
         "",
         *_retrieval_table(result.oracle, "queries"),
         "",

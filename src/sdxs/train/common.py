@@ -92,6 +92,14 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
     # With no accelerator present, say so: otherwise multi-process CPU launches (gloo) fall back to one process each.
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=run.mixed_precision, kwargs_handlers=kwargs, cpu=cpu)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # checkpoints save the main process's optimizer state and unwrapped weights: right for DDP, where every rank
+        # holds everything, wrong for sharded training; refuse rather than write a checkpoint that resumes wrongly
+        raise ValueError(
+            f"`accelerate launch` with {accelerator.distributed_type.value} is not supported by sdxs train (its "
+            "checkpoints assume every rank holds the full model and optimizer): use DDP (`accelerate launch "
+            "--multi_gpu`), which the card-sized models fit with 8-bit Adam and gradient checkpointing."
+        )
     if accelerator.device.type == "cpu":
         # Masked attention (-10000 bias) and small activations make subnormal floats; on x86 CPUs they run ~10-30x
         # slower. Flushing them to zero changes nothing a model can learn from.
@@ -170,11 +178,16 @@ class EMA:
         self.decay = cfg.decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """diffusers' EMAModel warm-up: min(decay, (1 + step) / (10 + step)), so early weights fade out fast."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def step(self, model: torch.nn.Module) -> None:
+    def step(self, model: torch.nn.Module, step: int) -> None:
+        """One EMA update after optimiser step `step` (0-based, restored on resume, so resuming is exact)."""
         ema = [p for p in self.model.parameters()]
         raw = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema, strict=True)]
-        torch._foreach_lerp_(ema, raw, 1.0 - self.decay)  # ema += (1 - decay) * (raw - ema)
+        torch._foreach_lerp_(ema, raw, 1.0 - self.decay_at(step))  # ema += (1 - decay) * (raw - ema)
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
@@ -527,7 +540,7 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(accelerator.unwrap_model(model))
+            ema.step(accelerator.unwrap_model(model), step)
         step += 1
         samples_seen += per_step
         steps_since += 1

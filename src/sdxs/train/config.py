@@ -65,7 +65,7 @@ class EMAConfig:
     """Exponential moving average of the weights, stepped every optimiser step, saved beside the raw weights."""
 
     enabled: bool = False  # keep an EMA copy (costs one extra model in memory)
-    decay: float = 0.999  # ema = decay * ema + (1 - decay) * weights; ~1/(1-decay) steps of memory
+    decay: float = 0.999  # ema = d * ema + (1 - d) * weights, d = min(decay, (1+step)/(10+step)); ~1/(1-decay) steps
     use_for_export: bool = True  # export (and samples) use the EMA weights when there are any
 
 

@@ -140,7 +140,8 @@ def build_unet(cfg: UNetTrainConfig, base):
     m = cfg.model
     if m.unet_preset:
         config = get_preset(m.unet_preset).unet
-        config["cross_attention_dim"] = _text_hidden_size(base.text_encoder)
+        config["cross_attention_dim"] = _text_hidden_size(base.text_encoder)  # the preset's shape, fitted to
+        config["in_channels"] = config["out_channels"] = int(base.vae.config.latent_channels)  # this model's spaces
         torch.manual_seed(cfg.run.seed)
         unet = UNet2DConditionModel(**config)
         source = f"preset {m.unet_preset!r} (random init, seed {cfg.run.seed})"
