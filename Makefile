@@ -6,7 +6,7 @@ PROMPT ?= a smiling face with heart eyes, 3d render
 OUT ?= image.png
 TORCH ?= torch==2.13.0
 
-.PHONY: setup browser lint test image
+.PHONY: setup image-setup browser lint test image
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
 	@$(PYTHON) -m pip install -q -e ".[dev]"
@@ -24,5 +24,10 @@ lint: setup
 test: lint browser
 	$(PYTHON) -m pytest -q
 
-image: setup
+# `make image` installs only when this checkout's sdxs is not importable yet (saves ~15 s on every later image)
+image-setup:
+	@$(PYTHON) -c "import sys, sdxs, diffusers; sys.exit(not sdxs.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
+		|| $(MAKE) --no-print-directory setup
+
+image: image-setup
 	$(PYTHON) -m sdxs generate "$(PROMPT)" --output "$(OUT)"

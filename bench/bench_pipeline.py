@@ -1,10 +1,20 @@
-"""Sampling speed on this machine: seconds per image, UNet it/s and pipeline overhead over a bare UNet loop.
+"""Sampling speed: seconds per image, UNet it/s, pipeline overhead, peak memory and achieved TFLOP/s.
 
-    python bench/bench_pipeline.py --model tiny --model emoji [--model PATH] [--steps 40] [--repeats 3]
+    python bench/bench_pipeline.py --model tiny --model emoji --model .           # CPU table
+    python bench/bench_pipeline.py --model sdxs-1b --dtype bfloat16 --dtype float16 \\
+        --size 1024x1408 --size 1024x1024 --speedup compile                       # GPU table
 
-A model is a preset name (random weights: speed does not depend on the weights) or an exported model folder.
-"Bare UNet loop" runs the same UNet calls on the same inputs (CFG batch of 2, precomputed embeddings) with no
-scheduler, text encoder or VAE, so `pipeline - bare` is what the pipeline adds around the UNet.
+A model is a preset name (random weights: speed does not depend on the weights; sdxs-1b carries a same-shape
+random Qwen3.5-2B text encoder) or an exported model folder. Per model and dtype it reports:
+  load_s            building/loading the pipeline and moving it to the device
+  first_image_s     the first full call after that (cold: allocator, lazy init, compilation if asked)
+  s_per_image       best of --repeats calls (CFG on: one batched UNet pass of 2 per step)
+  bare_unet_loop_s  the same UNet calls on the same inputs with no scheduler, text encoder or VAE, so
+                    overhead_s = s_per_image - bare_unet_loop_s is what the pipeline adds around the UNet
+  peak_mem_GiB      torch.cuda.max_memory_allocated over the timed calls (CUDA only)
+  unet_gflop_step   the UNet's FLOPs per sampling step (CFG batch), counted by torch's FlopCounterMode
+  achieved_tflops   unet_gflop_step x unet_it_per_s / 1000; peak_tflops is a large matmul in the same dtype on the same
+                    device, measured here, and pct_of_peak their ratio
 Prints a Markdown table and writes JSON to bench/results/.
 """
 
@@ -18,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load(model: str, dtype: torch.dtype):
@@ -30,24 +43,46 @@ def load(model: str, dtype: torch.dtype):
     return build_pipeline(model, seed=0, dtype=dtype)
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def best_of(fn, repeats: int, device: str) -> float:
+    return min(timed(fn, device) for _ in range(repeats))
 
 
 @torch.no_grad()
-def bench_one(model: str, steps: int, guidance: float, repeats: int, device: str, dtype: torch.dtype) -> dict:
-    pipe = load(model, dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    w, h = pipe.config.default_width, pipe.config.default_height
+def matmul_peak_tflops(device: str, dtype: torch.dtype) -> float:
+    """Dense matmul throughput of this device in `dtype`: the practical peak the UNet is compared with."""
+    n = 8192 if device.startswith("cuda") else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.startswith("cuda") else 3
+    a @ b  # warm-up
+    seconds = best_of(lambda: [a @ b for _ in range(reps)], 3, device) / reps
+    return 2 * n**3 / seconds / 1e12
+
+
+@torch.no_grad()
+def bench_one(pipe, model: str, size: tuple[int, int], args, dtype_name: str, load_s: float) -> dict:
+    device, steps, guidance, repeats = args.device, args.steps, args.guidance, args.repeats
+    w, h = size
     prompt = "a smiling face with heart eyes, 3d render"
     kw = dict(prompt=prompt, negative_prompt="low quality", num_inference_steps=steps, guidance_scale=guidance)
-    pipe(**{**kw, "num_inference_steps": 2}, width=w, height=h, seed=0)  # warm-up: allocator, lazy init
-    total = best_of(lambda: pipe(**kw, width=w, height=h, seed=0), repeats)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    first = timed(lambda: pipe(**kw, width=w, height=h, seed=0), device)
+    total = best_of(lambda: pipe(**kw, width=w, height=h, seed=1), repeats, device)
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
     emb, mask, neg, neg_mask = pipe.encode_prompt(prompt, device, 1, guidance > 1, "low quality")
     cond = torch.cat([neg, emb]) if guidance > 1 else emb
@@ -56,58 +91,97 @@ def bench_one(model: str, steps: int, guidance: float, repeats: int, device: str
     x = torch.randn(cond.shape[0], pipe.unet.config.in_channels, h // f, w // f, device=device, dtype=pipe.unet.dtype)
     t = torch.full((cond.shape[0],), 500.0, device=device)
 
-    def bare():
-        for _ in range(steps):
-            pipe.unet(x, t, encoder_hidden_states=cond, encoder_attention_mask=cmask, return_dict=False)
+    def unet_step():
+        pipe.unet(x, t, encoder_hidden_states=cond, encoder_attention_mask=cmask, return_dict=False)
 
-    unet_loop = best_of(bare, repeats)
-    text = best_of(lambda: pipe.encode_prompt(prompt, device, 1, guidance > 1, "low quality"), repeats)
+    unet_step()  # a new input shape may compile once (with --speedup compile)
+    unet_loop = best_of(lambda: [unet_step() for _ in range(steps)], repeats, device)
+    with FlopCounterMode(display=False) as counter:
+        unet_step()
+    gflop_step = counter.get_total_flops() / 1e9
+    text = best_of(lambda: pipe.encode_prompt(prompt, device, 1, guidance > 1, "low quality"), repeats, device)
     latents = torch.randn(1, pipe.unet.config.in_channels, h // f, w // f, device=device)
-    decode = best_of(lambda: pipe._vae_decode(latents), repeats)
-    params = sum(p.numel() for p in pipe.unet.parameters())
+    decode = best_of(lambda: pipe._vae_decode(latents), repeats, device)
+    it_s = steps / unet_loop
+    peak = args.peak_tflops.get(dtype_name) or matmul_peak_tflops(device, pipe.unet.dtype)
+    args.peak_tflops[dtype_name] = peak
     return {
         "model": model,
+        "dtype": dtype_name,
         "size": f"{w}x{h}",
         "steps": steps,
         "cfg": guidance,
-        "unet_params_M": round(params / 1e6, 2),
+        "unet_params_M": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 2),
+        "load_s": round(load_s, 2),
+        "first_image_s": round(first, 3),
         "s_per_image": round(total, 3),
-        "unet_it_per_s": round(steps / unet_loop, 2),
+        "unet_it_per_s": round(it_s, 2),
         "bare_unet_loop_s": round(unet_loop, 3),
         "overhead_s": round(total - unet_loop, 3),
         "text_encode_s": round(text, 3),
         "vae_decode_s": round(decode, 3),
+        "peak_mem_GiB": round(peak_mem, 2) if peak_mem is not None else "-",
+        "unet_gflop_step": round(gflop_step, 2),
+        "achieved_tflops": round(gflop_step * it_s / 1000, 3),
+        "peak_tflops": round(peak, 3),
+        "pct_of_peak": round(100 * gflop_step * it_s / 1000 / peak, 1),
     }
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1408, got {text!r}") from None
+    return w, h
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", help="preset name or model folder (repeatable)")
+    parser.add_argument("--model", action="append", help="preset name or model folder (repeatable; default tiny)")
+    parser.add_argument("--size", action="append", type=parse_size, help="WxH (repeatable; default: model's)")
+    parser.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeatable (default float32)")
+    parser.add_argument("--speedup", action="append", default=[], help="SDXSPipeline.enable_speedups feature")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    rows = [bench_one(m, args.steps, args.guidance, args.repeats, args.device, dtype) for m in args.model or ["tiny"]]
+    args.peak_tflops = {}
+    rows = []
+    for model in args.model or ["tiny"]:
+        for dtype_name in args.dtype or ["float32"]:
+            t = time.perf_counter()
+            pipe = load(model, DTYPES[dtype_name]).to(args.device)
+            sync(args.device)
+            load_s = time.perf_counter() - t
+            pipe.set_progress_bar_config(disable=True)
+            pipe.enable_speedups(*args.speedup)
+            default = (pipe.config.default_width, pipe.config.default_height)
+            for size in args.size or [default]:
+                rows.append(bench_one(pipe, model, size, args, dtype_name, load_s))
+                print(json.dumps(rows[-1]), flush=True)
+            del pipe
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
     cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
+    print("\n| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    env = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": args.device,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "dtype": args.dtype,
-        "torch": torch.__version__,
-    }
     import diffusers
     import transformers
 
-    env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "speedups": args.speedup,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     print(json.dumps(env))
     out = Path(__file__).parent / "results" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)

@@ -2,14 +2,16 @@
 
     python bench/bench_speed_features.py --model emoji [--steps 40] [--device cuda --dtype bf16]
 
-Features (all stock diffusers/torch calls or SDXSPipeline methods; none is on by default except SDPA attention,
+Features (`SDXSPipeline.enable_speedups` or stock pipeline methods; none is on by default except SDPA attention,
 which diffusers' attention processors use whenever torch provides it):
-  channels_last    pipe.unet.to(memory_format=torch.channels_last)
-  fused_qkv        pipe.unet.fuse_qkv_projections()
-  compile          pipe.unet.compile_repeated_blocks(fullgraph=True)  (regional: each BasicTransformerBlock)
-  vae_tiling       pipe.enable_vae_tiling()  (memory, not speed: bounded decode for big images)
-For `compile`, the first call's time (compile included) is reported separately, and a second prompt and seed are
-run to check that nothing recompiles (dynamo's graph count must not grow).
+  channels_last    pipe.enable_speedups("channels_last")  NHWC UNet weights and activations
+  fused_qkv        pipe.enable_speedups("fused_qkv")      unet.fuse_qkv_projections()
+  compile          pipe.enable_speedups("compile")        regional torch.compile of each BasicTransformerBlock
+  cuda_graphs      pipe.enable_speedups("cuda_graphs")    whole-UNet torch.compile(mode="reduce-overhead"); CUDA only
+  vae_tiling       pipe.enable_vae_tiling()               memory, not speed: bounded decode for big images
+  cpu_offload      pipe.enable_model_cpu_offload()        memory for small GPUs (CUDA only), costs speed
+For the compiling features, the first call's time (compilation included) is reported separately, and a second
+prompt and seed are run to check that nothing recompiles (dynamo's graph count must not grow).
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def build(model: str, dtype: torch.dtype, device: str):
 
 FEATURES = {
     "baseline": lambda p: None,
-    "channels_last": lambda p: p.unet.to(memory_format=torch.channels_last),
-    "fused_qkv": lambda p: p.unet.fuse_qkv_projections(),
-    "compile": lambda p: p.unet.compile_repeated_blocks(fullgraph=True),
+    "channels_last": lambda p: p.enable_speedups("channels_last"),
+    "fused_qkv": lambda p: p.enable_speedups("fused_qkv"),
+    "compile": lambda p: p.enable_speedups("compile"),
+    "cuda_graphs": lambda p: p.enable_speedups("cuda_graphs"),
     "vae_tiling": lambda p: p.enable_vae_tiling(),
+    "cpu_offload": lambda p: p.to("cpu").enable_model_cpu_offload(),
 }
+CUDA_ONLY = ("cuda_graphs", "cpu_offload")
 
 
 def timed(pipe, prompt: str, seed: int, steps: int) -> float:
@@ -60,16 +65,19 @@ def main() -> None:
     parser.add_argument("--model", default="emoji")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--features", nargs="+", default=list(FEATURES))
+    parser.add_argument("--features", nargs="+", choices=list(FEATURES), help="default: all this device runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     rows = []
-    for name in args.features:
+    cuda = args.device.startswith("cuda")
+    for name in args.features or [f for f in FEATURES if cuda or f not in CUDA_ONLY]:
         torch._dynamo.reset()
         pipe = build(args.model, dtype, args.device)
         FEATURES[name](pipe)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         first = timed(pipe, "a red apple, 3d render", 0, args.steps)  # warm-up (compiles, if compiling)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         best = min(timed(pipe, "girl, smiling, blue hair", 1 + i, args.steps) for i in range(args.repeats))
@@ -81,18 +89,19 @@ def main() -> None:
                 "s_per_image": round(best, 3),
                 "it_per_s": round(args.steps / best, 2),
                 "new_graphs_after_warmup": recompiled,
+                "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else "-",
             }
         )
         print(rows[-1], flush=True)
     base = rows[0]["s_per_image"] if rows[0]["feature"] == "baseline" else None
     print(f"\n{args.model}, {args.device}, {args.dtype}, {args.steps} steps, CFG 4")
-    print("| feature | first call (s) | s/image | it/s | vs baseline | graphs added after warm-up |")
-    print("|---|---|---|---|---|---|")
+    print("| feature | first call (s) | s/image | it/s | vs baseline | graphs added after warm-up | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         speedup = f"{base / r['s_per_image']:.2f}x" if base else "-"
         print(
             f"| {r['feature']} | {r['first_call_s']} | {r['s_per_image']} | {r['it_per_s']} | {speedup} | "
-            f"{r['new_graphs_after_warmup']} |"
+            f"{r['new_graphs_after_warmup']} | {r['peak_mem_GiB']} |"
         )
     out = Path(__file__).parent / "results" / f"speed-features-{args.model}-{args.device}-{args.dtype}.json"
     out.parent.mkdir(exist_ok=True)

@@ -219,3 +219,16 @@ def test_cli_eval_help_and_user_errors(tmp_path, capfd):
     assert cli.main(["eval", "--data", str(tmp_path)]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sdxs eval: error:") and "splits.jsonl" in err[0]
+
+
+def test_log_progress_writes_plain_lines_for_logs():
+    import io
+
+    out = io.StringIO()
+    bar = ev.LogProgress(10, "eval", "img", every=0.0, file=out)
+    bar.set_postfix_str("gallery")
+    bar.update(4)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 2
+    assert lines[0].startswith("eval: 4/10 img (40%) gallery")

@@ -40,3 +40,17 @@ def test_model_cpu_offload_on_cuda(tiny_hub_dir):
     pipe.set_progress_bar_config(disable=True)
     assert pipe("cat", num_inference_steps=2, seed=0).images[0].size == (64, 64)
     assert pipe.unet.device.type == "cpu"  # offloaded again after the call
+
+
+@pytest.mark.parametrize("features", [("channels_last", "fused_qkv"), ("compile",), ("cuda_graphs",)])
+def test_speedups_on_cuda_keep_the_image(tiny_hub_dir, features):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, torch_dtype=torch.float16, trust_remote_code=True)
+    pipe = pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(negative_prompt="low quality", num_inference_steps=4, output_type="np")
+    reference = pipe("a red apple", seed=0, **kw).images
+    pipe.enable_speedups(*features)
+    pipe("girl, blue hair", seed=3, **kw)  # warm-up: compiles / records graphs
+    assert np.abs(pipe("a red apple", seed=0, **kw).images - reference).mean() < 0.02

@@ -80,3 +80,37 @@ def test_vae_training_lowers_reconstruction_loss(tmp_path, tiny_hub_dir):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "export", trust_remote_code=True)
     assert pipe.vae.config.scaling_factor == trained.config.scaling_factor
     assert pipe.image_upscale(PIL.Image.new("RGB", (32, 32), (200, 10, 10)))[0].size == (64, 64)
+
+
+def test_decoder_only_finetune_keeps_the_latent_space(tmp_path, tiny_hub_dir):
+    import pytest
+    from diffusers import AsymmetricAutoencoderKL
+
+    from sdxs.train.vae import train_vae
+
+    images = make_images(tmp_path / "images", n=4)
+    overrides = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"model.pretrained={tiny_hub_dir}",
+        "model.train_encoder=false",
+        f"data.path={images}",
+        "data.resolution=64",
+        "data.batch_size=4",
+        "optim.lr=2e-3",
+        "run.max_steps=3",
+        "run.checkpoint_every=0",
+        "run.progress_bar=false",
+        "loss.stats_batches=1",
+    ]
+    base = AsymmetricAutoencoderKL.from_pretrained(tiny_hub_dir / "vae")
+    trained = AsymmetricAutoencoderKL.from_pretrained(train_vae(load_config(VAETrainConfig, None, overrides)) / "vae")
+    before, after = base.state_dict(), trained.state_dict()
+    for name in before:  # encoder frozen: latents, the UNet and a latent cache stay valid
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(before[name], after[name]), name
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("decoder."))
+    assert trained.config.scaling_factor == base.config.scaling_factor
+
+    fresh = [*overrides[1:], "model.pretrained=", "model.vae_preset=tiny", f"run.output_dir={tmp_path / 'r2'}"]
+    with pytest.raises(ValueError, match="train_encoder"):
+        train_vae(load_config(VAETrainConfig, None, fresh))

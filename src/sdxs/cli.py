@@ -35,6 +35,7 @@ EXIT_USER_ERROR = 2
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SPEEDUPS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")  # SDXSPipeline.SPEEDUPS (a test keeps them equal)
 # A hub repository id ("owner/name"); anything else that does not exist locally is a missing folder.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -134,7 +135,18 @@ def load_pipeline(args: argparse.Namespace):
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
-    pipe = pipe.to(device)
+    speedups = list(dict.fromkeys(getattr(args, "speedup", None) or []))
+    if "cpu_offload" in speedups:
+        if not device.startswith("cuda"):
+            raise ValueError(f"`--speedup cpu_offload` needs a CUDA device, got {device!r}: leave it out on {device}.")
+        pipe.enable_model_cpu_offload(device=device)  # each model moves to the GPU only while it runs
+    else:
+        pipe = pipe.to(device)
+    if "vae_tiling" in speedups:
+        pipe.enable_vae_tiling()
+    if "vae_slicing" in speedups:
+        pipe.enable_vae_slicing()
+    pipe.enable_speedups(*[s for s in speedups if s in SPEEDUPS])
     pipe.set_progress_bar_config(disable=not show_progress(args), leave=False)
     return pipe
 
@@ -181,6 +193,13 @@ def _model_flags() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda, then mps, else cpu")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bf16/fp16 on GPUs, fp32 on cpu")
+    g.add_argument(
+        "--speedup",
+        action="append",
+        choices=[*SPEEDUPS, "vae_tiling", "vae_slicing", "cpu_offload"],
+        metavar="FEATURE",
+        help="opt-in speed/memory feature, repeatable: %(choices)s (see docs/pipeline.md#speed)",
+    )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
     return p

@@ -28,6 +28,7 @@ import platform
 import random
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,7 +496,7 @@ def evaluate(
         grid_images (`int`): generated images shown in the grid.
         device, dtype (`str`): as in the CLI (`auto` picks CUDA/MPS/CPU and bf16/fp16/fp32).
         command (`str`, *optional*): the command line recorded in the report.
-        progress (`bool`): show a tqdm progress bar.
+        progress (`bool`): show progress: a tqdm bar on a terminal, a plain line a minute in logs and pipes.
 
     Returns:
         [`EvalResult`]: every number in the report.
@@ -506,7 +507,7 @@ def evaluate(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"`steps` and `batch_size` must be >= 1, got steps={steps}, batch_size={batch_size}")
     items = load_emoji_dataset(data_dir)
-    pipe, model_name = _load_pipeline(model, device, dtype, progress)
+    pipe, model_name = _load_pipeline(model, device, dtype, progress and sys.stderr.isatty())
     gen = GenerationSettings(steps, guidance, seed, width, height, batch_size)
     vae_res = int(pipe.config.default_width)  # the VAE table's target side: the model's native output size
 
@@ -532,7 +533,10 @@ def evaluate(
 
     total = len(items) + sum(map(len, vae_sets.values()))
     total += sum(map(len, prompt_groups.values())) + sum(map(len, image_sets.values()))
-    bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    if progress and not sys.stderr.isatty():  # logs and pipes: plain lines, not a bar redrawn with \r
+        bar = LogProgress(total, "eval", "img")
+    else:
+        bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
     pipe.set_progress_bar_config(disable=True)
 
     # 1. The retrieval gallery: every dataset image (train + validation)
@@ -615,6 +619,38 @@ def _interleave(groups: Sequence[Sequence[Any]], n: int) -> list[Any]:
         picked += [g[i] for g in groups if i < len(g)]
         i += 1
     return picked[:n]
+
+
+class LogProgress:
+    """The part of tqdm's interface the eval uses, written as one plain line every `every` seconds (for logs)."""
+
+    def __init__(self, total: int, desc: str, unit: str, every: float = 60.0, file=None):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.file = file or sys.stderr
+        self.n, self.stage = 0, ""
+        self.start = self.last = time.perf_counter()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.stage = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.every:
+            self._line()
+
+    def close(self) -> None:
+        self._line()
+
+    def _line(self) -> None:
+        self.last = time.perf_counter()
+        elapsed = self.last - self.start
+        left = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
+        print(
+            f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%) "
+            f"{self.stage}, {elapsed / 60:.1f} min elapsed, ~{left / 60:.1f} min left",
+            file=self.file,
+            flush=True,
+        )
 
 
 def _load_pipeline(model, device: str, dtype: str, progress: bool):
@@ -841,7 +877,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         command=shlex.join(["sdxs", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None,
-        progress=not args.quiet and sys.stderr.isatty(),
+        progress=not args.quiet,
     )
     print(result.markdown_path)
     if result.grid_path is not None:

@@ -535,6 +535,37 @@ class SDXSPipeline(DiffusionPipeline):
     def disable_vae_slicing(self) -> None:
         self._vae_slicing = False
 
+    SPEEDUPS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
+
+    def enable_speedups(self, *features: str) -> None:
+        """Opt-in UNet speed features; SDPA attention needs none (diffusers uses it whenever torch has it).
+
+        - `channels_last`: NHWC memory format for the UNet's convolutions (tensor cores prefer it).
+        - `fused_qkv`: one projection for query, key and value in self-attention (`unet.fuse_qkv_projections()`).
+        - `compile`: regional `torch.compile` of the repeated transformer blocks
+          (`unet.compile_repeated_blocks(fullgraph=True)`): short compile time, no recompile for a new prompt
+          or seed (prompts are padded to a fixed length and timesteps are tensors); a new image size compiles once.
+        - `cuda_graphs`: `torch.compile(mode="reduce-overhead")` of the whole UNet, which replays CUDA graphs
+          (less CPU launch overhead per step; CUDA only, one graph per image size; not with `compile`).
+
+        Call after `.to(device)`. Measured by `bench/bench_speed_features.py` (docs/benchmarks.md).
+        """
+        unknown = [f for f in features if f not in self.SPEEDUPS]
+        if unknown:
+            raise ValueError(f"unknown speed feature(s) {unknown}: choose from {list(self.SPEEDUPS)}.")
+        if "compile" in features and "cuda_graphs" in features:
+            raise ValueError("`compile` and `cuda_graphs` both compile the UNet: pick one (`cuda_graphs` on CUDA).")
+        if "cuda_graphs" in features and self.unet.device.type != "cuda":
+            raise ValueError(f"`cuda_graphs` needs the UNet on CUDA, it is on {self.unet.device}: use `compile`.")
+        if "channels_last" in features:
+            self.unet.to(memory_format=torch.channels_last)
+        if "fused_qkv" in features:
+            self.unet.fuse_qkv_projections()
+        if "compile" in features:
+            self.unet.compile_repeated_blocks(fullgraph=True)
+        if "cuda_graphs" in features:
+            self.unet.compile(mode="reduce-overhead")
+
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (B, C, h, w) -> pixels (B, 3, 16h, 16w) in [-1, 1], float32; sliced/tiled if enabled."""
         if getattr(self, "_vae_slicing", False) and latents.shape[0] > 1:

@@ -141,6 +141,9 @@ class VAEModelConfig:
     pretrained: str = ""  # hub folder whose vae/ is the starting point (and the pipeline for export)
     vae_preset: str = ""  # build a fresh AsymmetricAutoencoderKL of this preset instead
     init_from: str = ""  # load every tensor whose name and shape match from this VAE folder
+    # false: fine-tune the decoder only (SD's ft-MSE recipe). The encoder, the latent space and scaling_factor stay
+    # as they are, so a UNet and a latent cache made with this VAE remain valid; needs pretrained or init_from.
+    train_encoder: bool = True
 
 
 @dataclass

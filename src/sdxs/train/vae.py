@@ -171,6 +171,14 @@ def build_vae(cfg: VAETrainConfig):
         folder = Path(m.init_from)
         folder = folder / "vae" if (folder / "vae").is_dir() else folder
         log_load_report(load_matching(vae, read_weights(folder)), str(folder))
+    if not m.train_encoder:
+        if m.vae_preset and not m.init_from:
+            raise ValueError(
+                "`model.train_encoder = false` fine-tunes the decoder of a trained VAE: set `model.pretrained` or "
+                "`model.init_from` (a fresh preset's encoder would stay random)."
+            )
+        vae.encoder.requires_grad_(False)  # also skips the encoder's backward pass
+        vae.quant_conv.requires_grad_(False)
     return vae.float().train()
 
 
@@ -216,7 +224,10 @@ def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
         stats = latent_statistics(
             model.vae, ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed + 1), cfg.loss.stats_batches
         )
-        model.vae.register_to_config(scaling_factor=stats["scaling_factor"])
+        if cfg.model.train_encoder:  # decoder-only: the latent space, and with it the UNet's scale, is unchanged
+            model.vae.register_to_config(scaling_factor=stats["scaling_factor"])
+        else:
+            stats["scaling_factor"] = float(model.vae.config.scaling_factor)
         logger.info(
             "latent channel mean %s std %s -> scaling_factor %.4f",
             stats["latent_channel_mean"],
