@@ -27,7 +27,7 @@ def main() -> None:
 
     items = ev.load_emoji_dataset(args.data)
     group = ev.pick_subset([it for it in items if it.split == "train"], args.n, args.seed)
-    pipe, _ = ev._load_pipeline(args.model, "auto", "auto", progress=False)
+    pipe, _ = ev.load_eval_pipeline(args.model, "auto", "auto", progress=False)
     pipe.set_progress_bar_config(disable=True)
     index = ev.RetrievalIndex(ev.gallery_features([it.path for it in items]))
     print(f"| guidance | top-1 | top-5 | n={len(group)} training captions, {args.steps} steps, seed {args.seed} |")

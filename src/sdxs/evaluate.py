@@ -507,7 +507,7 @@ def evaluate(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"`steps` and `batch_size` must be >= 1, got steps={steps}, batch_size={batch_size}")
     items = load_emoji_dataset(data_dir)
-    pipe, model_name = _load_pipeline(model, device, dtype, progress and sys.stderr.isatty())
+    pipe, model_name = load_eval_pipeline(model, device, dtype, progress and sys.stderr.isatty())
     gen = GenerationSettings(steps, guidance, seed, width, height, batch_size)
     vae_res = int(pipe.config.default_width)  # the VAE table's target side: the model's native output size
 
@@ -643,17 +643,16 @@ class LogProgress:
 
     def _line(self) -> None:
         self.last = time.perf_counter()
-        elapsed = self.last - self.start
-        left = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
+        elapsed = self.last - self.start  # no time-left estimate: gallery images take far less than generated ones
         print(
             f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%) "
-            f"{self.stage}, {elapsed / 60:.1f} min elapsed, ~{left / 60:.1f} min left",
+            f"{self.stage}, {elapsed / 60:.1f} min elapsed",
             file=self.file,
             flush=True,
         )
 
 
-def _load_pipeline(model, device: str, dtype: str, progress: bool):
+def load_eval_pipeline(model, device: str, dtype: str, progress: bool):
     """(pipeline, name for the report): a loaded pipeline as is, else a folder / hub id loaded like the CLI does."""
     if model is not None and not isinstance(model, (str, os.PathLike)):
         return model, getattr(model, "name_or_path", None) or type(model).__name__
