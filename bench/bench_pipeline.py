@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
+from common import environment, parse_size, print_table, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,14 +127,6 @@ def bench_one(pipe, model: str, size: tuple[int, int], args, dtype_name: str, lo
     }
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1408, got {text!r}") from None
-    return w, h
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="preset name or model folder (repeatable; default tiny)")
@@ -164,28 +155,8 @@ def main() -> None:
             del pipe
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    cols = list(rows[0])
-    print("\n| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    import diffusers
-    import transformers
-
-    env = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "speedups": args.speedup,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
-    print(json.dumps(env))
-    out = Path(__file__).parent / "results" / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    print_table(rows)
+    write_results("pipeline", environment(args.device, speedups=args.speedup), rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,10 @@ Prints a Markdown table and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}") from None
-    return w, h
+from common import environment, parse_size, print_table, write_results
 
 
 def bench(args) -> dict:
@@ -117,25 +108,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     row = bench(args)
-    cols = list(row)
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    print("| " + " | ".join(str(row[c]) for c in cols) + " |")
-    import accelerate
-    import diffusers
-
-    env = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "accelerate": accelerate.__version__,
-    }
-    print(json.dumps(env))
-    out = Path(__file__).parent / "results" / f"train-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"env": env, "args": {k: v for k, v in vars(args).items()}, "row": row}, indent=2))
+    print_table([row])
+    write_results(f"train-{args.preset}", environment(args.device), args=vars(args), row=row)
 
 
 if __name__ == "__main__":
