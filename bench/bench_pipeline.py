@@ -22,24 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
-from common import environment, parse_size, print_table, write_results
+from common import environment, load_pipeline, parse_size, print_table, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def load(model: str, dtype: torch.dtype):
-    if os.path.isdir(model):
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=True)
-    from sdxs.presets import build_pipeline
-
-    return build_pipeline(model, seed=0, dtype=dtype)
 
 
 def sync(device: str) -> None:
@@ -143,7 +132,7 @@ def main() -> None:
     for model in args.model or ["tiny"]:
         for dtype_name in args.dtype or ["float32"]:
             t = time.perf_counter()
-            pipe = load(model, DTYPES[dtype_name]).to(args.device)
+            pipe = load_pipeline(model, DTYPES[dtype_name]).to(args.device)
             sync(args.device)
             load_s = time.perf_counter() - t
             pipe.set_progress_bar_config(disable=True)

@@ -23,19 +23,11 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+from common import load_pipeline
 
 
 def build(model: str, dtype: torch.dtype, device: str):
-    import os
-
-    if os.path.isdir(model):
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=True)
-    else:
-        from sdxs.presets import build_pipeline
-
-        pipe = build_pipeline(model, seed=0, dtype=dtype)
+    pipe = load_pipeline(model, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

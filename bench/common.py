@@ -11,6 +11,19 @@ from pathlib import Path
 import torch
 
 
+def load_pipeline(model: str, dtype: torch.dtype):
+    """A preset name (random weights: speed does not depend on them) or an exported model folder."""
+    import os
+
+    if os.path.isdir(model):
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=True)
+    from sdxs.presets import build_pipeline
+
+    return build_pipeline(model, seed=0, dtype=dtype)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """argparse type for WIDTHxHEIGHT."""
     try:
