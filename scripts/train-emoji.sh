@@ -9,14 +9,15 @@
 #   1 te        sdxs train text-encoder   tokenizer + Qwen3.5 VLM on the captions (refine + image->caption pairs)
 #   2 model     sdxs init                 model folder: trained text encoder + fresh emoji VAE, UNet, scheduler
 #   3 vae       sdxs train vae            64 px -> 128 px asymmetric VAE; then `sdxs init --base` swaps it in
+#   3b decoder  sdxs train vae            the same VAE's decoder fine-tuned alone (encoder frozen); swapped in too
 #   4 prepare   sdxs prepare              latent cache with caption and encode_image embeddings
 #   5 unet      sdxs train unet           flow matching, 20% image prompts
 #   6 export    sdxs export               fp16 hub folder in OUT (< 60 MB), loaded back with plain diffusers
 # Resumable: an interrupted training stage continues from its latest checkpoint (--resume latest), prepare skips
 # finished shards, init/export are rewritten whole. Delete RUN/.done-STAGE to redo a stage (and the ones after it).
 #
-# Environment: RUN (runs/emoji), DATA (data/emoji/train), OUT (RUN/export); TE_STEPS, VAE_STEPS, UNET_STEPS
-# (default: the recipes'); TE_ARGS, VAE_ARGS, UNET_ARGS, PREPARE_ARGS: extra `section.key=value` overrides or
+# Environment: RUN (runs/emoji), DATA (data/emoji/train), OUT (RUN/export); TE_STEPS, VAE_STEPS, DECODER_STEPS,
+# UNET_STEPS (default: the recipes'); TE_ARGS, VAE_ARGS (both VAE stages), UNET_ARGS, PREPARE_ARGS: extra overrides or
 # flags, split on spaces (e.g. UNET_ARGS="run.mixed_precision=bf16 data.batch_size=128"); SMOKE=1: 30 steps per
 # stage, no sample grids, batch sizes as in the recipes.
 set -euo pipefail
@@ -27,7 +28,7 @@ RUN=${RUN:-runs/emoji}
 DATA=${DATA:-data/emoji/train}
 OUT=${OUT:-$RUN/export}
 if [[ "${SMOKE:-0}" != 0 ]]; then
-  TE_STEPS=${TE_STEPS:-30} VAE_STEPS=${VAE_STEPS:-30} UNET_STEPS=${UNET_STEPS:-30}
+  TE_STEPS=${TE_STEPS:-30} VAE_STEPS=${VAE_STEPS:-30} DECODER_STEPS=${DECODER_STEPS:-30} UNET_STEPS=${UNET_STEPS:-30}
   UNET_ARGS="sample.prompts=[] ${UNET_ARGS:-}"
 fi
 TE_ARGS=${TE_ARGS:-} VAE_ARGS=${VAE_ARGS:-} UNET_ARGS=${UNET_ARGS:-} PREPARE_ARGS=${PREPARE_ARGS:-}
@@ -69,6 +70,15 @@ if ! done_stage vae; then
   train vae configs/emoji/vae.toml "$RUN/vae" data.path="$DATA" $(steps "${VAE_STEPS:-}") $VAE_ARGS
   sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae"
   mark vae
+fi
+
+if ! done_stage decoder; then
+  log "3b/6 VAE decoder fine-tune (encoder, latent space and scaling factor unchanged)"
+  # shellcheck disable=SC2086
+  train vae configs/emoji/vae-decoder.toml "$RUN/vae-decoder" model.pretrained="$RUN/model" data.path="$DATA" \
+    $(steps "${DECODER_STEPS:-}") $VAE_ARGS
+  sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae-decoder"
+  mark decoder
 fi
 
 if ! done_stage prepare; then

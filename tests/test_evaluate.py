@@ -185,6 +185,8 @@ def test_evaluate_writes_every_section(tiny_pipe, fake_emoji, tmp_path):
     for name, mse, psnr, edge, kl in vae_lines:
         assert 0 <= float(mse) <= 1 and math.isfinite(float(psnr)) and float(edge) >= 0
         assert (kl != "") == (name == "VAE") and (kl == "" or float(kl) >= 0)
+    wins = re.findall(r"^The VAE's PSNR is the higher of the two on (\d+) of the (\d+) images\.$", text, re.M)
+    assert len(wins) == 2 and all(0 <= int(w) <= int(n) for w, n in wins)
 
     # Retrieval tables: every top-k a percentage, chance stated as k / 12 gallery images
     rows = re.findall(r"^\| [^|]+ \| (\d+) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% / ([\d.]+)% \|$", text, re.M)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "src" / "sdxs" / "pipeline.py"
@@ -84,3 +85,17 @@ def test_fp16_variant_export_and_verify(tiny_pipe, tmp_path):
     save_hub_layout(tiny_pipe, tmp_path, dtype=torch.float16, variant="fp16")  # verify=True reloads it
     assert list((tmp_path / "unet").glob("*.fp16.safetensors"))
     assert tiny_pipe.unet.dtype == torch.float32  # the caller's pipeline is not cast
+
+
+@pytest.mark.parametrize("folder", ["tiny", "root"])
+def test_component_configs_load_without_ignored_keys(folder, tiny_hub_dir, root_model_dir):
+    """diffusers' AsymmetricAutoencoderKL saves keys it does not take back (`block_out_channels`, `force_upcast`);
+    left in, every load warns that they "will be ignored". The export drops them; the root model has none."""
+    import diffusers
+
+    root = tiny_hub_dir if folder == "tiny" else root_model_dir
+    for name in ("unet", "vae"):
+        config = json.loads((root / name / "config.json").read_text())
+        cls = getattr(diffusers, config["_class_name"])
+        _, unused, _ = cls.extract_init_dict(config)
+        assert not {k for k in unused if not k.startswith("_")}, (name, unused)

@@ -75,6 +75,6 @@ def test_lr_schedule_warmup_then_cosine():
 def test_shipped_recipes_load(path):
     from sdxs.train.config import TextEncoderTrainConfig
 
-    name = path.rsplit("/", 1)[-1]
-    cls = {"unet.toml": UNetTrainConfig, "vae.toml": VAETrainConfig, "text_encoder.toml": TextEncoderTrainConfig}[name]
+    kind = path.rsplit("/", 1)[-1].removesuffix(".toml").split("-")[0]  # vae-decoder.toml: a VAE recipe
+    cls = {"unet": UNetTrainConfig, "vae": VAETrainConfig, "text_encoder": TextEncoderTrainConfig}[kind]
     load_config(cls, path)

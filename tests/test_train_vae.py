@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -83,7 +84,6 @@ def test_vae_training_lowers_reconstruction_loss(tmp_path, tiny_hub_dir):
 
 
 def test_decoder_only_finetune_keeps_the_latent_space(tmp_path, tiny_hub_dir):
-    import pytest
     from diffusers import AsymmetricAutoencoderKL
 
     from sdxs.train.vae import train_vae
@@ -114,3 +114,19 @@ def test_decoder_only_finetune_keeps_the_latent_space(tmp_path, tiny_hub_dir):
     fresh = [*overrides[1:], "model.pretrained=", "model.vae_preset=tiny", f"run.output_dir={tmp_path / 'r2'}"]
     with pytest.raises(ValueError, match="train_encoder"):
         train_vae(load_config(VAETrainConfig, None, fresh))
+
+
+def test_box_resample_matches_the_eval_reference(tmp_path):
+    from sdxs.evaluate import load_image01
+    from sdxs.train.vae import ImageBatches, list_images
+
+    images = make_images(tmp_path / "images", n=2, size=64)
+    files = list_images(str(images))
+    box = next(ImageBatches(files, 32, 2, seed=0, resample="box"))["pixels"]  # (2, 3, 32, 32) in [-1, 1]
+    for pixels in box:  # the batch order is shuffled: each crop is one file's box average, as the eval loads it
+        refs = [torch.from_numpy(load_image01(f, 32)).permute(2, 0, 1) * 2 - 1 for f in files]
+        assert min(float((pixels - ref).abs().max()) for ref in refs) < 1e-6
+    lanczos = next(ImageBatches(files, 32, 2, seed=0))["pixels"]
+    assert not torch.allclose(box, lanczos)  # same seed, same files; the default filter stays LANCZOS
+    with pytest.raises(ValueError, match="data.resample"):
+        ImageBatches(files, 32, 2, seed=0, resample="nearest-ish")

@@ -375,6 +375,7 @@ class VAEResult:
     label: str
     count: int
     rows: dict[str, dict[str, float]]  # "VAE" / "bicubic" -> {"MSE": .., "PSNR": .., "Edge": .., "KL": ..}
+    psnr_wins: int = 0  # images whose VAE reconstruction has the higher PSNR of the two
     recon_features: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # name -> (count, D)
 
 
@@ -394,6 +395,7 @@ def evaluate_vae(
         )
     sums: dict[str, dict[str, float]] = {"VAE": {}, "bicubic": {}}
     feats: dict[str, list[np.ndarray]] = {"VAE": [], "bicubic": []}
+    wins = 0
     for start, end in _batches(len(items), batch_size):
         target = torch.from_numpy(_stack_same_size([load_image01(it.path, resolution) for it in items[start:end]]))
         target = target.permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
@@ -403,6 +405,7 @@ def evaluate_vae(
             decoded = pipe._vae_decode(posterior.mode() * vae.config.scaling_factor)  # [-1, 1], float32
         outputs = {"VAE": ((decoded.cpu() + 1) / 2).clamp(0, 1), "bicubic": bicubic_upscale2x(small)}
         kl = kl_per_image(posterior.mean.float().cpu(), posterior.logvar.float().cpu())
+        wins += int((mse_per_image(outputs["VAE"], target) < mse_per_image(outputs["bicubic"], target)).sum())
         for name, out in outputs.items():
             mse = mse_per_image(out, target)
             per_image = {"MSE": mse, "PSNR": psnr_from_mse(mse), "Edge": edge_error_per_image(out, target)}
@@ -414,7 +417,7 @@ def evaluate_vae(
         if progress is not None:
             progress.update(end - start)
     rows = {name: {m: s / len(items) for m, s in metrics.items()} for name, metrics in sums.items()}
-    return VAEResult(label, len(items), rows, {k: np.stack(v) for k, v in feats.items()})
+    return VAEResult(label, len(items), rows, wins, {k: np.stack(v) for k, v in feats.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -760,7 +763,7 @@ def render_markdown(result: EvalResult, settings: dict[str, Any]) -> str:
     for v in result.vae:
         lines += [f"{v.label} split, {v.count} images:", "", "```"]
         lines += [f"{name} | {_fmt_metrics(row)}" for name, row in v.rows.items()]
-        lines += ["```", ""]
+        lines += ["```", "", f"The VAE's PSNR is the higher of the two on {v.psnr_wins} of the {v.count} images.", ""]
     lines += [
         "## Prompt fidelity",
         "",

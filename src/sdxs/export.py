@@ -38,6 +38,36 @@ def set_hub_class_name(folder: str | os.PathLike) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
+    """Remove from each component's config.json the keys its diffusers model class would ignore on load.
+
+    diffusers' `AsymmetricAutoencoderKL.__init__` registers `block_out_channels` and `force_upcast`, which it does not
+    accept back, so every load of a saved VAE warns that they "are not expected and will be ignored". The class
+    registers both again when it is built, so nothing is lost. Returns the removed keys as "folder.key".
+    """
+    import inspect
+
+    import diffusers
+
+    removed = []
+    for path in sorted(Path(folder).glob("*/config.json")):
+        config = json.loads(path.read_text())
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue  # a class taking **kwargs uses every key
+        keep = set(params) | set(getattr(cls, "_deprecated_kwargs", []))
+        ignored = [k for k in config if not k.startswith("_") and k not in keep]
+        if ignored:
+            for key in ignored:
+                del config[key]
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            removed += [f"{path.parent.name}.{key}" for key in ignored]
+    return removed
+
+
 def save_hub_layout(
     pipe,
     out_dir: str | os.PathLike,
@@ -67,6 +97,7 @@ def save_hub_layout(
             src = _cast_copy(pipe, dtype)
         src.save_pretrained(tmp, safe_serialization=True, variant=variant)
         set_hub_class_name(tmp)
+        drop_ignored_config_keys(tmp)
         write_pipeline_file(tmp)
         for name in COMPONENT_FOLDERS:
             if (out / name).exists():

@@ -151,6 +151,9 @@ class ImageDataConfig:
     path: str = ""  # image folder (captions are ignored by the VAE trainer)
     resolution: int = 256  # side of the decoder's output crop; the encoder sees resolution / 2
     batch_size: int = 8  # per rank, per micro-batch
+    # how images are resized to `resolution` (PIL filter): "lanczos" (sharp), or "box" (the pixel average, the
+    # reference `sdxs eval` scores reconstructions against), "bicubic", "bilinear"
+    resample: str = "lanczos"
 
 
 @dataclass

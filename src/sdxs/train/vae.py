@@ -115,19 +115,34 @@ def list_images(folder: str) -> list[Path]:
     return files
 
 
+RESAMPLE_FILTERS = ("lanczos", "box", "bicubic", "bilinear")
+
+
 class ImageBatches:
     """Random square crops of side `resolution` (shorter side resized to it first), as (B, 3, R, R) in [-1, 1]."""
 
-    def __init__(self, files: list[Path], resolution: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        files: list[Path],
+        resolution: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        resample: str = "lanczos",
+    ):
+        import PIL.Image
+
+        if resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"`data.resample` must be one of {', '.join(RESAMPLE_FILTERS)}; got {resample!r}.")
         self.files, self.resolution, self.seed, self.rank = files, resolution, seed, rank
+        self.resample = PIL.Image.Resampling[resample.upper()]
         self.index = IndexBatches(len(files), batch_size, seed, rank, world)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        import PIL.Image
-
         from sdxs.pipeline import load_rgb_image
 
         rng = np.random.default_rng([self.seed, self.index.epoch, self.index.position, self.rank])
@@ -136,7 +151,7 @@ class ImageBatches:
             im = load_rgb_image(self.files[i])
             scale = self.resolution / min(im.size)
             w, h = max(self.resolution, round(im.width * scale)), max(self.resolution, round(im.height * scale))
-            im = im.resize((w, h), PIL.Image.Resampling.LANCZOS)
+            im = im.resize((w, h), self.resample)
             x, y = int(rng.integers(0, w - self.resolution + 1)), int(rng.integers(0, h - self.resolution + 1))
             im = im.crop((x, y, x + self.resolution, y + self.resolution))
             pixels.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
@@ -212,18 +227,16 @@ def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
         raise ValueError(
             f"`data.resolution` must be a multiple of 32 (16x decoder, half-size input), got {d.resolution}."
         )
-    data = ImageBatches(
-        files, d.resolution, d.batch_size, cfg.run.seed, accelerator.process_index, accelerator.num_processes
-    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed, rank, world, resample=d.resample)
     lpips_model = load_lpips(cfg.loss)
     if accelerator.is_main_process:
         logger.info("VAE: %d images, %d px out, %d px into the encoder", len(files), d.resolution, d.resolution // 2)
 
     def record_statistics(model) -> dict:
         # the same fixed batches on every rank, so every rank writes the same scaling factor
-        stats = latent_statistics(
-            model.vae, ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed + 1), cfg.loss.stats_batches
-        )
+        fixed = ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed + 1, resample=d.resample)
+        stats = latent_statistics(model.vae, fixed, cfg.loss.stats_batches)
         if cfg.model.train_encoder:  # decoder-only: the latent space, and with it the UNet's scale, is unchanged
             model.vae.register_to_config(scaling_factor=stats["scaling_factor"])
         else:
