@@ -405,9 +405,10 @@ def evaluate_vae(
             decoded = pipe._vae_decode(posterior.mode() * vae.config.scaling_factor)  # [-1, 1], float32
         outputs = {"VAE": ((decoded.cpu() + 1) / 2).clamp(0, 1), "bicubic": bicubic_upscale2x(small)}
         kl = kl_per_image(posterior.mean.float().cpu(), posterior.logvar.float().cpu())
-        wins += int((mse_per_image(outputs["VAE"], target) < mse_per_image(outputs["bicubic"], target)).sum())
+        mses = {name: mse_per_image(out, target) for name, out in outputs.items()}
+        wins += int((mses["VAE"] < mses["bicubic"]).sum())
         for name, out in outputs.items():
-            mse = mse_per_image(out, target)
+            mse = mses[name]
             per_image = {"MSE": mse, "PSNR": psnr_from_mse(mse), "Edge": edge_error_per_image(out, target)}
             if name == "VAE":
                 per_image["KL"] = kl

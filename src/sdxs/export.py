@@ -43,28 +43,30 @@ def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
 
     diffusers' `AsymmetricAutoencoderKL.__init__` registers `block_out_channels` and `force_upcast`, which it does not
     accept back, so every load of a saved VAE warns that they "are not expected and will be ignored". The class
-    registers both again when it is built, so nothing is lost. Returns the removed keys as "folder.key".
+    registers both again when it is built, so nothing is lost. Which keys are ignored is decided by diffusers' own
+    `extract_init_dict`, the check that warns on load. Returns the removed keys as "folder.key".
     """
-    import inspect
-
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
 
     removed = []
-    for path in sorted(Path(folder).glob("*/config.json")):
-        config = json.loads(path.read_text())
-        cls = getattr(diffusers, str(config.get("_class_name")), None)
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-            continue
-        params = inspect.signature(cls.__init__).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            continue  # a class taking **kwargs uses every key
-        keep = set(params) | set(getattr(cls, "_deprecated_kwargs", []))
-        ignored = [k for k in config if not k.startswith("_") and k not in keep]
-        if ignored:
-            for key in ignored:
-                del config[key]
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            removed += [f"{path.parent.name}.{key}" for key in ignored]
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # extract_init_dict would print the very warning this removes
+    try:
+        for path in sorted(Path(folder).glob("*/config.json")):
+            config = json.loads(path.read_text())
+            cls = getattr(diffusers, str(config.get("_class_name")), None)
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+                continue
+            _, unused, _ = cls.extract_init_dict(config)
+            ignored = [k for k in unused if k in config and not k.startswith("_")]
+            if ignored:
+                for key in ignored:
+                    del config[key]
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                removed += [f"{path.parent.name}.{key}" for key in ignored]
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return removed
 
 
