@@ -442,6 +442,7 @@ class SDXSPipeline(DiffusionPipeline):
         temperature: float = 0.7,
         top_p: float = 0.9,
         seed: int | None = None,
+        keep_prompt: bool = True,
     ) -> list[str]:
         r"""
         Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
@@ -452,6 +453,9 @@ class SDXSPipeline(DiffusionPipeline):
             max_new_tokens (`int`): length limit of each refined prompt in tokens.
             do_sample, temperature, top_p: sampling settings passed to `generate`.
             seed (`int`, *optional*): makes sampling reproducible.
+            keep_prompt (`bool`, defaults to `True`): the answer starts with the prompt itself and the model only
+                adds to it, so the refinement keeps what the user named (a small LM left free may answer "cat"
+                with another subject). `False`: the model writes the whole answer.
 
         Returns:
             `list[str]`: one refined prompt per input prompt.
@@ -481,6 +485,7 @@ class SDXSPipeline(DiffusionPipeline):
                 tokenize=False,
                 add_generation_prompt=True,
             )
+            + (p.strip() if keep_prompt else "")
             for p in prompts
         ]
         # left padding so every row's generation starts right after its own prompt
@@ -497,8 +502,10 @@ class SDXSPipeline(DiffusionPipeline):
                 pad_token_id=tok.pad_token_id,
             )
         self.maybe_free_model_hooks()
-        new = out[:, enc["input_ids"].shape[1] :]
-        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+        new = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        # with keep_prompt the prompt opened the answer: put it back in front of what the model added (byte-level
+        # tokens keep their leading spaces, so "cat" + ", animal" and "cat" + "s" both join as the model meant)
+        return [((p.strip() if keep_prompt else "") + t).strip() for p, t in zip(prompts, new, strict=True)]
 
     # ------------------------------------------------------------------------------------------------------------
     # VAE: encode at 8x, decode at 16x, tiled upscale

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from sdxs.data.cli import register
-from sdxs.data.emoji import captions_for, emoji_name, parse_codepoints
+from sdxs.data.emoji import STAPLES, captions_for, emoji_name, parse_codepoints
 from sdxs.data.folder import scan_folder
 
 
@@ -21,6 +21,7 @@ def test_names_compose_tones_flags_and_keycaps():
     assert emoji_name(parse_codepoints("1f3f4-e0067_e0062_e0073_e0063_e0074"), {})[0] == "flag of GBSCT"
     assert emoji_name(parse_codepoints("1f469-200d-1f680"), {}) == ("woman rocket", [])
     assert captions_for("woman surfing", ["medium skin tone"], ["woman_surfing", "surf", "sea"]) == [
+        "woman surfing, medium skin tone",  # the bare name, as a user types it
         "woman surfing, medium skin tone, 3d render",
         "woman surfing, medium skin tone, surf, sea, 3d render",
     ]
@@ -46,3 +47,7 @@ def test_emoji_dataset_for_real(tmp_path):
     captions = {c for it in train for c in it.captions}
     assert "woman surfing, medium skin tone, 3d render" in captions | {c for it in validation for c in it.captions}
     assert (out / "LICENSES" / "fluent-emoji-MIT.txt").read_text().startswith("MIT License")
+    # every image knows its Unicode group (the eval's kinds), and the staples users type first are trained on
+    assert all(r["group"] for r in rows)
+    assert {r["split"] for r in rows if r["name"] in STAPLES} == {"train"}
+    assert {"red heart", "hamburger", "airplane"} <= {r["name"] for r in rows}

@@ -320,3 +320,28 @@ def test_cache_with_another_fingerprint_is_refused(cache, dataset, tiny_pipe, tm
     other.register_to_config(text_recipe={**tiny_pipe.config.text_recipe, "hidden_layer": -1})
     with pytest.raises(ValueError, match="text_recipe"):
         prepare(dataset, out, pipe=other, shard_size=2, progress=False, **BUCKET_ARGS)
+
+
+def test_loader_balances_groups_of_images(cache):
+    """`balance_pattern`: images whose names match once the pattern is deleted share one image's weight."""
+    from collections import Counter
+
+    def draws(**kw):
+        loader = LatentShardLoader(cache, batch_size=1, seed=0, **kw)
+        return loader, Counter(k for _ in range(60) for b in loader for k in b["keys"])
+
+    plain_loader, plain = draws()
+    # "good/0.png" ... "good/5.png": deleting the digit makes them one group; the others stay singletons
+    loader, balanced = draws(balance_pattern=r"^\d$", balance_power=1.0)
+    assert len(loader) == len(plain_loader) and sum(balanced.values()) == sum(plain.values())
+    good = lambda c: sum(v for k, v in c.items() if k.startswith("good/"))  # noqa: E731
+    assert good(balanced) < 0.85 * good(plain)  # within each bucket, so less than 6x
+    assert draws(balance_pattern=r"^\d$")[1] == balanced  # deterministic for a seed
+    assert draws(balance_pattern=r"^\d$", balance_power=0.0)[1] != balanced
+    # a checkpoint of a balanced run does not resume into an unbalanced loader, and bad settings are named
+    with pytest.raises(ValueError, match="balance"):
+        plain_loader.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="balance_pattern"):
+        LatentShardLoader(cache, batch_size=1, balance_pattern="(")
+    with pytest.raises(ValueError, match="balance_power"):
+        LatentShardLoader(cache, batch_size=1, balance_pattern="x", balance_power=2.0)

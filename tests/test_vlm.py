@@ -23,6 +23,14 @@ def test_refine_prompts_returns_one_string_per_prompt_and_is_seedable(pipe):
     assert isinstance(pipe.refine_prompts("girl", instruction="Be brief.", max_new_tokens=3, seed=1)[0], str)
 
 
+def test_refine_prompts_keeps_what_the_user_named(pipe):
+    # a random tiny LM writes anything; with keep_prompt (the default) the answer still opens with the prompt
+    kept = pipe.refine_prompts(["penguin", "red apple, 3d render"], max_new_tokens=5, seed=0)
+    assert kept[0].startswith("penguin") and kept[1].startswith("red apple, 3d render")
+    free = pipe.refine_prompts(["penguin"], max_new_tokens=5, seed=0, keep_prompt=False)
+    assert not free[0].startswith("penguin")
+
+
 def test_refine_prompts_errors(pipe):
     with pytest.raises(ValueError, match="empty list"):
         pipe.refine_prompts([])

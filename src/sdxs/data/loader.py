@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
+import re
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ class LatentShardLoader:
             `encode_text` returns it; `False` trims each batch to its longest real length (same result under the
             attention mask, less compute).
         max_open_shards (`int`, defaults to 64): shard files kept open (memory-mapped) at once.
+        balance_pattern (`str`, *optional*): a regular expression; samples whose file names are equal once its
+            matches are deleted form one group, and each epoch draws the groups, not the images, evenly (with
+            replacement, within each bucket: buckets keep their share of batches). For emoji, `"-1f3f[b-f]"` makes the five skin tones of one emoji share one emoji's weight.
+        balance_power (`float`, defaults to 1.0): a group of n images weighs n ** (1 - balance_power): 1 gives
+            every group the same weight, 0 every image (no balancing), 0.5 is in between.
 
     Yields dicts: `latents` (B, C, h, w) float32, `embeds` (B, 1+L, D) float32, `mask` (B, 1+L) long,
     `bucket` (width, height) at output resolution, `keys` (list of source paths relative to the dataset folder)
@@ -86,6 +92,8 @@ class LatentShardLoader:
         sample_posterior: bool = True,
         pad_to_max_length: bool = True,
         max_open_shards: int = 64,
+        balance_pattern: str | None = None,
+        balance_power: float = 1.0,
     ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -109,6 +117,8 @@ class LatentShardLoader:
         self._samples: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, shard in enumerate(self._shards):
             self._samples.setdefault(tuple(shard["bucket"]), []).extend((i, r) for r in range(shard["count"]))
+        self.balance_pattern, self.balance_power = balance_pattern or None, float(balance_power)
+        self._weights = self._group_weights() if self.balance_pattern else None
         self.epoch = 0
         self._step = 0  # next batch of the current epoch
         if len(self) == 0:
@@ -186,14 +196,16 @@ class LatentShardLoader:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "num_samples": self.num_samples,
+            "balance": f"{self.balance_pattern}^{self.balance_power}" if self.balance_pattern else "",
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at a position from `state_dict()`; refuses a state made with another plan."""
-        for key in ("seed", "batch_size", "world_size", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
+        for key in ("seed", "batch_size", "world_size", "num_samples", "balance"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
                 raise ValueError(
-                    f"Loader state was saved with {key}={state[key]}, this loader has {getattr(self, key)}: "
+                    f"Loader state was saved with {key}={state[key]!r}, this loader has {mine!r}: "
                     "the epoch plan would differ. Resume with the same settings and cache."
                 )
         self.epoch, self._step = int(state["epoch"]), int(state["step"])
@@ -218,6 +230,25 @@ class LatentShardLoader:
         seq = np.random.SeedSequence([self.seed, self.epoch, step, self.rank])
         return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
 
+    def _group_weights(self) -> dict[tuple[int, int], np.ndarray]:
+        """bucket -> sampling probability of each of its samples, from `balance_pattern` (see the class doc)."""
+        try:
+            pattern = re.compile(self.balance_pattern)
+        except re.error as e:
+            raise ValueError(f"`balance_pattern` {self.balance_pattern!r} is not a regular expression: {e}.") from e
+        if not 0.0 <= self.balance_power <= 1.0:
+            raise ValueError(f"`balance_power` must be in [0, 1], got {self.balance_power}.")
+        files = {}
+        for i in sorted({i for samples in self._samples.values() for i, _ in samples}):
+            files[i] = self._shard(i)[2]["files"]
+        weights = {}
+        for bucket, samples in self._samples.items():
+            keys = [pattern.sub("", Path(files[i][r]).stem) for i, r in samples]
+            sizes = Counter(keys)
+            w = np.array([sizes[k] ** -self.balance_power for k in keys], dtype=np.float64)
+            weights[bucket] = w / w.sum()
+        return weights
+
     def _epoch_plan(self, epoch: int, counts_only: bool = False) -> list[tuple[tuple[int, int], list]]:
         """[(bucket, global batch of (shard, row))] for `epoch`; a pure function of (seed, epoch, settings)."""
         rng = np.random.default_rng([self.seed, epoch])
@@ -225,7 +256,12 @@ class LatentShardLoader:
         plan = []
         for bucket in sorted(self._samples):
             samples = self._samples[bucket]
-            order = rng.permutation(len(samples)) if self.shuffle and not counts_only else np.arange(len(samples))
+            if counts_only or not self.shuffle:
+                order = np.arange(len(samples))
+            elif self._weights is not None:  # balanced: as many draws as samples, groups evenly, with replacement
+                order = rng.choice(len(samples), size=len(samples), replace=True, p=self._weights[bucket])
+            else:
+                order = rng.permutation(len(samples))
             full, rest = divmod(len(samples), size)
             for b in range(full):
                 plan.append((bucket, [samples[i] for i in order[b * size : (b + 1) * size]]))

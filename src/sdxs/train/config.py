@@ -104,6 +104,10 @@ class LatentDataConfig:
     path: str = ""  # folder with the manifest and shards
     batch_size: int = 16  # per rank, per micro-batch
     sample_posterior: bool = True  # latents = mean + std * noise from the cached posterior (false: the mean only)
+    # draw groups of images evenly instead of images: files whose names are equal once this regex's matches are
+    # deleted are one group ("-1f3f[b-f]": an emoji's skin tones); "" samples every image equally
+    balance_pattern: str = ""
+    balance_power: float = 1.0  # a group of n images weighs n ** (1 - power): 1 groups equal, 0 images equal
 
 
 @dataclass

@@ -254,6 +254,8 @@ def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
         world_size=accelerator.num_processes,
         sample_posterior=cfg.data.sample_posterior,
         pad_to_max_length=False,  # trim each batch to its longest caption: same result under the mask, less compute
+        balance_pattern=cfg.data.balance_pattern,
+        balance_power=cfg.data.balance_power,
     )
     loader.check_fingerprint(base)  # latents and embeddings must come from this VAE / text encoder / recipe
     empty = loader.empty_prompt()  # (1, 1+L, D), (1, 1+L)

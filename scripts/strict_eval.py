@@ -1,0 +1,143 @@
+"""The strict, per-kind prompt-fidelity check of `sdxs.eval_strict` on a model folder or a training checkpoint.
+
+    python scripts/strict_eval.py --model . --data data/emoji                        # the shipped model
+    python scripts/strict_eval.py --model runs/v2/model --unet runs/v2/unet/checkpoints/step-000400 \\
+        --json runs/v2/strict/step-400.json                                           # one point of a curve
+    python scripts/strict_eval.py --model . --per-kind 8 --no-refine --no-image-prompts   # a quick look
+
+`--unet` swaps a UNet folder into the model (a checkpoint's `ema/` when it has one, else its `model/`), so a run's
+checkpoints can be scored while it trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on
+a fixed batch of that latent cache (the same noise for every model compared).
+Prints a Markdown table; `--json` keeps the numbers, `--grid` writes the labelled bare-name grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sdxs import eval_strict as es
+from sdxs import evaluate as ev
+from sdxs.export import load_local_pipeline
+from sdxs.grid import make_grid
+
+
+def checkpoint_unet_folder(path: Path) -> Path:
+    """The UNet weights folder of a checkpoint (EMA first), or `path` itself when it is one."""
+    for sub in ("ema", "model", "unet"):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    return path
+
+
+def loss_bands(pipe, cache: str, bands=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), n: int = 512, seed: int = 0) -> list[dict]:
+    """Flow-matching MSE of the pipeline's UNet per sigma band, on `n` cached latents with fixed noise and sigmas."""
+    from sdxs.data.loader import LatentShardLoader
+
+    loader = LatentShardLoader(cache, batch_size=64, seed=seed, shuffle=False, sample_posterior=False)
+    gen = torch.Generator().manual_seed(seed)
+    rows = {i: [] for i in range(len(bands) - 1)}
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            x0 = batch["latents"]
+            b = x0.shape[0]
+            # evenly spread sigmas, the same for every model compared
+            s = (torch.arange(b, dtype=torch.float32) + torch.rand(b, generator=gen)) / b
+            noise = torch.randn(x0.shape, generator=gen)
+            xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
+            pred = pipe.unet(
+                xs, s * 1000, encoder_hidden_states=batch["embeds"], encoder_attention_mask=batch["mask"]
+            ).sample
+            err = ((pred - (noise - x0)) ** 2).mean((1, 2, 3))
+            for j in range(b):
+                for i in range(len(bands) - 1):
+                    if bands[i] <= s[j] < bands[i + 1]:
+                        rows[i].append(float(err[j]))
+            seen += b
+            if seen >= n:
+                break
+    return [
+        {"band": f"{bands[i]:.1f}-{bands[i + 1]:.1f}", "n": len(v), "mse": round(sum(v) / max(len(v), 1), 4)}
+        for i, v in rows.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=".")
+    parser.add_argument("--unet", type=Path, help="a UNet folder or training checkpoint to swap in")
+    parser.add_argument("--data", default="data/emoji")
+    parser.add_argument("--per-kind", type=int, default=24)
+    parser.add_argument("--held-out", type=int, default=60)
+    parser.add_argument("--image-prompts", type=int, default=48)
+    parser.add_argument("--refine-per-kind", type=int, default=8)
+    parser.add_argument("--no-refine", action="store_true")
+    parser.add_argument("--no-image-prompts", action="store_true")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--guidance", type=float, default=4.0, help="the pipeline's default: 4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--loss-bands", metavar="CACHE", help="also print the loss per sigma band on this cache")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--grid", type=Path)
+    args = parser.parse_args()
+
+    t0 = time.time()
+    pipe = load_local_pipeline(args.model, dtype=torch.float32)
+    if args.unet is not None:
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(checkpoint_unet_folder(args.unet)).eval()
+    pipe.set_progress_bar_config(disable=True)
+    gen = ev.GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    renders = es.load_renders(args.data)
+    result = es.strict_eval(
+        renders,
+        lambda prompts: ev.generate_from_prompts(pipe, prompts, gen),
+        None if args.no_image_prompts else (lambda paths: ev.generate_from_images(pipe, paths, gen)),
+        None if args.no_refine else (lambda prompts: pipe.refine_prompts(prompts, seed=args.seed)),
+        per_kind=args.per_kind,
+        held_out=args.held_out,
+        image_prompts=0 if args.no_image_prompts else args.image_prompts,
+        refine_per_kind=args.refine_per_kind,
+        seed=args.seed,
+    )
+    print(
+        f"model {args.model}" + (f", UNet {args.unet}" if args.unet else "") + f", {args.steps} steps, "
+        f"guidance {args.guidance}, {len(renders)} renders in the gallery, {time.time() - t0:.0f} s\n"
+    )
+    print(es.markdown_table(result.scores))
+    if result.refine_kept is not None:
+        print(f"\nrefine_prompts keeps the named emoji in {result.refine_kept:.1f}% of bare names")
+        for a, b in result.refine_examples[:8]:
+            print(f"  {a!r} -> {b!r}")
+    bands = loss_bands(pipe, args.loss_bands) if args.loss_bands else None
+    if bands:
+        print("\n| sigma band | n | flow-matching MSE |\n|---|---:|---:|")
+        for row in bands:
+            print(f"| {row['band']} | {row['n']} | {row['mse']} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "model": args.model,
+            "unet": str(args.unet) if args.unet else None,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "rows": [row for s in result.scores for row in s.rows()],
+            "refine_kept": result.refine_kept,
+            "refine_examples": result.refine_examples,
+            "loss_bands": bands,
+        }
+        args.json.write_text(json.dumps(payload, indent=1))
+    if args.grid and result.grid:
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        ev.save_small_png(make_grid([im for im, _ in result.grid], [p for _, p in result.grid], columns=6), args.grid)
+
+
+if __name__ == "__main__":
+    main()

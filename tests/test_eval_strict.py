@@ -1,0 +1,112 @@
+"""The strict pixel-space retrieval of `sdxs.eval_strict`: kinds, ranks, distances, edge energy, refine check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from sdxs import eval_strict as es
+
+# (name, skin tones, Unicode group, colour, split, holdout)
+ROWS = [
+    ("red apple", [], "Food & Drink", (220, 30, 30), "train", ""),
+    ("green apple", [], "Food & Drink", (30, 180, 60), "train", ""),
+    ("blue heart", [], "Smileys & Emotion", (30, 60, 220), "train", ""),
+    ("flag of JP", [], "Flags", (200, 200, 250), "train", ""),
+    ("keycap 1", [], "", (20, 20, 20), "train", ""),
+    ("waving hand", ["light skin tone"], "People & Body", (250, 220, 190), "train", ""),
+    ("waving hand", ["dark skin tone"], "People & Body", (100, 60, 40), "validation", "skin tone"),
+    ("ear", [], "People & Body", (200, 150, 120), "validation", "emoji"),
+]
+
+
+def disc(colour, side=64, offset=0) -> Image.Image:
+    im = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    ImageDraw.Draw(im).ellipse((8 + offset, 8, side - 8 + offset, side - 8), fill=colour + (255,))
+    return im
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("emoji")
+    rows = []
+    for i, (name, tones, group, colour, split, holdout) in enumerate(ROWS):
+        (root / split).mkdir(exist_ok=True)
+        disc(colour).save(root / split / f"{i:04x}.webp", lossless=True)
+        text = [", ".join([name, *tones]), ", ".join([name, *tones, "3d render"])]
+        row = dict(file_name=f"{split}/{i:04x}.webp", split=split, holdout=holdout, name=name, skin_tones=tones)
+        rows.append(dict(row, group=group, text=text))
+    (root / "splits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_kinds_and_prompts(data):
+    renders = es.load_renders(data)
+    assert [r.kind for r in renders] == [
+        "objects/animals/food/travel",
+        "objects/animals/food/travel",
+        "smileys",
+        "flags",
+        "symbols",
+        "toned people",
+        "toned people",
+        "other people",
+    ]
+    assert renders[5].bare == "waving hand, light skin tone"
+    assert renders[5].exact == "waving hand, light skin tone, 3d render"
+
+
+def test_a_copy_of_the_render_is_a_hit_and_a_wrong_colour_is_not(data):
+    renders = es.load_renders(data)
+    gallery = es.PixelGallery(renders)
+    exact = [Image.open(r.path).convert("RGBA").resize((128, 128)) for r in renders]
+    scores = es.score_images(gallery, exact, renders, "copies")
+    assert scores.top(1) == 100.0 and (scores.nearest < 0.02).all()
+    np.testing.assert_allclose(scores.edge_ratio, 1.0, atol=0.05)
+    # the blue heart drawn red retrieves the red apple: a miss at top-1 for the blue heart
+    wrong = es.score_images(gallery, [exact[0]], [renders[2]], "wrong colour")
+    assert wrong.ranks[0] >= 1 and wrong.top(1) == 0.0
+    # blur lowers the edge energy, noise raises it
+    blurred = exact[0].convert("RGB").filter(ImageFilter.GaussianBlur(4))
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(
+        np.clip(
+            np.asarray(exact[0].convert("RGB"), dtype=np.float32) + rng.normal(0, 40, (128, 128, 3)), 0, 255
+        ).astype(np.uint8)
+    )
+    edges = es.score_images(gallery, [blurred, noisy], [renders[0]] * 2, "quality").edge_ratio
+    assert edges[0] < 0.75 < 1.25 < edges[1]
+    rows = {r["kind"]: r for r in scores.rows()}
+    assert rows["all"]["n"] == len(renders) and rows["toned people"]["n"] == 2
+
+
+def test_strict_eval_groups_and_refine_check(data):
+    renders = es.load_renders(data)
+    by_prompt = {r.bare: r for r in renders} | {r.exact: r for r in renders}
+
+    def generate(prompts):  # a perfect model: draws exactly the named emoji (a blank for anything else)
+        blank = Image.new("RGB", (64, 64), "white")
+        return [Image.open(by_prompt[p.split(" +")[0]].path) if p in by_prompt or " +" in p else blank for p in prompts]
+
+    def refine(prompts):  # keeps the first, loses the second
+        return [p if i % 2 == 0 else "something else" for i, p in enumerate(prompts)]
+
+    result = es.strict_eval(renders, generate, refine=lambda ps: [p + " +" for p in ps], per_kind=2, seed=0)
+    labels = [s.label for s in result.scores]
+    assert labels[:4] == [
+        "training, bare name",
+        "training, exact caption",
+        "held-out emoji, bare name",
+        "held-out skin tones, bare name",
+    ]
+    assert all(s.top(1) == 100.0 for s in result.scores)
+    assert result.refine_kept == 100.0 and len(result.grid) == result.find("training, bare name").count
+    lossy = es.strict_eval(renders, generate, refine=refine, per_kind=2, seed=0, image_prompts=0)
+    assert lossy.refine_kept == pytest.approx(50.0)
+    assert lossy.find("refine set, refined").top(1) < lossy.find("refine set, bare name").top(1)
+    assert not es.names_the_emoji("waving hand", renders[5]) and es.names_the_emoji(
+        "waving hand, light skin tone, 3d render", renders[5]
+    )
