@@ -36,10 +36,14 @@ def bench(args) -> dict:
     unet = UNet2DConditionModel(**preset.unet)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
+    if args.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     optimizer, opt_name = build_optimizer(
         unet.parameters(), OptimConfig(optimizer=args.optimizer, lr=1e-5), accelerator.device
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    if args.compile:
+        unet = torch.compile(unet)
     ema = EMA(accelerator.unwrap_model(unet), EMAConfig(enabled=True)) if args.ema else None
     unet.train()
 
@@ -48,7 +52,9 @@ def bench(args) -> dict:
     channels, width = preset.unet["in_channels"], preset.unet["cross_attention_dim"]
     device = accelerator.device
     batch = {
-        "latents": torch.randn(args.batch_size, channels, h // factor, w // factor, device=device),
+        "latents": torch.randn(args.batch_size, channels, h // factor, w // factor, device=device).contiguous(
+            memory_format=torch.channels_last if args.channels_last else torch.contiguous_format
+        ),
         "embeds": torch.randn(args.batch_size, 1 + args.tokens, width, device=device),
         "mask": torch.ones(args.batch_size, 1 + args.tokens, dtype=torch.long, device=device),
     }
@@ -86,6 +92,9 @@ def bench(args) -> dict:
         "optimizer": opt_name.split(" (")[0],
         "mixed_precision": mixed,
         "grad_ckpt": args.gradient_checkpointing,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "threads": torch.get_num_threads(),
         "ema": args.ema,
         "s_per_step": round(seconds, 3),
         "samples_per_s": round(args.batch_size / seconds, 2),
@@ -105,6 +114,8 @@ def main() -> None:
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="default: bf16 on CUDA, no on CPU")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--ema", action="store_true", help="also update an fp32 EMA copy each step")
+    parser.add_argument("--channels-last", action="store_true", help="UNet and latents in channels_last")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up steps compile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     row = bench(args)

@@ -5,7 +5,7 @@
         --json runs/v2/strict/step-400.json                                           # one point of a curve
     python scripts/strict_eval.py --model . --per-kind 8 --no-refine --no-image-prompts   # a quick look
 
-`--unet` swaps a UNet folder into the model (a checkpoint's `ema/` when it has one, else its `model/`), so a run's
+`--unet` swaps a UNet folder into the model (a checkpoint's `unet_ema/` when it has one, else its `unet/`), so a run's
 checkpoints can be scored while it trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on
 a fixed batch of that latent cache (the same noise for every model compared).
 Prints a Markdown table; `--json` keeps the numbers, `--grid` writes the labelled bare-name grid.
@@ -28,7 +28,7 @@ from sdxs.grid import make_grid
 
 def checkpoint_unet_folder(path: Path) -> Path:
     """The UNet weights folder of a checkpoint (EMA first), or `path` itself when it is one."""
-    for sub in ("ema", "model", "unet"):
+    for sub in ("unet_ema", "ema", "unet", "model"):
         if (path / sub / "config.json").is_file():
             return path / sub
     return path

@@ -4,6 +4,7 @@
 #   scripts/train-emoji.sh                      # the full recipe (configs/emoji/*.toml) into runs/emoji
 #   SMOKE=1 RUN=runs/emoji-smoke scripts/train-emoji.sh           # 30 steps per stage: checks the chain works
 #   TE_STEPS=200 VAE_STEPS=200 UNET_STEPS=500 scripts/train-emoji.sh   # any stage length
+#   V2=1 scripts/train-emoji.sh                 # sdxs-emoji v2: the shipped v1 fine-tuned (issue 16), see below
 #
 # Stages (each one project command; a finished stage leaves RUN/.done-STAGE and is skipped on a rerun):
 #   1 te        sdxs train text-encoder   tokenizer + Qwen3.5 VLM on the captions (refine + image->caption pairs)
@@ -15,6 +16,13 @@
 #   6 export    sdxs export               fp16 hub folder in OUT (< 60 MB), loaded back with plain diffusers
 # Resumable: an interrupted training stage continues from its latest checkpoint (--resume latest), prepare skips
 # finished shards, init/export are rewritten whole. Delete RUN/.done-STAGE to redo a stage (and the ones after it).
+#
+# V2=1 (issue 16): instead of stages 1-5 from scratch, start from the model in BASE (default: the repo root, v1):
+#   2v2 model   sdxs init RUN/model-v2 --base BASE --shift 1     the v1 model with the v2 noise shift
+#   4v2 prepare sdxs prepare DATA RUN/cache-v2 (the v2 dataset: bare-name caption lines) --image-embeds
+#   5v2 unet    sdxs train unet --config configs/emoji/unet-v2.toml (balanced by emoji, shift 1, constant lr + EMA)
+#   6v2 export  sdxs export RUN/unet-v2 OUT --dtype fp16
+# UNET_STEPS sets how far the v2 run goes (default 20,000: stop it any time; rerunning resumes it).
 #
 # Environment: RUN (runs/emoji), DATA (data/emoji/train), OUT (RUN/export); TE_STEPS, VAE_STEPS, DECODER_STEPS,
 # UNET_STEPS (default: the recipes'); TE_ARGS, VAE_ARGS (both VAE stages), UNET_ARGS, PREPARE_ARGS: extra overrides or
@@ -50,6 +58,35 @@ train() {
   fi
   sdxs train "$kind" --config "$config" "${resume[@]}" run.output_dir="$dir" "$@"
 }
+
+if [[ "${V2:-0}" != 0 ]]; then
+  BASE=${BASE:-.}
+  if ! done_stage model-v2; then
+    log "2/4 (v2) model folder: $BASE with scheduler shift 1"
+    sdxs init "$RUN/model-v2" --base "$BASE" --shift 1
+    mark model-v2
+  fi
+  if ! done_stage prepare-v2; then
+    log "3/4 (v2) latent cache (three caption lines per image + encode_image embeddings)"
+    # shellcheck disable=SC2086
+    sdxs prepare "$DATA" "$RUN/cache-v2" --model "$RUN/model-v2" --image-embeds $PREPARE_ARGS
+    mark prepare-v2
+  fi
+  if ! done_stage unet-v2; then
+    log "4/4 (v2) UNet fine-tune"
+    # shellcheck disable=SC2086
+    train unet configs/emoji/unet-v2.toml "$RUN/unet-v2" model.pretrained="$RUN/model-v2" data.path="$RUN/cache-v2" \
+      $(steps "${UNET_STEPS:-}") $UNET_ARGS
+    mark unet-v2
+  fi
+  if ! done_stage export-v2; then
+    log "export (fp16) to $OUT"
+    sdxs export "$RUN/unet-v2" "$OUT" --dtype fp16
+    mark export-v2
+  fi
+  log "done: $OUT"
+  exit 0
+fi
 
 if ! done_stage te; then
   log "1/6 text encoder + tokenizer"

@@ -96,3 +96,12 @@ def test_cli_init_and_errors(tmp_path, capsys):
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
     assert main(["init", str(tmp_path / "x"), "--preset", "tiny", "--unet", str(tmp_path / "empty_run")]) == 2
     assert "without a complete checkpoint" in capsys.readouterr().err
+
+
+def test_shift_sets_the_scheduler_of_a_based_folder(tmp_path, tiny_hub_dir):
+    out = assemble(tmp_path / "model", base=tiny_hub_dir, shift=1.0, verify=False)
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 1.0
+    base_unet = read_weights(tiny_hub_dir / "unet")
+    assert all(torch.equal(base_unet[k], v) for k, v in read_weights(out / "unet").items())  # only the shift changed
+    with pytest.raises(ValueError, match="--shift"):
+        assemble(tmp_path / "bad", base=tiny_hub_dir, shift=0.0, verify=False)

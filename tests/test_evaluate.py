@@ -205,6 +205,20 @@ def test_evaluate_writes_every_section(tiny_pipe, fake_emoji, tmp_path):
     assert "](../media/grid.png)" in text
     assert Image.open(grid).width == 4 * ev.GRID_THUMB
 
+    # strict section: per-kind rows for bare names and exact captions, the refine check and its bare-name grid
+    assert "## Strict prompt fidelity, per kind" in text
+    labels = [s.label for s in result.strict.scores]
+    assert (
+        labels[:2] == ["training, bare name", "training, exact caption"] and "image prompts, training images" in labels
+    )
+    assert all(s.count <= 2 * len(es_kinds(result)) for s in result.strict.scores)
+    assert "| training, bare name | all |" in text and "keeps the named emoji in" in text
+    assert result.strict_grid_path.is_file() and "](../media/grid-strict.png)" in text
+
+
+def es_kinds(result) -> set[str]:
+    return {k for s in result.strict.scores for k in s.kinds}
+
 
 def test_grid_labels_and_interleave():
     images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]

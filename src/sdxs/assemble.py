@@ -31,6 +31,7 @@ logger = logging.getLogger("sdxs.assemble")
 EPILOG = """examples:
   sdxs init runs/emoji/model --preset emoji --text-encoder runs/emoji/text_encoder
   sdxs init runs/emoji/model --base runs/emoji/model --vae runs/emoji/vae
+  sdxs init runs/emoji/model-v2 --base . --shift 1          # the shipped model with the noise shift of v2
   sdxs init out/ --preset tiny                       # random weights: for tests and benchmarks only
 """
 
@@ -79,11 +80,13 @@ def assemble(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    shift: float | None = None,
 ) -> Path:
     """Write a model folder to `out` from `base` (or fresh `preset` components) with the given components swapped in.
 
     Returns `out`. The text encoder's hidden size must match the UNet's cross-attention width when both are given
-    or kept from `base`; a fresh UNet is built to fit.
+    or kept from `base`; a fresh UNet is built to fit. `shift` sets the scheduler's noise shift (training reads it
+    from the model folder, so it must be set before a UNet is trained for it).
     """
     import torch
     from diffusers import AsymmetricAutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
@@ -152,6 +155,11 @@ def assemble(
     if parts.get("scheduler") is None:
         parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**p.scheduler)
         sources["scheduler"] = f"preset {preset}"
+    if shift is not None:
+        if not shift > 0:
+            raise ValueError(f"--shift must be > 0, got {shift}.")
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler"].config, shift=float(shift))
+        sources["scheduler"] += f" (shift {shift:g})"
     if parts.get("vision_processor") is None:
         parts["vision_processor"] = Qwen2VLImageProcessorPil(**p.vision_processor)
         sources["vision_processor"] = f"preset {preset}"
@@ -185,6 +193,7 @@ def register(subparsers) -> None:
     p.add_argument("--vae", metavar="SRC", help="trained VAE: run, checkpoint, model or vae folder")
     p.add_argument("--unet", metavar="SRC", help="trained UNet: run, checkpoint, model or unet folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh (random) components")
+    p.add_argument("--shift", type=float, help="the scheduler's noise shift (default: the base's or the preset's)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the saved weights (default: as loaded)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
     p.set_defaults(func=cmd_init)
@@ -210,6 +219,7 @@ def cmd_init(args) -> int:
         seed=args.seed,
         dtype=dtypes.get(args.dtype),
         verify=not args.no_verify,
+        shift=args.shift,
     )
     print(out)
     return 0

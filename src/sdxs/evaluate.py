@@ -10,7 +10,10 @@ Sections of the report:
    emoji and held-out skin-tone variants, with chance and the feature space's ceiling (VAE reconstructions).
 3. Image prompts: `encode_image` of a dataset image -> generate -> retrieval of that image.
 4. `refine_prompts`: inputs and outputs.
-5. A labelled sample grid (PNG under media/).
+5. Strict prompt fidelity (`sdxs.eval_strict`): pixel-space retrieval per kind of emoji, bare names and exact
+   captions, held-out emoji and tones, refined prompts and image prompts, with the nearest-render distance and
+   the edge energy of every generation; its bare-name grid goes beside the sample grid.
+6. A labelled sample grid (PNG under media/).
 
 Everything is deterministic given `seed`: the training-caption subset, image `i`'s generation seed (`seed + i`
 within each group) and `refine_prompts`' sampling.
@@ -39,6 +42,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from sdxs import eval_strict
 from sdxs.grid import make_grid
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,6 +459,8 @@ class EvalResult:
     grid_path: Path | None
     markdown_path: Path
     gallery_size: int
+    strict: eval_strict.StrictResult | None = None
+    strict_grid_path: Path | None = None
 
 
 def evaluate(
@@ -475,6 +481,7 @@ def evaluate(
     refine_prompts: Sequence[str] = DEFAULT_REFINE_PROMPTS,
     refine_max_new_tokens: int = 80,
     grid_images: int = 16,
+    strict_per_kind: int = 24,
     device: str = "auto",
     dtype: str = "auto",
     command: str | None = None,
@@ -498,6 +505,8 @@ def evaluate(
         refine_prompts (`Sequence[str]`): short prompts for the `refine_prompts` table (empty: skip the section).
         refine_max_new_tokens (`int`): length limit of each refined prompt.
         grid_images (`int`): generated images shown in the grid.
+        strict_per_kind (`int`): training emoji per kind in the strict section (0: skip it); its bare-name grid
+            is written beside `grid_path` as `*-strict.png`.
         device, dtype (`str`): as in the CLI (`auto` picks CUDA/MPS/CPU and bf16/fp16/fp32).
         command (`str`, *optional*): the command line recorded in the report.
         progress (`bool`): show progress: a tqdm bar on a terminal, a plain line a minute in logs and pipes.
@@ -579,7 +588,6 @@ def evaluate(
         images = generate_from_images(pipe, [it.path for it in group], gen, bar)
         ranks = index.ranks(np.stack([thumbnail_features(im) for im in images]), [it.index for it in group])
         image_results.append(RetrievalResult(label, ranks, len(index)))
-    bar.close()
 
     # 5. refine_prompts
     refine = []
@@ -587,7 +595,31 @@ def evaluate(
         refined = pipe.refine_prompts(list(refine_prompts), max_new_tokens=refine_max_new_tokens, seed=seed)
         refine = list(zip(refine_prompts, refined, strict=True))
 
-    # 6. Sample grid and report
+    # 6. Strict, per-kind pixel retrieval (bare names and exact captions)
+    strict, strict_grid = None, None
+    if strict_per_kind and cap(strict_per_kind):
+        n = cap(strict_per_kind)
+        strict = eval_strict.strict_eval(
+            eval_strict.load_renders(data_dir),
+            lambda prompts: generate_from_prompts(pipe, prompts, gen),
+            lambda paths: generate_from_images(pipe, paths, gen),
+            (lambda prompts: pipe.refine_prompts(prompts, seed=seed)) if refine_prompts else None,
+            per_kind=n,
+            held_out=cap(60),
+            image_prompts=cap(48),
+            refine_per_kind=max(1, n // 3),
+            seed=seed,
+            progress=bar,
+        )
+        if grid_path is not None and strict.grid:
+            strict_grid = Path(grid_path).with_name(Path(grid_path).stem + "-strict.png")
+            strict_grid.parent.mkdir(parents=True, exist_ok=True)
+            save_small_png(
+                make_grid([im for im, _ in strict.grid], [p for _, p in strict.grid], columns=6), strict_grid
+            )
+    bar.close()
+
+    # 7. Sample grid and report
     out_md = Path(out_md)
     grid = Path(grid_path) if grid_path is not None else None
     if grid is not None and samples:
@@ -595,7 +627,9 @@ def evaluate(
         save_small_png(make_grid([im for im, _ in picked], [c for _, c in picked]), grid)
     elif grid is not None:
         grid = None
-    result = EvalResult(vae_results, prompt_results, oracle, image_results, refine, grid, out_md, len(index))
+    result = EvalResult(
+        vae_results, prompt_results, oracle, image_results, refine, grid, out_md, len(index), strict, strict_grid
+    )
     settings = {
         "model": model_name,
         "data": str(data_dir),
@@ -797,6 +831,34 @@ def render_markdown(result: EvalResult, settings: dict[str, Any]) -> str:
             *[f"| {_cell(a)} | {_cell(b)} |" for a, b in result.refine],
             "",
         ]
+    if result.strict is not None:
+        st = result.strict
+        lines += [
+            "## Strict prompt fidelity, per kind",
+            "",
+            "Each generation and every dataset render are composited on white and box-downsampled to 32x32; the "
+            f"{result.gallery_size} renders are ranked by L2 distance and a hit is the prompted emoji within the top k "
+            f"(chance {100 / result.gallery_size:.2f}% top-1). Bare names are what a user types (`red apple`); exact "
+            "captions add the dataset's `, 3d render`. Nearest-render distance: RMS per pixel to the nearest render "
+            "(renders are a median ~0.17 apart); edge energy: Sobel energy of the generation over the retrieved "
+            "render's (blur < 1 < blotchy). Method: `sdxs/eval_strict.py`.",
+            "",
+            eval_strict.markdown_table(st.scores),
+            "",
+        ]
+        if st.refine_kept is not None:
+            lines += [
+                f"`refine_prompts` of bare training names keeps the named emoji in {st.refine_kept:.1f}% of "
+                f"{len(st.refine_examples)} prompts (rows 'refine set'). Examples:",
+                "",
+                "| bare name | refined |",
+                "|---|---|",
+                *[f"| {_cell(a)} | {_cell(b)} |" for a, b in st.refine_examples[:8]],
+                "",
+            ]
+        if result.strict_grid_path is not None:
+            rel = os.path.relpath(result.strict_grid_path.resolve(), md_dir.resolve()).replace(os.sep, "/")
+            lines += ["Bare-name generations across kinds:", "", f"![bare names]({rel})", ""]
     if result.grid_path is not None:
         rel = os.path.relpath(result.grid_path.resolve(), md_dir.resolve()).replace(os.sep, "/")
         lines += [
@@ -849,6 +911,9 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=positive_int, help="cap every group at this many images (a quick run)")
     p.add_argument("--refine", nargs="*", metavar="PROMPT", help="prompts for the refine table (none: skip it)")
     p.add_argument("--refine-max-new-tokens", type=positive_int, default=80, help="(default: 80)")
+    p.add_argument(
+        "--strict-per-kind", type=int, default=24, help="training emoji per kind, strict section; 0: skip (default: 24)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -877,6 +942,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         refine_prompts=DEFAULT_REFINE_PROMPTS if args.refine is None else args.refine,
         refine_max_new_tokens=args.refine_max_new_tokens,
+        strict_per_kind=args.strict_per_kind,
         device=args.device,
         dtype=args.dtype,
         command=shlex.join(["sdxs", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None,
@@ -885,4 +951,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(result.markdown_path)
     if result.grid_path is not None:
         print(result.grid_path)
+    if result.strict_grid_path is not None:
+        print(result.strict_grid_path)
     return 0
