@@ -1,16 +1,80 @@
-"""`sdxs data emoji` for real (npm + registry; this CI has both) and its caption composition (offline)."""
+"""`sdxs data emoji`: the whole command offline on fake npm tarballs, its caption composition, and (opt-in,
+SDXS_NETWORK_TESTS=1) the real packages from the npm registry."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import shutil
+import tarfile
 
 import pytest
+from PIL import Image
 
 from sdxs.data.cli import register
-from sdxs.data.emoji import STAPLES, captions_for, emoji_name, parse_codepoints
+from sdxs.data.emoji import (
+    IMAGES_PACKAGE,
+    KEYWORDS_PACKAGE,
+    NAMES_PACKAGE,
+    STAPLES,
+    captions_for,
+    emoji_name,
+    make_emoji_dataset,
+    parse_codepoints,
+)
 from sdxs.data.folder import scan_folder
+
+
+def _tarball(cache, spec: str, files: dict[str, bytes]) -> None:
+    name, version = spec.rsplit("@", 1)
+    with tarfile.open(cache / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz", "w:gz") as tar:
+        for path, data in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _webp(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (32, 32), colour + (255,)).save(buf, "WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def test_emoji_dataset_offline_from_cached_tarballs(tmp_path):
+    """The command as it runs for real, on tarballs already in the cache (npm is never called)."""
+    cache = tmp_path / "npm"
+    cache.mkdir()
+    stems = {"1f600": (250, 200, 0), "1f44b-1f3fb": (250, 220, 190), "1f44b-1f3ff": (100, 60, 40)}
+    stems |= {"2764-fe0f": (220, 20, 40), "1f1ef-1f1f5": (250, 250, 250)}
+    _tarball(cache, IMAGES_PACKAGE, {f"package/assets/{s}.webp": _webp(c) for s, c in stems.items()})
+    names = {
+        "\U0001f600": {"name": "grinning face", "group": "Smileys & Emotion"},
+        "\U0001f44b": {"name": "waving hand", "group": "People & Body"},
+        "\u2764\ufe0f": {"name": "red heart", "group": "Smileys & Emotion"},
+    }
+    licence = b"MIT License"
+    _tarball(
+        cache, NAMES_PACKAGE, {"package/data-by-emoji.json": json.dumps(names).encode(), "package/LICENSE": licence}
+    )
+    keywords = {"\U0001f600": ["grinning_face", "smile", "happy"]}
+    _tarball(
+        cache,
+        KEYWORDS_PACKAGE,
+        {"package/dist/emoji-en-US.json": json.dumps(keywords).encode(), "package/LICENSE": licence},
+    )
+    summary = make_emoji_dataset(tmp_path / "emoji", cache_dir=cache, min_images=5)
+    assert summary["images"] == 5 and summary["train"] + summary["validation"] == 5
+    rows = {r["file_name"].split("/")[1]: r for r in map(json.loads, (tmp_path / "emoji/splits.jsonl").open())}
+    face = rows["1f600.webp"]
+    assert face["text"] == ["grinning face", "grinning face, 3d render", "grinning face, smile, happy, 3d render"]
+    assert face["group"] == "Smileys & Emotion" and rows["1f1ef-1f1f5.webp"]["group"] == "Flags"
+    assert rows["1f44b-1f3ff.webp"]["text"][0] == "waving hand, dark skin tone"
+    assert rows["2764-fe0f.webp"]["split"] == "train"  # a staple
+    assert (tmp_path / "emoji" / face["file_name"]).with_suffix(".txt").read_text().splitlines() == face["text"]
+    with pytest.raises(RuntimeError, match="expected >= 6"):
+        make_emoji_dataset(tmp_path / "again", cache_dir=cache, min_images=6)
 
 
 def test_names_compose_tones_flags_and_keycaps():
@@ -27,7 +91,10 @@ def test_names_compose_tones_flags_and_keycaps():
     ]
 
 
-@pytest.mark.skipif(shutil.which("npm") is None, reason="needs npm (Node.js); this CI has it")
+@pytest.mark.skipif(
+    shutil.which("npm") is None or os.environ.get("SDXS_NETWORK_TESTS") != "1",
+    reason="downloads from the npm registry: opt in with SDXS_NETWORK_TESTS=1 (needs npm)",
+)
 def test_emoji_dataset_for_real(tmp_path):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from sdxs.train.common import lr_factor
 from sdxs.train.config import OptimConfig, UNetTrainConfig, VAETrainConfig, load_config, to_dict
 
+ROOT = Path(__file__).resolve().parents[1]  # the recipes are found from any working directory
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.toml"))
+
 
 def test_recipe_and_typed_overrides(tmp_path):
     cfg = load_config(
         UNetTrainConfig,
-        "configs/tiny/unet.toml",
+        ROOT / "configs/tiny/unet.toml",
         ["optim.lr=3e-4", "run.max_steps=7", "ema.enabled=true", 'sample.prompts=["a", "b"]', "run.output_dir=x"],
     )
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
@@ -71,10 +75,14 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(50, OptimConfig(warmup_steps=10), 100) == 1.0
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").rglob("*.toml")))
+def test_recipes_are_found():
+    assert len(RECIPES) >= 8 and "configs/emoji/unet-v2.toml" in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES)
 def test_shipped_recipes_load(path):
     from sdxs.train.config import TextEncoderTrainConfig
 
     kind = path.rsplit("/", 1)[-1].removesuffix(".toml").split("-")[0]  # vae-decoder.toml: a VAE recipe
     cls = {"unet": UNetTrainConfig, "vae": VAETrainConfig, "text_encoder": TextEncoderTrainConfig}[kind]
-    load_config(cls, path)
+    load_config(cls, ROOT / path)

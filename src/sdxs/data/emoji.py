@@ -236,12 +236,15 @@ def _read_json(tar: tarfile.TarFile, member: str):
     return json.load(tar.extractfile(member))
 
 
-def make_emoji_dataset(out: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict:
+def make_emoji_dataset(
+    out: str | os.PathLike, cache_dir: str | os.PathLike | None = None, min_images: int = MIN_IMAGES
+) -> dict:
     """Write the Fluent Emoji 3D dataset to `out` (train/, validation/, splits.jsonl, README.md, LICENSES/).
 
     Args:
         out: target folder (created; existing files of the same names are replaced).
         cache_dir: where npm tarballs are cached (default `default_cache_dir()`; never inside the repository).
+        min_images: fewer images than this in the package is an error (a broken or wrong package).
 
     Returns:
         A summary: {"images", "train", "validation", "held_out_emoji", "held_out_tones", "out"}.
@@ -308,8 +311,8 @@ def make_emoji_dataset(out: str | os.PathLike, cache_dir: str | os.PathLike | No
         "out": str(out),
     }
     (out / "README.md").write_text(_readme(summary), encoding="utf-8")
-    if summary["images"] < MIN_IMAGES:
-        raise RuntimeError(f"Only {summary['images']} emoji images found in {images_tgz}; expected >= {MIN_IMAGES}.")
+    if summary["images"] < min_images:
+        raise RuntimeError(f"Only {summary['images']} emoji images found in {images_tgz}; expected >= {min_images}.")
     return summary
 
 
