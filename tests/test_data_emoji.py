@@ -116,5 +116,5 @@ def test_emoji_dataset_for_real(tmp_path):
     assert (out / "LICENSES" / "fluent-emoji-MIT.txt").read_text().startswith("MIT License")
     # every image knows its Unicode group (the eval's kinds), and the staples users type first are trained on
     assert all(r["group"] for r in rows)
-    assert {r["split"] for r in rows if r["name"] in STAPLES} == {"train"}
+    assert "emoji" not in {r["holdout"] for r in rows if r["name"] in STAPLES}  # (one tone of "man" may be)
     assert {"red heart", "hamburger", "airplane"} <= {r["name"] for r in rows}
