@@ -105,15 +105,27 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32  # half precision on the CPU is slow and less accurate
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Keep library warnings (config notes, slow-kernel fallbacks) out of the way unless asked for."""
-    if verbose:
-        return
+def quiet_libraries(verbose: bool, progress: bool = True) -> None:
+    """Keep library warnings (config notes, slow-kernel fallbacks) out of the way unless asked for, and the
+    libraries' own progress bars (weight loading) off when `progress` is false."""
+    import warnings
+
     import diffusers
     import transformers
 
+    if not progress:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    if verbose:
+        return
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    # Python warnings from the libraries (FutureWarning, UserWarning) are notes for their developers, not ours
+    for module in ("diffusers", "transformers", "torch", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+_quiet_libraries = quiet_libraries  # the name sdxs.evaluate imports
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -126,14 +138,9 @@ def load_pipeline(args: argparse.Namespace):
     folder = resolve_model(args.model)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    _quiet_libraries(getattr(args, "verbose", False))
-    import diffusers
-    import transformers
+    quiet_libraries(getattr(args, "verbose", False), progress=show_progress(args))
     from diffusers import DiffusionPipeline
 
-    if not show_progress(args):
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
     speedups = list(dict.fromkeys(getattr(args, "speedup", None) or []))
     if "cpu_offload" in speedups:
