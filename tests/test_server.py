@@ -430,3 +430,13 @@ def test_queued_job_of_a_departed_client_never_starts(tiny_pipe):
 
     status, _, _ = asyncio.run(scenario())
     assert status == 499 and counting.steps == 0 and gate.cancelled == 1
+
+
+def test_long_prompt_is_truncated_not_refused(client, tiny_pipe):
+    """docs/server.md: over the text encoder's 250 tokens -> truncated, 200; over 2000 characters -> 422."""
+    prompt = " ".join(f"w{i}" for i in range(400))  # ~1900 characters
+    assert len(prompt) <= 2000 and len(tiny_pipe.tokenizer(prompt)["input_ids"]) > 250
+    r = client.post("/generate", json={"prompt": prompt, "steps": 1, "width": 16, "height": 16, "seed": 0})
+    assert r.status_code == 200, r.text
+    r = client.post("/generate", json={"prompt": "x" * 2001, "steps": 1, "width": 16, "height": 16})
+    assert r.status_code == 422 and "prompt" in r.json()["detail"]
