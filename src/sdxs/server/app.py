@@ -48,6 +48,9 @@ MAX_SEED = 2**32 - 1  # seeds stay exact in JavaScript numbers and in every clie
 # Multipart framing and form fields around an uploaded file: requests larger than the upload limit plus this are
 # refused from their Content-Length header before the body is read.
 FORM_OVERHEAD_BYTES = 64 * 1024
+# A refused oversized body is read and dropped (never kept) up to this many bytes so that the client can read the
+# 413; a larger one is cut off by closing the connection.
+DRAIN_LIMIT_BYTES = 64 * 2**20
 # The page itself only talks to this server; /docs (Swagger UI from a CDN) is left without this policy.
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -396,8 +399,8 @@ def decode_upload(image: Image.Image) -> Image.Image:
 class Admission:
     """ASGI middleware: refuse from the headers alone, before any body byte is read.
 
-    POST without Content-Length -> 411; Content-Length over the upload limit -> 413; a job request while the
-    queue is full -> 429 (the place it takes is held until the response has started, so requests reading their
+    POST without Content-Length -> 411; Content-Length over the upload limit -> 413 (the body is dropped unread,
+    up to DRAIN_LIMIT_BYTES, so the client sees the answer); a job request while the queue is full -> 429 (the place it takes is held until the response has started, so requests reading their
     bodies count against the queue too). Every response gets `X-Content-Type-Options: nosniff`.
     """
 
@@ -425,6 +428,8 @@ class Admission:
         if refuse is not None:
             refuse.headers["X-Content-Type-Options"] = "nosniff"
             refuse.headers["Connection"] = "close"  # the unread body must not be taken for the next request
+            if refuse.status_code == 413:
+                await _discard_body(receive, DRAIN_LIMIT_BYTES)
             return await refuse(scope, receive, send)
 
         state = scope.setdefault("state", {})
@@ -447,6 +452,19 @@ class Admission:
         finally:
             if admitted:
                 self.gate.release()
+
+
+async def _discard_body(receive, limit: int) -> None:
+    """Read and drop up to `limit` body bytes (nothing is kept), so a client still sending an oversized body gets
+    to read its 413 instead of a reset connection; past `limit` the connection is simply closed."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
