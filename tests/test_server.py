@@ -443,3 +443,17 @@ def test_long_prompt_is_truncated_not_refused(client, tiny_pipe):
     assert r.status_code == 200, r.text
     r = client.post("/generate", json={"prompt": "x" * 2001, "steps": 1, "width": 16, "height": 16})
     assert r.status_code == 422 and "prompt" in r.json()["detail"]
+
+
+def test_big_image_prompts_are_shrunk_to_the_processor_budget_as_uint8():
+    from types import SimpleNamespace
+
+    from sdxs.server.app import shrink_for_vision
+
+    pipe = SimpleNamespace(vision_processor=SimpleNamespace(size={"longest_edge": 1000}))
+    small = Image.new("RGB", (40, 25))
+    assert shrink_for_vision(small, pipe) is small
+    big = Image.new("RGBA", (100, 50), (0, 0, 0, 0))
+    out = shrink_for_vision(big, pipe)
+    assert out.mode == "RGB" and out.width * out.height <= 1000 and out.size == (44, 22)
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # transparency on white, as encode_image does

@@ -396,6 +396,21 @@ def decode_upload(image: Image.Image) -> Image.Image:
     return image
 
 
+def shrink_for_vision(image: Image.Image, pipe) -> Image.Image:
+    """Resize an image larger than the vision processor's pixel budget down to it with PIL (uint8), instead of
+    letting the processor do it on a float copy: a 4096x4096 upload would otherwise cost ~200 MB of float32 at
+    once. The processor resizes to within this budget anyway, so the embedding barely changes."""
+    size = getattr(getattr(pipe, "vision_processor", None), "size", None) or {}
+    budget = size.get("longest_edge") if isinstance(size, dict) else None
+    if not budget or image.width * image.height <= budget:
+        return image
+    scale = math.sqrt(budget / (image.width * image.height))
+    new = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    from sdxs.pipeline import load_rgb_image  # transparency on white, EXIF, modes: as encode_image would
+
+    return load_rgb_image(image).resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
 class Admission:
     """ASGI middleware: refuse from the headers alone, before any body byte is read.
 
@@ -633,7 +648,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         used_seed = _random_seed() if params.seed is None else params.seed
 
         def job(cancel):
-            embeds, mask = pipe.encode_image(decode_upload(picture))
+            embeds, mask = pipe.encode_image(shrink_for_vision(decode_upload(picture), pipe))
             kwargs = _call_kwargs(params, used_seed, cancel)
             images = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, **kwargs).images
             if cancel.is_set():
