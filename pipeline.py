@@ -603,6 +603,7 @@ class SDXSPipeline(DiffusionPipeline):
         image: PipelineImageInput | list[PipelineImageInput],
         tile_size: int = 512,
         tile_overlap: int = 64,
+        max_pixels: int | None = 2048 * 2048,
     ) -> list[PIL.Image.Image]:
         r"""
         Upscale image(s) 2x with the asymmetric VAE: encode at 8x, decode at 16x (a "blind" latent upscaler).
@@ -613,6 +614,9 @@ class SDXSPipeline(DiffusionPipeline):
             tile_size (`int`): inputs larger than this (pixels per side) go through overlapping tiles, so memory stays
                 bounded; must be a multiple of the encoder factor.
             tile_overlap (`int`): overlap of neighbouring tiles in input pixels; seams are blended linearly.
+            max_pixels (`int`, *optional*): refuse (`ValueError`, before any work) inputs with more pixels than this;
+                the default 2048x2048 takes minutes on a CPU. `None`: no limit. Tiled inputs show a progress bar
+                over tiles (`set_progress_bar_config` turns it off).
 
         Returns:
             `list[PIL.Image.Image]`: each exactly (decoder factor / encoder factor) = 2x the input size.
@@ -626,9 +630,15 @@ class SDXSPipeline(DiffusionPipeline):
             raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
         if not 0 <= tile_overlap <= tile_size // 2 or tile_overlap % enc:
             raise ValueError(f"`tile_overlap` must be a multiple of {enc} in [0, tile_size/2], got {tile_overlap}.")
+        pils = [load_rgb_image(im) for im in images]
+        for i, pil in enumerate(pils):
+            if max_pixels is not None and pil.width * pil.height > max_pixels:
+                raise ValueError(
+                    f"image {i} is {pil.width}x{pil.height} = {pil.width * pil.height} pixels, more than "
+                    f"`max_pixels`={max_pixels}; pass a larger `max_pixels` (or None) to upscale it anyway."
+                )
         results = []
-        for im in images:
-            pil = load_rgb_image(im)
+        for pil in pils:
             w, h = pil.size
             pixels = self._image_to_tensor(pil)
             ph, pw = (-h) % enc, (-w) % enc  # pad to the encoder's multiple with edge pixels, crop back after
@@ -639,7 +649,17 @@ class SDXSPipeline(DiffusionPipeline):
                 return self._vae_decode_whole(self._vae_encode(x))
 
             if max(h + ph, w + pw) > tile_size:
-                up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct).cpu()
+                n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
+                    _tile_starts(w + pw, tile_size, tile_overlap)
+                )
+                with self.progress_bar(total=n_tiles) as bar:
+
+                    def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
+                        out = reconstruct(x)
+                        bar.update()
+                        return out
+
+                    up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
             else:
                 up = reconstruct(pixels).cpu()
             up = up[:, :, : h * r, : w * r]
@@ -1032,16 +1052,9 @@ def _blend_tiles(
     linearly and sum to one, so a local `fn` gives exactly the untiled result.
     """
     _, _, h, w = x.shape
-
-    def starts(n: int) -> list[int]:
-        s = list(range(0, max(n - tile, 0) + 1, tile - overlap))
-        if s[-1] + tile < n:
-            s.append(n - tile)
-        return s
-
     out = weight = None
-    for y in starts(h):
-        for x0 in starts(w):
+    for y in _tile_starts(h, tile, overlap):
+        for x0 in _tile_starts(w, tile, overlap):
             part = fn(x[:, :, y : y + tile, x0 : x0 + tile]).float()
             th, tw = part.shape[-2] // scale, part.shape[-1] // scale
             if out is None:
@@ -1053,6 +1066,14 @@ def _blend_tiles(
             out[:, :, y * scale : (y + th) * scale, x0 * scale : (x0 + tw) * scale] += part * wgt
             weight[:, :, y * scale : (y + th) * scale, x0 * scale : (x0 + tw) * scale] += wgt
     return out / weight.clamp_min(1e-8)
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of the tiles along one axis of length `n`: every `tile - overlap`, the last flush with the edge."""
+    s = list(range(0, max(n - tile, 0) + 1, tile - overlap))
+    if s[-1] + tile < n:
+        s.append(n - tile)
+    return s
 
 
 def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:

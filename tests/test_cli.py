@@ -197,3 +197,61 @@ def test_external_subcommands_skip_only_missing_modules(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", broken)
     with pytest.raises(ModuleNotFoundError, match="webdataset"):
         cli._import_optional("sdxs.data.cli")
+
+
+# ---- every argument checked before the model loads ------------------------------------------------------------
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    def refuse(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", refuse)
+
+
+def test_bad_output_paths_fail_before_loading(tiny_hub_dir, tmp_path, capsys, no_model_load):
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (("generate", "x", "-o", tmp_path / "out.xyz"), "--output", "unknown file extension '.xyz'"),
+        (("generate", "x", "-o", tmp_path / "a-file" / "out.png"), "--output", "is a file, not a folder"),
+        (("generate", "x", "-o", tmp_path), "--output", "is a folder"),
+        (("encode-image", tmp_path / "a-file", "-o", tmp_path / "v.gifx"), "--output", "unknown file extension"),
+        (("encode-image", tmp_path / "a-file", "--save-embeds", tmp_path / "e.pt"), "--save-embeds", ".safetensors"),
+        (("upscale", tmp_path / "a-file", "-o", tmp_path / "up.txt"), "--output", "unknown file extension"),
+    ]
+    for argv, flag, reason in cases:
+        assert run_cli(*argv, "--model", tiny_hub_dir) == 2, argv
+        err = stderr_lines(capsys.readouterr())
+        assert len(err) == 1 and flag in err[0] and reason in err[0], (argv, err)
+        assert (
+            "use one of" in err[0]
+            or "pick another" in err[0]
+            or "give a file name" in err[0]
+            or flag == "--save-embeds"
+        )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: permissions cannot be tested")
+def test_unwritable_output_folder_fails_before_loading(tiny_hub_dir, tmp_path, capsys, no_model_load):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert run_cli("generate", "x", "--model", tiny_hub_dir, "-o", locked / "out.png") == 2
+    assert "cannot write in" in capsys.readouterr().err
+
+
+def test_upscale_pixel_limit_before_loading(tiny_hub_dir, tmp_path, capsys, no_model_load):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (40, 30)).save(src)
+    assert run_cli("upscale", src, "--model", tiny_hub_dir, "--max-pixels", "1000") == 2
+    err = stderr_lines(capsys.readouterr())
+    assert len(err) == 1 and "40x30 = 1200 pixels, more than --max-pixels 1000" in err[0]
+    assert "pass --max-pixels 1200 (or 0 for no limit)" in err[0]
+    assert not (tmp_path / "in-2x.png").exists()
+
+
+def test_upscale_max_pixels_override(tiny_hub_dir, tmp_path):
+    src = tmp_path / "in.png"
+    Image.new("RGB", (40, 30)).save(src)
+    assert run_cli("upscale", src, "--model", tiny_hub_dir, "--max-pixels", "1200", "-q") == 0
+    assert Image.open(tmp_path / "in-2x.png").size == (80, 60)

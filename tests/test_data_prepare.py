@@ -345,3 +345,49 @@ def test_loader_balances_groups_of_images(cache):
         LatentShardLoader(cache, batch_size=1, balance_pattern="(")
     with pytest.raises(ValueError, match="balance_power"):
         LatentShardLoader(cache, batch_size=1, balance_pattern="x", balance_power=2.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A cache that another model or other options made is never touched
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prepare_refuses_a_foreign_cache_and_deletes_nothing(cache, dataset, tiny_pipe, tmp_path):
+    out = tmp_path / "theirs"
+    shutil.copytree(cache, out)
+    (out / "notes.txt").write_text("someone's notes")
+    before = _snapshot(out)
+    # other buckets (the shard names differ, so a fingerprint check per shard never runs)
+    other_buckets = dict(min_side=64, max_side=64, max_area=64 * 64)
+    with pytest.raises(ValueError, match="did not make.*buckets.*--overwrite.*another output folder"):
+        prepare(dataset, out, pipe=tiny_pipe, shard_size=2, progress=False, **other_buckets)
+    assert _snapshot(out) == before
+    # another model: the manifest's fingerprint differs
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["fingerprint"]["vae"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"different vae\. Nothing was changed.*--overwrite"):
+        prepare(dataset, out, pipe=tiny_pipe, batch_size=4, shard_size=2, progress=False, **BUCKET_ARGS)
+    assert _snapshot(out) == before
+    # --overwrite replaces the cache's own files and leaves everything else
+    manifest = prepare(dataset, out, pipe=tiny_pipe, shard_size=2, progress=False, overwrite=True, **other_buckets)
+    assert manifest["options"]["buckets"] == [[64, 64]]
+    assert (out / "notes.txt").read_text() == "someone's notes"
+    assert {p.name.split("-")[0] for p in (out / "shards").iterdir()} == {"64x64"}
+
+
+def test_prepare_cli_refuses_a_foreign_cache(cache, tiny_hub_dir, dataset, tmp_path, capsys):
+    from sdxs.cli import main
+
+    out = tmp_path / "theirs"
+    shutil.copytree(cache, out)
+    before = _snapshot(out)
+    code = main(["prepare", str(dataset), str(out), "--model", str(tiny_hub_dir), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(out) == before

@@ -259,3 +259,201 @@ def test_pipeline_errors_become_422(tiny_pipe):
 
     r = TestClient(create_app(Refusing(), ServerSettings(default_steps=1))).post("/generate", json={"prompt": "x"})
     assert r.status_code == 422 and r.json()["detail"] == "`prompt` has 300 tokens, more than max_length=250."
+
+
+# ---- refuse cheaply, tell the truth, stop abandoned work ----------------------------------------------------
+
+
+async def _asgi(app, method: str, path: str, headers: dict[str, str], receive) -> tuple[int, dict, bytes]:
+    """Call the ASGI app directly with our own `receive`, to see whether (and when) the body is read."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+def test_busy_server_refuses_uploads_before_reading_them(tiny_pipe):
+    """Queue full: 429 from the headers alone; too large: 413 from Content-Length; no body byte is read."""
+    app = create_app(tiny_pipe, ServerSettings(default_steps=1, max_queue=0, max_upload_bytes=UPLOAD_LIMIT))
+    gate = app.state.gate
+    reads = []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"not an image at all", "more_body": False}
+
+    async def receive_big():  # a 413's body is dropped unread (so the client can read the answer), never parsed
+        return {"type": "http.request", "body": b"\0" * 4096, "more_body": False}
+
+    form = {"content-type": "multipart/form-data; boundary=x", "content-length": "1000"}
+
+    async def scenario():
+        release = threading.Event()
+        running = asyncio.create_task(gate.run(release.wait))  # the device is busy, the queue (0) is full
+        while not gate.busy:
+            await asyncio.sleep(0.01)
+        busy = [await _asgi(app, "POST", path, form, receive) for path in ("/upscale", "/encode-image", "/generate")]
+        huge = {**form, "content-length": str(UPLOAD_LIMIT + 10 * 2**20)}
+        too_large = await _asgi(app, "POST", "/upscale", huge, receive_big)
+        chunked = await _asgi(app, "POST", "/upscale", {"content-type": form["content-type"]}, receive)
+        health = await _asgi(app, "GET", "/health", {}, receive)
+        release.set()
+        await running
+        return busy, too_large, chunked, health
+
+    busy, too_large, chunked, health = asyncio.run(scenario())
+    assert [status for status, _, _ in busy] == [429, 429, 429]  # not 422: the (bad) body was never parsed
+    assert all(int(headers["retry-after"]) >= 1 for _, headers, _ in busy)
+    assert too_large[0] == 413 and b"larger than the limit" in too_large[2]
+    assert chunked[0] == 411
+    assert reads == []  # none of these requests had a single body byte read
+    assert health[0] == 200 and gate.pending == 0
+
+
+def test_upscale_side_limit_checked_from_the_header(client, monkeypatch):
+    """An over-size /upscale input is refused without decoding its pixels."""
+    limit = client.app.state.settings.max_upscale_side
+    buf = io.BytesIO()
+    Image.new("RGB", (limit + 16, 8)).save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < UPLOAD_LIMIT
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
+    r = client.post("/upscale", files={"image": ("wide.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 422 and f"at most {limit} pixels per side" in r.json()["detail"]
+    assert decoded == []
+
+
+def test_health_reports_what_is_loaded(tiny_pipe):
+    class Partial:
+        """A pipeline whose UNet failed to load."""
+
+        size_step, vision_processor, unet = 16, None, None
+        vae, text_encoder, tokenizer, scheduler = tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.tokenizer, 1
+        config = tiny_pipe.config
+        device, dtype = "cpu", "torch.float32"
+
+    r = TestClient(create_app(Partial(), ServerSettings(default_steps=1))).get("/health")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["model_loaded"] is False and body["status"] == "unavailable"
+    assert body["components"]["unet"] is False and body["components"]["vae"] is True
+    full = TestClient(create_app(tiny_pipe, ServerSettings(default_steps=1))).get("/health").json()
+    assert full["model_loaded"] is True and all(full["components"].values())
+    assert full["busy"] is False and full["running_seconds"] is None and full["jobs_cancelled"] == 0
+
+
+class _CountingPipe:
+    """The tiny pipeline, counting the denoising steps it runs (the server's callback still sees the real pipe)."""
+
+    def __init__(self, pipe):
+        self._pipe, self.steps = pipe, 0
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, callback_on_step_end=None, **kwargs):
+        def counting(pipe, i, t, callback_kwargs):
+            self.steps += 1
+            return callback_on_step_end(pipe, i, t, callback_kwargs) if callback_on_step_end else callback_kwargs
+
+        return self._pipe(*args, callback_on_step_end=counting, **kwargs)
+
+
+def test_client_disconnect_stops_the_job_at_the_next_step(tiny_pipe):
+    counting = _CountingPipe(tiny_pipe)
+    app = create_app(counting, ServerSettings(default_steps=1, max_steps=200, max_queue=1))
+    gate = app.state.gate
+    body = b'{"prompt": "a cat", "steps": 200, "width": 16, "height": 16, "guidance": 1, "seed": 0}'
+    sent_body = []
+
+    async def receive():
+        if not sent_body:
+            sent_body.append(1)
+            return {"type": "http.request", "body": body, "more_body": False}
+        while counting.steps < 2:  # the job is running: now the client goes away
+            await asyncio.sleep(0.001)
+        return {"type": "http.disconnect"}
+
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    status, _, _ = asyncio.run(_asgi(app, "POST", "/generate", headers, receive))
+    assert status == 499
+    assert 2 <= counting.steps < 200 and counting.steps <= 40, counting.steps  # stopped, not run to the end
+    assert gate.cancelled == 1 and gate.pending == 0 and not gate.busy
+    health = TestClient(app).get("/health").json()
+    assert health["jobs_cancelled"] == 1 and health["jobs_done"] == 0
+    # the interrupted pipeline is clean for the next job
+    r = TestClient(app).post("/generate", json={"prompt": "a cat", "steps": 3, "width": 16, "height": 16})
+    assert r.status_code == 200 and counting.steps >= 3
+
+
+def test_queued_job_of_a_departed_client_never_starts(tiny_pipe):
+    counting = _CountingPipe(tiny_pipe)
+    app = create_app(counting, ServerSettings(default_steps=1, max_queue=1))
+    gate = app.state.gate
+    body = b'{"prompt": "a cat", "steps": 1, "width": 16, "height": 16}'
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    sent_body = []
+
+    async def receive():
+        if not sent_body:
+            sent_body.append(1)
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}  # gone while waiting behind the running job
+
+    async def scenario():
+        release = threading.Event()
+        running = asyncio.create_task(gate.run(release.wait))
+        while not gate.busy:
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(_asgi(app, "POST", "/generate", headers, receive))
+        await asyncio.sleep(0.2)
+        release.set()
+        await running
+        return await queued
+
+    status, _, _ = asyncio.run(scenario())
+    assert status == 499 and counting.steps == 0 and gate.cancelled == 1
+
+
+def test_long_prompt_is_truncated_not_refused(client, tiny_pipe):
+    """docs/server.md: over the text encoder's 250 tokens -> truncated, 200; over 2000 characters -> 422."""
+    prompt = " ".join(f"w{i}" for i in range(400))  # ~1900 characters
+    assert len(prompt) <= 2000 and len(tiny_pipe.tokenizer(prompt)["input_ids"]) > 250
+    r = client.post("/generate", json={"prompt": prompt, "steps": 1, "width": 16, "height": 16, "seed": 0})
+    assert r.status_code == 200, r.text
+    r = client.post("/generate", json={"prompt": "x" * 2001, "steps": 1, "width": 16, "height": 16})
+    assert r.status_code == 422 and "prompt" in r.json()["detail"]
+
+
+def test_big_image_prompts_are_shrunk_to_the_processor_budget_as_uint8():
+    from types import SimpleNamespace
+
+    from sdxs.server.app import shrink_for_vision
+
+    pipe = SimpleNamespace(vision_processor=SimpleNamespace(size={"longest_edge": 1000}))
+    small = Image.new("RGB", (40, 25))
+    assert shrink_for_vision(small, pipe) is small
+    big = Image.new("RGBA", (100, 50), (0, 0, 0, 0))
+    out = shrink_for_vision(big, pipe)
+    assert out.mode == "RGB" and out.width * out.height <= 1000 and out.size == (44, 22)
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # transparency on white, as encode_image does

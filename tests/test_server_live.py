@@ -83,11 +83,31 @@ def live_server(tiny_hub_dir, tmp_path_factory):
             proc.kill()
 
 
+def listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """(ip, port) of every TCP socket the process `pid` listens on, read from the OS (not from our own URL)."""
+    proc = psutil.Process(pid)
+    conns = proc.net_connections(kind="tcp") if hasattr(proc, "net_connections") else proc.connections(kind="tcp")
+    return sorted((c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN)
+
+
 def test_serve_binds_loopback_and_reports_health(live_server):
-    url, _ = live_server
+    url, proc = live_server
     health = httpx.get(url + "/health").json()
     assert health["model_loaded"] and health["device"] == "cpu" and health["dtype"] == "float32"
-    assert url.startswith("http://127.0.0.1:")
+    assert all(health["components"][k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    port = int(url.rsplit(":", 1)[1])
+    # the socket the server really bound: loopback only, never 0.0.0.0 / :: (a default change would fail here)
+    assert listening_addresses(proc.pid) == [("127.0.0.1", port)]
+
+
+def test_listening_addresses_reports_the_real_bind():
+    """The check above can fail: it reports the address a socket is bound to (here another loopback address, so
+    nothing is exposed), not the one a test expects."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.listen()
+        found = listening_addresses(os.getpid())
+        assert ("127.0.0.2", s.getsockname()[1]) in found and ("127.0.0.1", s.getsockname()[1]) not in found
 
 
 # ---- real browser ----------------------------------------------------------------------------------------------

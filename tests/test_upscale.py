@@ -115,3 +115,35 @@ def test_vae_tiling_and_slicing_in_generation(monkeypatch):
     torch.testing.assert_close(tiled, pipe._vae_decode(latents))
     with pytest.raises(ValueError, match="tile_latents"):
         pipe.enable_vae_tiling(tile_latents=2)
+
+
+def test_pixel_limit_refused_before_any_work(pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(type(pipe), "_vae_encode", lambda self, x: calls.append(x.shape))
+    small, big = rand_image(8, 8), rand_image(40, 30)
+    with pytest.raises(ValueError, match=r"image 1 is 40x30 = 1200 pixels, more than `max_pixels`=1000"):
+        pipe.image_upscale([small, big], max_pixels=1000)
+    assert calls == []  # not even the small first image was started
+
+
+def test_progress_bar_counts_tiles(pipe, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.n += n
+
+    monkeypatch.setattr(type(pipe), "progress_bar", lambda self, iterable=None, total=None: Bar(total))
+    out = pipe.image_upscale(rand_image(48, 40), tile_size=32, tile_overlap=8)[0]
+    assert out.size == (96, 80)
+    assert [(b.total, b.n) for b in bars] == [(4, 4)]  # 2 x 2 tiles, each reported once

@@ -105,15 +105,27 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32  # half precision on the CPU is slow and less accurate
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    """Keep library warnings (config notes, slow-kernel fallbacks) out of the way unless asked for."""
-    if verbose:
-        return
+def quiet_libraries(verbose: bool, progress: bool = True) -> None:
+    """Keep library warnings (config notes, slow-kernel fallbacks) out of the way unless asked for, and the
+    libraries' own progress bars (weight loading) off when `progress` is false."""
+    import warnings
+
     import diffusers
     import transformers
 
+    if not progress:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    if verbose:
+        return
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    # Python warnings from the libraries (FutureWarning, UserWarning) are notes for their developers, not ours
+    for module in ("diffusers", "transformers", "torch", "accelerate", "huggingface_hub"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+_quiet_libraries = quiet_libraries  # the name sdxs.evaluate imports
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -126,14 +138,9 @@ def load_pipeline(args: argparse.Namespace):
     folder = resolve_model(args.model)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    _quiet_libraries(getattr(args, "verbose", False))
-    import diffusers
-    import transformers
+    quiet_libraries(getattr(args, "verbose", False), progress=show_progress(args))
     from diffusers import DiffusionPipeline
 
-    if not show_progress(args):
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
     speedups = list(dict.fromkeys(getattr(args, "speedup", None) or []))
     if "cpu_offload" in speedups:
@@ -245,6 +252,35 @@ def next_numbered_path(output: str | os.PathLike, start: int = 1) -> tuple[Path,
         n += 1
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_output(output: str | os.PathLike, flag: str = "--output", suffixes: Sequence[str] = IMAGE_SUFFIXES) -> None:
+    """Refuse an output path that cannot be written, before any model is loaded or image made (`UserError`)."""
+    out = Path(output).expanduser()
+    if out.suffix and out.suffix.lower() not in suffixes:
+        raise UserError(
+            f"{flag} {output}: unknown file extension {out.suffix!r}; use one of {', '.join(suffixes)} "
+            "(no extension means .png)"
+        )
+    if out.is_dir():
+        raise UserError(f"{flag} {output}: is a folder; give a file name inside it, e.g. {out / 'image.png'}")
+    folder = out.parent
+    while not folder.exists():  # save_images creates missing folders: the nearest existing one must take them
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {output}: {folder} is a file, not a folder; pick another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {output}: cannot write in {folder} (permission denied); pick another folder")
+
+
+def check_image_inputs(paths: Sequence[str | os.PathLike]) -> None:
+    """Every input must be an existing file (before any model load)."""
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such image file: {path}")
+
+
 def save_images(images: Sequence[Any], paths: Sequence[Path]) -> None:
     for image, path in zip(images, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Text to image: write PNG(s) and print each path with its size, seed and the time taken."""
     if not args.interactive and not args.prompt:
         raise UserError("generate needs a PROMPT (or -i for an interactive prompt loop)")
+    check_output(args.output)
     pipe = load_pipeline(args)
     if args.interactive:
         return _interactive_loop(pipe, args)
@@ -336,20 +373,43 @@ def _interactive_loop(pipe, args: argparse.Namespace) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     """2x upscale with the VAE (encode 8x, decode 16x); tiles keep memory bounded for large inputs."""
     inputs = [Path(p) for p in args.images]
-    for path in inputs:
-        if not path.is_file():
-            raise FileNotFoundError(f"no such image file: {path}")
+    check_image_inputs(inputs)
     if args.output and len(inputs) > 1:
         raise UserError("--output names one file; with several images, omit it (each is written as NAME-2x.png)")
+    outputs = [Path(args.output) if args.output else p.with_name(f"{p.stem}-2x.png") for p in inputs]
+    for out in outputs:
+        check_output(out)
+    if args.tile_overlap < 0 or args.tile_overlap > args.tile_size // 2:
+        raise UserError(f"--tile-overlap {args.tile_overlap}: must be in [0, --tile-size/2 = {args.tile_size // 2}]")
+    max_pixels = args.max_pixels or None  # 0: no limit
+    for path in inputs:  # the size from the file header, before the model loads
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+        if max_pixels is not None and w * h > max_pixels:
+            raise UserError(
+                f"{path} is {w}x{h} = {w * h} pixels, more than --max-pixels {max_pixels} (about "
+                f"{_upscale_minutes(w * h)} on a CPU); pass --max-pixels {w * h} (or 0 for no limit) to upscale it"
+            )
     pipe = load_pipeline(args)
-    for path in inputs:
+    for path, out in zip(inputs, outputs, strict=True):
         start = time.perf_counter()
-        image = pipe.image_upscale(str(path), tile_size=args.tile_size, tile_overlap=args.tile_overlap)[0]
+        image = pipe.image_upscale(
+            str(path), tile_size=args.tile_size, tile_overlap=args.tile_overlap, max_pixels=max_pixels
+        )[0]
         seconds = time.perf_counter() - start
-        out = Path(args.output) if args.output else path.with_name(f"{path.stem}-2x.png")
         save_images([image], [out])
         print(f"{out}  {image.width}x{image.height}  {seconds:.2f} s")
     return 0
+
+
+def _upscale_minutes(pixels: int) -> str:
+    """A rough CPU estimate from the measured 41 s per 1024x1024 input on 2 cores (docs/cli.md)."""
+    return f"{max(1, round(41 * pixels / 1024**2 / 60))} min"
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -370,6 +430,10 @@ def cmd_encode_image(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such image file: {path}")
     if args.embeds_only and not args.save_embeds:
         raise UserError("--embeds-only needs --save-embeds FILE")
+    if args.save_embeds:
+        check_output(args.save_embeds, "--save-embeds", suffixes=(".safetensors",))
+    if not args.embeds_only:
+        check_output(args.output)
     pipe = load_pipeline(args)
     embeds, mask = pipe.encode_image(str(path))
     if args.save_embeds:
@@ -583,6 +647,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output PNG (one input only; default: NAME-2x.png beside the input)")
     p.add_argument("--tile-size", type=positive_int, default=512, help="input tile side for large images")
     p.add_argument("--tile-overlap", type=int, default=64, help="tile overlap in input pixels")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=2048 * 2048,
+        help="refuse inputs with more pixels than this before starting (default 2048x2048, ~3 min on a 2-core "
+        "CPU; 0: no limit)",
+    )
 
     p = _add(
         sub,

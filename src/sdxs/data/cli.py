@@ -65,7 +65,13 @@ def register(subparsers) -> None:
         action="store_true",
         help="also store encode_image embeddings of each image (UNet training with flow.image_prompt_fraction)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a cache in OUT made with another model or other options (default: refuse, change nothing)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (nor the libraries' loading bars)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
     p.set_defaults(func=run_prepare)
 
     data = subparsers.add_parser(
@@ -95,7 +101,10 @@ def _background(text: str) -> tuple[int, int, int]:
 def run_prepare(args) -> int:
     import torch
 
+    from sdxs.cli import quiet_libraries
     from sdxs.data.prepare import prepare
+
+    quiet_libraries(verbose=args.verbose, progress=not args.no_progress)
 
     manifest = prepare(
         args.src,
@@ -119,6 +128,7 @@ def run_prepare(args) -> int:
         num_workers=args.num_workers,
         progress=not args.no_progress,
         image_embeds=args.image_embeds,
+        overwrite=args.overwrite,
     )
     print(
         f"{manifest['count_written']} of {manifest['count_in']} files written to {args.out} "

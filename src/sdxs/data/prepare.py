@@ -382,6 +382,7 @@ def prepare(
     progress: bool = True,
     stop_after_shards: int | None = None,
     image_embeds: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     r"""
     Encode the images and captions under `src` into a latent cache in `out`.
@@ -411,6 +412,9 @@ def prepare(
         stop_after_shards: stop after making this many shards without writing a manifest (tests, time boxes).
         image_embeds: also store the pipeline's `encode_image` embedding of every image (`image_embeds` (N, T, D),
             `image_mask` (N, T) per shard), for UNet training with image prompts (`flow.image_prompt_fraction`).
+        overwrite: replace a cache in `out` that was made with another model or other options (its manifests,
+            shards and empty prompt; nothing else). Without it such a cache is refused with a `ValueError` before
+            anything in `out` is changed: a rerun only ever resumes a cache made with the same model and options.
 
     Returns:
         The manifest (also written to `out/manifest.json`, or the partial manifest of this worker).
@@ -473,7 +477,9 @@ def prepare(
         skipped.append([item.rel, reason])
     plans = plan_shards(kept, sizes, shard_size, shard_index)
 
-    # 3. Resume: keep finished shards made with the same model and options
+    # 3. Resume: keep finished shards made with the same model and options; refuse (or, with `overwrite`, clear)
+    # a cache made with another model or other options before anything in `out` changes
+    _check_existing_cache(out, fingerprint, options, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in plans if not _is_done(out / p.name, p, fingerprint, options)]
     _remove_stale_shards(out, plans, shard_index)
@@ -533,8 +539,63 @@ def _is_done(path: Path, plan: ShardPlan, fingerprint: dict, options: dict) -> b
     return meta.get("options") == options and meta.get("inputs") == [it.rel for it in plan.items]
 
 
+def _foreign_reason(meta: dict | None, fingerprint: dict, options: dict) -> str | None:
+    """Why a cache file's metadata does not belong to a run with `fingerprint` and `options` (None: it does)."""
+    if meta is None:
+        return "it is not a readable sdxs cache file"
+    if meta.get("fingerprint") != fingerprint:
+        try:
+            compare_fingerprints(meta.get("fingerprint") or {}, fingerprint, where="it")
+        except ValueError as e:
+            return str(e).split(":")[0]  # "it was made with a different vae and text_encoder"
+        return "it was made with a different model fingerprint"
+    if "options" in meta and meta["options"] != options:
+        differ = sorted(k for k in {*meta["options"], *options} if meta["options"].get(k) != options.get(k))
+        return "it was made with other options: " + ", ".join(
+            f"{k} {meta['options'].get(k)!r} (now {options.get(k)!r})" for k in differ
+        )
+    return None
+
+
+def _cache_files(out: Path) -> list[Path]:
+    """The files of a latent cache in `out` (manifests, shards, empty prompt); nothing else in the folder."""
+    files = [out / MANIFEST_NAME, *sorted(out.glob("manifest.*-of-*.json")), out / EMPTY_PROMPT_NAME]
+    files += sorted((out / SHARD_DIR).glob("*.safetensors"))
+    return [f for f in files if f.is_file()]
+
+
+def _check_existing_cache(out: Path, fingerprint: dict, options: dict, overwrite: bool) -> None:
+    """Refuse a cache in `out` made with another model or options (or, with `overwrite`, delete its files)."""
+    foreign = []
+    for f in _cache_files(out):
+        if f.suffix == ".json":
+            try:
+                meta = json.loads(f.read_text())
+            except (OSError, ValueError):
+                meta = None
+        else:
+            meta = read_shard_meta(f)
+        reason = _foreign_reason(meta, fingerprint, options)
+        if reason is not None:
+            foreign.append((f, reason))
+    if not foreign:
+        return
+    if overwrite:
+        for f, _ in foreign:
+            f.unlink()
+        return
+    f, reason = foreign[0]
+    raise ValueError(
+        f"{out} already holds a latent cache that this run did not make: {f.relative_to(out)} ({len(foreign)} "
+        f"file(s) in all) - {reason}. Nothing was changed. Pass --overwrite (overwrite=True) to replace that "
+        "cache, or choose another output folder."
+    )
+
+
 def _remove_stale_shards(out: Path, plans: list[ShardPlan], worker: int) -> None:
-    """Delete this worker's shard files that the current plan no longer has (the source folder changed)."""
+    """Delete this worker's shard files that the current plan no longer has (the source folder changed).
+
+    Only files made with the same model and options reach here (`_check_existing_cache` runs first)."""
     planned = {p.name for p in plans}
     for f in (out / SHARD_DIR).glob(f"*-{worker:03d}-*.safetensors"):
         if f"{SHARD_DIR}/{f.name}" not in planned:

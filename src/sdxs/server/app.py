@@ -6,6 +6,12 @@ The device runs ONE job at a time: jobs go through `DeviceGate`, an asyncio lock
 thread (so the event loop keeps answering /health while the model works). At most `max_queue` requests may
 wait behind the running one; beyond that the server answers 429 with a Retry-After estimate instead of letting
 a queue (and memory) grow without bound.
+
+Admission happens before a request's body is read (`Admission`, an ASGI middleware): a POST without a
+Content-Length gets 411, one larger than the upload limit 413, and a job request while the queue is full 429 —
+all from the headers alone, so a storm of large uploads costs no memory. Uploaded pixels are decoded on the
+worker thread, one at a time, never on the event loop. A job whose client disconnects stops at its next
+denoising step (`pipe._interrupt`), or never starts if it was still waiting.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request models defined inside create_app
@@ -17,6 +23,7 @@ import io
 import logging
 import math
 import secrets
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -41,6 +48,9 @@ MAX_SEED = 2**32 - 1  # seeds stay exact in JavaScript numbers and in every clie
 # Multipart framing and form fields around an uploaded file: requests larger than the upload limit plus this are
 # refused from their Content-Length header before the body is read.
 FORM_OVERHEAD_BYTES = 64 * 1024
+# A refused oversized body is read and dropped (never kept) up to this many bytes so that the client can read the
+# 413; a larger one is cut off by closing the connection.
+DRAIN_LIMIT_BYTES = 64 * 2**20
 # The page itself only talks to this server; /docs (Swagger UI from a CDN) is left without this policy.
 PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -216,15 +226,25 @@ class RefineResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
-    model_loaded: bool
+    status: str = Field(description='"ok", or "unavailable" (503) when a model part is missing')
+    model_loaded: bool = Field(description="the UNet, VAE, text encoder and tokenizer are all loaded")
+    components: dict[str, bool] = Field(description="which parts of the pipeline are loaded")
     model: str
     device: str
     dtype: str
-    busy: bool
-    waiting: int
+    busy: bool = Field(description="a job is running on the device")
+    running_seconds: float | None = Field(description="how long the running job has run")
+    waiting: int = Field(description="requests admitted and waiting behind the running one")
     max_queue: int
+    jobs_done: int
+    jobs_cancelled: int = Field(description="jobs stopped or skipped because their client went away")
     version: str
+
+
+# the parts an SDXSPipeline needs to generate; vision_processor is optional (image prompts)
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# requests that become a job on the device: admitted (or refused with 429) before their body is read
+JOB_PATHS = frozenset({"/generate", "/encode-image", "/upscale", "/refine"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,6 +260,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Cancelled(Exception):
+    """The client went away: its job was stopped (or never started)."""
+
+
 class DeviceGate:
     """Admission control + serialisation: one job runs in a single worker thread, at most `max_queue` wait.
 
@@ -249,10 +273,22 @@ class DeviceGate:
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
-        self.pending = 0  # running + waiting requests
+        self.pending = 0  # admitted requests: running + waiting (+ reading their body)
+        self.done = 0
+        self.cancelled = 0
+        self.started_at: float | None = None  # perf_counter() when the running job started
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxs-device")
         self._mean_seconds = 1.0  # running mean of job time, for Retry-After
+
+    def admit(self) -> None:
+        """Take a place in the queue or raise `QueueFull`; the caller must `release()` it."""
+        if self.pending > self.max_queue:  # one running + max_queue waiting already
+            raise QueueFull(self.retry_after())
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending -= 1
 
     @property
     def busy(self) -> bool:
@@ -265,22 +301,38 @@ class DeviceGate:
     def retry_after(self) -> int:
         return max(1, math.ceil(self._mean_seconds * (self.waiting + 1)))
 
-    async def run(self, fn, *args, **kwargs) -> tuple[Any, float, float]:
-        """Run `fn(*args, **kwargs)` on the device thread; returns (result, seconds running, seconds queued)."""
-        if self.pending > self.max_queue:  # one running + max_queue waiting already
-            raise QueueFull(self.retry_after())
-        self.pending += 1
+    async def run(
+        self, fn, *args, admitted: bool = False, cancel: threading.Event | None = None, **kwargs
+    ) -> tuple[Any, float, float]:
+        """Run `fn(*args, **kwargs)` on the device thread; returns (result, seconds running, seconds queued).
+
+        `admitted`: the caller already holds a place (`admit()`), e.g. taken by the middleware before the body
+        was read. `cancel`: when set before the job starts, it never starts (`Cancelled`).
+        """
+        if not admitted:
+            self.admit()
         arrived = time.perf_counter()
         try:
             async with self._lock:
-                started = time.perf_counter()
+                if cancel is not None and cancel.is_set():
+                    self.cancelled += 1
+                    raise Cancelled()
+                started = self.started_at = time.perf_counter()
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+                try:
+                    result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+                except Cancelled:
+                    self.cancelled += 1
+                    raise
+                finally:
+                    self.started_at = None
                 seconds = time.perf_counter() - started
                 self._mean_seconds = 0.7 * self._mean_seconds + 0.3 * seconds
+                self.done += 1
                 return result, seconds, started - arrived
         finally:
-            self.pending -= 1
+            if not admitted:
+                self.release()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -313,8 +365,10 @@ def _error_text(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-async def read_upload(file: UploadFile, settings: ServerSettings) -> Image.Image:
-    """Read an uploaded image within the byte and pixel limits (413 / 422 with a clear message)."""
+async def read_upload(file: UploadFile, settings: ServerSettings, max_side: int | None = None) -> Image.Image:
+    """Read an uploaded image's bytes and header within the byte and pixel limits (413 / 422 with a clear
+    message). The pixels are NOT decoded here (that would block the event loop and hold memory per waiting
+    request): the job calls `decode_upload` on the worker thread."""
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"upload is larger than the limit of {_megabytes(settings.max_upload_bytes)}")
@@ -322,14 +376,137 @@ async def read_upload(file: UploadFile, settings: ServerSettings) -> Image.Image
         raise HTTPException(422, "image: the uploaded file is empty")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
-        if image.width * image.height > settings.max_upload_pixels:
-            raise HTTPException(413, f"image is {image.width}x{image.height}: more pixels than this server accepts")
-        image.load()
-    except HTTPException:
-        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise HTTPException(422, f"image: not a readable image file ({type(e).__name__})") from e
+    if image.width * image.height > settings.max_upload_pixels:
+        raise HTTPException(413, f"image is {image.width}x{image.height}: more pixels than this server accepts")
+    if max_side is not None and max(image.size) > max_side:
+        raise HTTPException(
+            422, f"image is {image.width}x{image.height}; this endpoint takes at most {max_side} pixels per side"
+        )
     return image
+
+
+def decode_upload(image: Image.Image) -> Image.Image:
+    """Decode an image opened by `read_upload` (on the worker thread); a broken file is a ValueError (422)."""
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image: not a readable image file ({type(e).__name__})") from e
+    return image
+
+
+def shrink_for_vision(image: Image.Image, pipe) -> Image.Image:
+    """Resize an image larger than the vision processor's pixel budget down to it with PIL (uint8), instead of
+    letting the processor do it on a float copy: a 4096x4096 upload would otherwise cost ~200 MB of float32 at
+    once. The processor resizes to within this budget anyway, so the embedding barely changes."""
+    size = getattr(getattr(pipe, "vision_processor", None), "size", None) or {}
+    budget = size.get("longest_edge") if isinstance(size, dict) else None
+    if not budget or image.width * image.height <= budget:
+        return image
+    scale = math.sqrt(budget / (image.width * image.height))
+    new = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    from sdxs.pipeline import load_rgb_image  # transparency on white, EXIF, modes: as encode_image would
+
+    return load_rgb_image(image).resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
+class Admission:
+    """ASGI middleware: refuse from the headers alone, before any body byte is read.
+
+    POST without Content-Length -> 411; Content-Length over the upload limit -> 413 (the body is dropped unread,
+    up to DRAIN_LIMIT_BYTES, so the client sees the answer); a job request while the queue is full -> 429 (the place it takes is held until the response has started, so requests reading their
+    bodies count against the queue too). Every response gets `X-Content-Type-Options: nosniff`.
+    """
+
+    def __init__(self, app, gate: DeviceGate, max_body_bytes: int, limit_text: str):
+        self.app, self.gate, self.max_body_bytes, self.limit_text = app, gate, max_body_bytes, limit_text
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        refuse = None
+        if scope["method"] == "POST" and not length.isdigit():
+            refuse = JSONResponse({"detail": "a request body needs a Content-Length header"}, status_code=411)
+        elif length.isdigit() and int(length) > self.max_body_bytes:
+            detail = f"request body is larger than the limit of {self.limit_text}"
+            refuse = JSONResponse({"detail": detail}, status_code=413)
+        admitted = False
+        if refuse is None and scope["method"] == "POST" and scope["path"] in JOB_PATHS:
+            try:
+                self.gate.admit()
+                admitted = True
+            except QueueFull as e:
+                refuse = JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after)})
+        if refuse is not None:
+            refuse.headers["X-Content-Type-Options"] = "nosniff"
+            refuse.headers["Connection"] = "close"  # the unread body must not be taken for the next request
+            if refuse.status_code == 413:
+                await _discard_body(receive, DRAIN_LIMIT_BYTES)
+            return await refuse(scope, receive, send)
+
+        state = scope.setdefault("state", {})
+        state["sdxs_admitted"] = admitted
+
+        async def send_with_headers(message):
+            nonlocal admitted
+            if message["type"] == "http.response.start":
+                hdrs = list(message.get("headers", []))
+                if not any(k.lower() == b"x-content-type-options" for k, _ in hdrs):
+                    hdrs.append((b"x-content-type-options", b"nosniff"))
+                message = {**message, "headers": hdrs}
+                if admitted:  # the job is over: free its place before the (possibly slow) body is sent
+                    admitted = False
+                    self.gate.release()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if admitted:
+                self.gate.release()
+
+
+async def _discard_body(receive, limit: int) -> None:
+    """Read and drop up to `limit` body bytes (nothing is kept), so a client still sending an oversized body gets
+    to read its 413 instead of a reset connection; past `limit` the connection is simply closed."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` when the client goes away (its body has been read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+def stop_when_cancelled(cancel: threading.Event):
+    """A `callback_on_step_end` that interrupts the pipeline at the next step once `cancel` is set."""
+
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if cancel.is_set():
+            pipe._interrupt = True
+        return callback_kwargs
+
+    return callback
+
+
+def _safe_str(get) -> str:
+    try:
+        return str(get())
+    except Exception:  # a pipeline without modules has no device or dtype
+        return "unknown"
 
 
 def _megabytes(n: int) -> str:
@@ -377,40 +554,53 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
-    @app.middleware("http")
-    async def _limits_and_headers(request: Request, call_next):
-        # refuse oversized bodies before reading them; the upload handlers check the real size as well
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_upload_bytes + FORM_OVERHEAD_BYTES:
-            detail = f"request body is larger than the limit of {_megabytes(settings.max_upload_bytes)}"
-            return JSONResponse({"detail": detail}, status_code=413)
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request: Request, exc: Cancelled) -> JSONResponse:
+        # nobody reads this (the client has gone); 499 is nginx's "client closed request", for the access log
+        return JSONResponse({"detail": "the client went away; the job was cancelled"}, status_code=499)
 
-    async def on_device(fn, *args, **kwargs):
-        """Run a model call on the device thread; the pipeline's own argument errors become 422s."""
+    # refuse oversized bodies before reading them; the upload handlers check the real size as well
+    app.add_middleware(
+        Admission,
+        gate=gate,
+        max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+        limit_text=_megabytes(settings.max_upload_bytes),
+    )
+
+    async def on_device(request: Request, fn, *args, **kwargs):
+        """Run `fn(cancel, *args, **kwargs)` on the device thread, cancelled when the client disconnects; the
+        pipeline's own argument errors become 422s."""
+        cancel = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        admitted = bool(getattr(request.state, "sdxs_admitted", False))
         try:
-            return await gate.run(fn, *args, **kwargs)
+            return await gate.run(fn, cancel, *args, admitted=admitted, cancel=cancel, **kwargs)
         except (ValueError, TypeError) as e:
             raise HTTPException(422, " ".join(str(e).split())) from e
+        finally:
+            watcher.cancel()
 
     # -- API ------------------------------------------------------------------------------------------------
 
+    def _encoded(images, seed: int) -> list[GeneratedImage]:
+        """PNG-encode on the worker thread (the event loop only answers)."""
+        return [
+            GeneratedImage(image=png_data_uri(im), seed=seed + i, width=im.width, height=im.height)
+            for i, im in enumerate(images)
+        ]
+
     def _images_response(images, seed: int, seconds: float, queued: float, params) -> GenerateResponse:
         return GenerateResponse(
-            images=[
-                GeneratedImage(image=png_data_uri(im), seed=seed + i, width=im.width, height=im.height)
-                for i, im in enumerate(images)
-            ],
+            images=images,
             seconds=round(seconds, 3),
             queued_seconds=round(queued, 3),
             steps=params.steps,
             guidance=params.guidance,
         )
 
-    def _call_kwargs(params, seed: int) -> dict[str, Any]:
+    def _call_kwargs(params, seed: int, cancel: threading.Event) -> dict[str, Any]:
         return dict(
+            callback_on_step_end=stop_when_cancelled(cancel),
             negative_prompt=params.negative_prompt or None,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance,
@@ -421,18 +611,23 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         )
 
     @app.post("/generate", response_model=GenerateResponse, tags=["generate"])
-    async def generate(req: GenerateRequest) -> GenerateResponse:  # type: ignore[valid-type]
-        """Text to image: PNG data-URIs, each with the seed that reproduces it."""
+    async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:  # type: ignore[valid-type]
+        """Text to image: PNG data-URIs, each with the seed that reproduces it. A client that disconnects stops
+        its job at the next denoising step."""
         seed = _random_seed() if req.seed is None else req.seed
 
-        def job():
-            return pipe(req.prompt, **_call_kwargs(req, seed)).images
+        def job(cancel):
+            images = pipe(req.prompt, **_call_kwargs(req, seed, cancel)).images
+            if cancel.is_set():
+                raise Cancelled()
+            return _encoded(images, seed)
 
-        images, seconds, queued = await on_device(job)
+        images, seconds, queued = await on_device(request, job)
         return _images_response(images, seed, seconds, queued, req)
 
     @app.post("/encode-image", response_model=GenerateResponse, tags=["generate"])
     async def encode_image(
+        request: Request,
         image: UploadFile = File(description="the image prompt"),
         negative_prompt: str | None = Form(None),
         steps: int | None = Form(None),
@@ -452,11 +647,15 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         picture = await read_upload(image, settings)
         used_seed = _random_seed() if params.seed is None else params.seed
 
-        def job():
-            embeds, mask = pipe.encode_image(picture)
-            return pipe(prompt_embeds=embeds, prompt_attention_mask=mask, **_call_kwargs(params, used_seed)).images
+        def job(cancel):
+            embeds, mask = pipe.encode_image(shrink_for_vision(decode_upload(picture), pipe))
+            kwargs = _call_kwargs(params, used_seed, cancel)
+            images = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, **kwargs).images
+            if cancel.is_set():
+                raise Cancelled()
+            return _encoded(images, used_seed)
 
-        images, seconds, queued = await on_device(job)
+        images, seconds, queued = await on_device(request, job)
         return _images_response(images, used_seed, seconds, queued, params)
 
     @app.post(
@@ -465,43 +664,54 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         response_class=Response,
         responses={200: {"content": {"image/png": {}}, "description": "the image at 2x, PNG"}},
     )
-    async def upscale(image: UploadFile = File(description="image to upscale 2x")) -> Response:
+    async def upscale(request: Request, image: UploadFile = File(description="image to upscale 2x")) -> Response:
         """2x upscale with the VAE (encode 8x, decode 16x). Returns the PNG itself."""
-        picture = await read_upload(image, settings)
-        if max(picture.size) > settings.max_upscale_side:
-            raise HTTPException(
-                422,
-                f"image is {picture.width}x{picture.height}; /upscale takes at most {settings.max_upscale_side} "
-                "pixels per side",
-            )
-        result, seconds, queued = await on_device(lambda: pipe.image_upscale(picture)[0])
+        picture = await read_upload(image, settings, max_side=settings.max_upscale_side)  # 422 from the header
+
+        def job(cancel):
+            if cancel.is_set():
+                raise Cancelled()
+            return png_bytes(pipe.image_upscale(decode_upload(picture))[0])
+
+        result, seconds, queued = await on_device(request, job)
         headers = {"X-Seconds": f"{seconds:.3f}", "X-Queued-Seconds": f"{queued:.3f}"}
-        return Response(png_bytes(result), media_type="image/png", headers=headers)
+        return Response(result, media_type="image/png", headers=headers)
 
     @app.post("/refine", response_model=RefineResponse, tags=["text"])
-    async def refine(req: RefineRequest) -> RefineResponse:  # type: ignore[valid-type]
+    async def refine(req: RefineRequest, request: Request) -> RefineResponse:  # type: ignore[valid-type]
         """Expand a short prompt into a detailed one with the text encoder's language-model head."""
 
-        def job():
+        def job(cancel):
             return pipe.refine_prompts(req.prompt, max_new_tokens=settings.refine_max_new_tokens, seed=req.seed)[0]
 
-        text, seconds, _ = await on_device(job)
+        text, seconds, _ = await on_device(request, job)
         return RefineResponse(prompt=req.prompt, refined=" ".join(text.split()), seconds=round(seconds, 3))
 
-    @app.get("/health", response_model=Health, tags=["server"])
-    async def health() -> Health:
-        """Liveness and what is loaded where; answers while a generation runs."""
-        return Health(
-            status="ok",
-            model_loaded=pipe is not None,
+    @app.get("/health", response_model=Health, tags=["server"], responses={503: {"model": Health}})
+    async def health() -> JSONResponse:
+        """What is loaded where, queue depth and busy state; never waits on the worker. 503 when a part of the
+        model is missing."""
+        components = {
+            name: getattr(pipe, name, None) is not None for name in (*REQUIRED_COMPONENTS, "vision_processor")
+        }
+        loaded = all(components[name] for name in REQUIRED_COMPONENTS)
+        started = gate.started_at
+        body = Health(
+            status="ok" if loaded else "unavailable",
+            model_loaded=loaded,
+            components=components,
             model=settings.model_name,
-            device=str(pipe.device),
-            dtype=str(pipe.dtype).removeprefix("torch."),
+            device=_safe_str(lambda: pipe.device),
+            dtype=_safe_str(lambda: pipe.dtype).removeprefix("torch."),
             busy=gate.busy,
+            running_seconds=None if started is None else round(time.perf_counter() - started, 3),
             waiting=gate.waiting,
             max_queue=gate.max_queue,
+            jobs_done=gate.done,
+            jobs_cancelled=gate.cancelled,
             version=sdxs.__version__,
         )
+        return JSONResponse(body.model_dump(), status_code=200 if loaded else 503)
 
     @app.get("/config", tags=["server"])
     async def config() -> dict[str, Any]:

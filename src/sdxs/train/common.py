@@ -153,8 +153,18 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> tuple[tor
     return torch.optim.AdamW(params, **kwargs), f"torch AdamW ({reason})"
 
 
-def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Multiplier of cfg.lr at optimiser step `step` (0-based): linear warmup, then constant or cosine."""
+EXTEND_MODES = ("replan", "continue")
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int, anchor: tuple[int, float] | None = None) -> float:
+    """Multiplier of cfg.lr at optimiser step `step` (0-based): linear warmup, then constant or cosine.
+
+    `anchor` = (step s0, factor f0): from s0 on, a cosine from f0 down to `min_lr_ratio` at `max_steps` (a cosine
+    run extended with `optim.extend = "continue"`, see `resume_lr_anchor`)."""
+    if anchor is not None and cfg.schedule == "cosine" and step >= anchor[0]:
+        s0, f0 = anchor
+        progress = min((step - s0) / max(max_steps - s0, 1), 1.0)
+        return cfg.min_lr_ratio + (f0 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -166,9 +176,26 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     raise ValueError(f"`optim.schedule` must be 'constant' or 'cosine', got {cfg.schedule!r}.")
 
 
-def build_lr_scheduler(optimizer, cfg: OptimConfig, max_steps: int):
+def resume_lr_anchor(
+    step: int, cfg: OptimConfig, old_max_steps: int, new_max_steps: int, anchor: tuple[int, float] | None
+) -> tuple[int, float] | None:
+    """The schedule anchor after resuming at `step` a run planned for `old_max_steps` with `new_max_steps`.
+
+    Same length, or a constant schedule: the checkpoint's anchor unchanged. Otherwise `cfg.extend` decides:
+    "replan" -> None (the schedule of a run planned that long from the start), "continue" -> (step, the factor the
+    old plan had at `step`), so the LR carries on from where it was down to the floor at the new end."""
+    if cfg.extend not in EXTEND_MODES:
+        raise ValueError(f"`optim.extend` must be one of {EXTEND_MODES}, got {cfg.extend!r}.")
+    if old_max_steps == new_max_steps or cfg.schedule != "cosine":
+        return anchor
+    if cfg.extend == "replan":
+        return None
+    return (step, lr_factor(step, cfg, old_max_steps, anchor))
+
+
+def build_lr_scheduler(optimizer, cfg: OptimConfig, max_steps: int, anchor=None):
     # Not passed through accelerator.prepare: accelerate would step it once per process, distorting the warmup.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps, anchor))
 
 
 class EMA:
@@ -413,7 +440,11 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer, opt_name = build_optimizer(model.parameters(), optim, accelerator.device)
-    scheduler = build_lr_scheduler(optimizer, optim, run.max_steps)
+    if optim.extend not in EXTEND_MODES:
+        raise ValueError(f"`optim.extend` must be one of {EXTEND_MODES}, got {optim.extend!r}.")
+    lr_anchor: tuple[int, float] | None = None  # see lr_factor / resume_lr_anchor
+    # the lambda reads `lr_anchor` when called, so a resume that sets it is seen (the logged lr follows it)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, run.max_steps, lr_anchor))
     ema = EMA(model, cfg.ema) if cfg.ema.enabled else None
 
     # 2. Resume: weights, optimiser, schedule, EMA, data position, step, RNG — before wrapping, so all ranks agree
@@ -435,6 +466,24 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
         optimizer.load_state_dict(torch.load(ckpt / "training_state" / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "training_state" / "lr_scheduler.pt", weights_only=False))
         step, samples_seen = int(state["step"]), int(state["samples_seen"])
+        old_anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
+        old_max = state.get("max_steps") or json.loads((ckpt / "config.json").read_text())["run"]["max_steps"]
+        lr_anchor = resume_lr_anchor(step, optim, int(old_max), run.max_steps, old_anchor)
+        if int(old_max) != run.max_steps and optim.schedule == "cosine" and main:
+            before = lr_factor(step, optim, int(old_max), old_anchor) * optim.lr
+            after = lr_factor(step, optim, run.max_steps, lr_anchor) * optim.lr
+            logger.info(
+                "run.max_steps %d -> %d with optim.extend=%r: lr at step %d %.3g -> %.3g (%s)",
+                int(old_max),
+                run.max_steps,
+                optim.extend,
+                step,
+                before,
+                after,
+                "as if planned this long from the start"
+                if optim.extend == "replan"
+                else "carried on from where it was, down to the floor at the new end",
+            )
     if ema is not None:
         ema.model.to(accelerator.device)
 
@@ -488,6 +537,8 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
                     "world_size": world,
                     "optimizer": opt_name,
                     "ema": ema is not None,
+                    "max_steps": run.max_steps,  # the plan the LR schedule was following
+                    "lr_anchor": list(lr_anchor) if lr_anchor is not None else None,
                     "time": time.time(),
                 },
             )
@@ -518,7 +569,7 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
     t_last, steps_since = time.perf_counter(), 0
     while step < run.max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = optim.lr * lr_factor(step, optim, run.max_steps)
+            group["lr"] = optim.lr * lr_factor(step, optim, run.max_steps, lr_anchor)
         loss_sum, info = torch.zeros((), device=accelerator.device), {}
         for micro in range(optim.grad_accum):
             batch = next(task.data)

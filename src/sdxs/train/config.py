@@ -56,6 +56,12 @@ class OptimConfig:
     warmup_steps: int = 100  # linear warmup from 0 to lr over this many optimiser steps
     schedule: str = "constant"  # after warmup: "constant" | "cosine" (down to min_lr_ratio * lr at max_steps)
     min_lr_ratio: float = 0.1  # floor of the cosine schedule, as a fraction of lr
+    # `--resume` with another run.max_steps than the checkpoint's plan (cosine only):
+    # "replan": the LR is the one of a run planned for the new max_steps from step 0 (exactly that schedule; when a
+    #   run is extended the LR jumps up at the resume step to where the longer plan is, then decays);
+    # "continue": from the LR the old plan had reached at the resume step, cosine down to min_lr at the new
+    #   max_steps (no jump; the decay is stretched over the remaining steps).
+    extend: str = "replan"
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimiser step (effective batch = batch * grad_accum * ranks)
 
