@@ -133,7 +133,7 @@ def test_sd_cfg_cutoff_callback_uses_the_returned_prompt_embeds(pipe):
             prompt="cat",
             guidance_scale=5.0,
             num_inference_steps=steps,
-            callback_on_step_end=SDCFGCutoffCallback(cutoff_step_index=1),
+            callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1),
         )
     finally:
         hook.remove()

@@ -647,8 +647,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Examples:
             ```py
-            >>> pipe.refine_prompts("cat", do_sample=False)
-            ['cat, animal, nature, bird, hen, 3d render']
+            >>> pipe.refine_prompts("cat", do_sample=False)  # greedy; the shipped model: "cat, animal, ..., 3d render"
             >>> pipe.refine_prompts(["rocket", "blue heart"], generator=torch.Generator().manual_seed(0))
             ```
         """
