@@ -227,7 +227,7 @@ def swapped(pipe, name, kw):
 
     from sdxs.pipeline import SDXSPipeline
 
-    scheduler = getattr(diffusers, name).from_config({**pipe.scheduler.config, **kw})
+    scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **kw)
     other = SDXSPipeline.from_pipe(pipe, scheduler=scheduler)
     other.set_progress_bar_config(disable=True)
     return other
