@@ -12,6 +12,7 @@ import pytest
 import torch
 
 STEPS = 2
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +259,22 @@ def test_other_schedulers_are_refused_naming_the_supported_ones(pipe, name, kw):
     assert "use_dynamic_shifting" in message or (
         "FlowMatchEulerDiscreteScheduler" in message and "flow_prediction" in message
     )
+
+
+# ---- 6. docs: Examples docstrings, model card ------------------------------------------------------------------------
+
+
+def test_public_methods_have_examples_and_the_card_has_install_line_and_widget():
+    from sdxs.pipeline import SDXSPipeline
+
+    for name in ("__call__", "image_upscale", "refine_prompts", "encode_image", "save_pretrained"):
+        doc = getattr(SDXSPipeline, name).__doc__ or ""
+        assert "Examples:" in doc and ">>> " in doc, name
+    card = (ROOT / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "widget:" in front and "text: grinning face, 3d render" in front
+    install = next(line for line in card.splitlines() if line.startswith("pip install"))
+    for package in ("diffusers>=0.42.1", "transformers>=5.23", "torch>=2.4", "peft>=0.17"):
+        assert package in install, package
+    first_code = card.split("```python")[1]
+    assert "trust_remote_code=True" in first_code and "dtype=" in first_code and "torch_dtype" not in card
