@@ -848,7 +848,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
 
             def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
-                return self._vae_decode_whole(self._vae_encode(x, generator, sample=generator is not None))
+                z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
+                return self._vae_decode_whole(z)
 
             if max(h + ph, w + pw) > tile_size:
                 up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct).cpu()
