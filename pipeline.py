@@ -11,19 +11,29 @@ and training cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
+import json
 import math
 import os
+import shutil
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AsymmetricAutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils import logging
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
+from transformers import ImageProcessingMixin, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +53,77 @@ DEFAULT_REFINE_INSTRUCTION = (
 
 PipelineImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# A hub repository with custom code names its pipeline class as [module file, class] in model_index.json.
+HUB_CLASS_NAME = ["pipeline", "SDXSPipeline"]
+
+# Schedulers the denoising loop can drive. The UNet predicts the flow velocity `noise - x0` at timestep 1000 * sigma.
+# FlowMatch*: used as they are (Euler and LCM get the pipeline's unshifted sigmas, Heun builds its own).
+FLOW_MATCH_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler")
+# Multistep solvers (tested: an oracle velocity lands on x0; DEIS and SA-Solver do not): only with `use_flow_sigmas=True, prediction_type="flow_prediction"` (then they read the velocity).
+FLOW_SIGMA_SCHEDULERS = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub layout (used by `SDXSPipeline.save_pretrained` and by `sdxs export`: one implementation)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_hub_files(folder: str | os.PathLike, source: str | os.PathLike | None = None) -> list[str]:
+    """Turn a diffusers `save_pretrained` folder into a repository `DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)` loads: `pipeline.py` beside model_index.json (a byte copy of `source`, by default this
+    very file, also when it runs as diffusers' dynamic module), `_class_name` as `["pipeline", "SDXSPipeline"]`, and
+    component configs without the keys their classes ignore on load. Returns the dropped keys as "folder.key"."""
+    folder = Path(folder)
+    src = Path(source if source is not None else __file__)
+    dst = folder / "pipeline.py"
+    if not dst.exists() or src.resolve() != dst.resolve():
+        tmp = dst.with_suffix(".py.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = list(HUB_CLASS_NAME)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return drop_ignored_config_keys(folder)
+
+
+def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
+    """Remove from each component's config.json the keys its diffusers model class would ignore on load.
+
+    diffusers' `AsymmetricAutoencoderKL.__init__` registers `block_out_channels` and `force_upcast`, which it does not
+    accept back, so every load of a saved VAE warns that they "are not expected and will be ignored". The class
+    registers both again when it is built, so nothing is lost. Which keys are ignored is decided by diffusers' own
+    `extract_init_dict`, the check that warns on load. Returns the removed keys as "folder.key".
+    """
+    import diffusers
+
+    removed = []
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # extract_init_dict would print the very warning this removes
+    try:
+        for path in sorted(Path(folder).glob("*/config.json")):
+            config = json.loads(path.read_text())
+            cls = getattr(diffusers, str(config.get("_class_name")), None)
+            if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+                continue
+            _, unused, _ = cls.extract_init_dict(config)
+            ignored = [k for k in unused if k in config and not k.startswith("_")]
+            if ignored:
+                for key in ignored:
+                    del config[key]
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                removed += [f"{path.parent.name}.{key}" for key in ignored]
+    finally:
+        logging.set_verbosity(verbosity)
+    return removed
+
+
+def _peft_layers(module) -> list:
+    """peft's LoRA layers inside `module` (duck-typed: this file may not import peft)."""
+    if not isinstance(module, torch.nn.Module):
+        return []
+    return [m for m in module.modules() if hasattr(m, "get_base_layer") and hasattr(m, "merged")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,7 +363,7 @@ def _pool_and_pack(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class SDXSPipeline(DiffusionPipeline):
+class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""
     Text-to-image with a flow-matching UNet, an asymmetric VAE (encoder 8x, decoder 16x) and a Qwen3.5 text encoder.
 
@@ -302,22 +383,35 @@ class SDXSPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["vision_processor"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # diffusers' contract (as StableDiffusionPipeline): with CFG "prompt_embeds" is the batched [negative, positive]
+    # conditioning the UNet sees; a callback may return a replacement (e.g. SDCFGCutoffCallback keeps the last rows).
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask"]
+    _lora_loadable_modules = ["unet", "text_encoder"]
 
     def __init__(
         self,
-        unet,
-        vae,
-        text_encoder,
-        tokenizer,
-        scheduler,
-        vision_processor=None,
+        unet: UNet2DConditionModel,
+        vae: AsymmetricAutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | ProcessorMixin,
+        scheduler: SchedulerMixin,
+        vision_processor: ImageProcessingMixin | None = None,
         text_recipe: dict[str, Any] | None = None,
         default_width: int | None = None,
         default_height: int | None = None,
         refine_instruction: str | None = None,
     ):
         super().__init__()
+        # One dtype on a plain load: diffusers loads the UNet and VAE in float32 unless `dtype=` is given, while
+        # transformers loads the text encoder in its stored dtype (float16). A text encoder in lower precision than
+        # a float32 UNet is upcast (lossless), so a plain load is float32 throughout; `dtype=` still sets all three.
+        if (
+            isinstance(text_encoder, torch.nn.Module)
+            and isinstance(unet, torch.nn.Module)
+            and unet.dtype == torch.float32
+            and text_encoder.dtype in (torch.float16, torch.bfloat16)
+        ):
+            text_encoder.to(torch.float32)
         self.register_modules(
             unet=unet,
             vae=vae,
@@ -339,6 +433,77 @@ class SDXSPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 
     # ------------------------------------------------------------------------------------------------------------
+    # Saving: a reloadable custom-code repository
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Save the pipeline as a repository that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`
+        reloads: diffusers' component folders, `pipeline.py` (this pipeline's own source) beside
+        `model_index.json`, and `_class_name` as `["pipeline", "SDXSPipeline"]`.
+
+        Fused LoRA (`fuse_lora()`) is saved baked into the weights; unfused LoRA adapters are refused (fuse them,
+        unload them, or save them alone with `save_lora_weights`). Arguments as `DiffusionPipeline.save_pretrained`.
+
+        Examples:
+            ```py
+            >>> pipe.fuse_lora()
+            >>> pipe.save_pretrained("my-sdxs")
+            >>> again = DiffusionPipeline.from_pretrained("my-sdxs", trust_remote_code=True)
+            ```
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token") if k in kwargs}
+        repo_id = kwargs.pop("repo_id", None)
+        target = self._without_fused_lora_layers()
+        DiffusionPipeline.save_pretrained(
+            target,
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=False,
+            **kwargs,
+        )
+        write_hub_files(save_directory)
+        if push_to_hub:  # push_to_hub saves again (through this method) into a temporary folder and uploads it
+            repo_id = repo_id or os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1]
+            self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
+
+    def _without_fused_lora_layers(self) -> SDXSPipeline:
+        """`self`, or a shallow copy whose LoRA-carrying models are deep copies with the (fused) LoRA layers removed."""
+        carriers = {n: _peft_layers(getattr(self, n, None)) for n in self._lora_loadable_modules}
+        carriers = {n: layers for n, layers in carriers.items() if layers}
+        if not carriers:
+            return self
+        unfused = [n for n, layers in carriers.items() if not all(layer.merged for layer in layers)]
+        if unfused:
+            raise ValueError(
+                f"{unfused} carry LoRA adapters that are not fused: `save_pretrained` would write peft layers a plain "
+                "load cannot read. Call `pipe.fuse_lora()` first to save them baked into the weights, "
+                "`pipe.unload_lora_weights()` to drop them, or save the adapters alone with `save_lora_weights`."
+            )
+        from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+
+        components = dict(self.components)
+        for name in carriers:
+            model = copy.deepcopy(components[name])
+            if hasattr(model, "unload_lora"):  # diffusers ModelMixin
+                model.unload_lora()
+            else:  # a transformers model with diffusers-injected LoRA
+                _remove_text_encoder_monkey_patch(model)
+            components[name] = model
+        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in components}
+        return type(self)(**components, **config)
+
+    # ------------------------------------------------------------------------------------------------------------
     # Text and image conditioning
     # ------------------------------------------------------------------------------------------------------------
 
@@ -353,12 +518,14 @@ class SDXSPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         r"""
         Encode prompts into `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_mask)`.
 
         Embeddings are (B * num_images_per_prompt, 1 + max_length, D) with the pooled vector first. The negative
         pair is `None` without classifier-free guidance; an absent negative prompt is the empty prompt.
+        `lora_scale` scales text-encoder LoRA layers (if any) for this call.
         """
         device = device or self._execution_device
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
@@ -374,7 +541,7 @@ class SDXSPipeline(DiffusionPipeline):
             # One text-encoder pass for prompts and negatives, each distinct text once: the embeddings are
             # batch-invariant, so this equals encoding them separately.
             unique = list(dict.fromkeys(texts))
-            emb, mask = self._encode_text(unique, device)
+            emb, mask = self._encode_text(unique, device, lora_scale)
             index = torch.tensor([unique.index(t) for t in texts], device=emb.device)
             emb, mask = emb[index], mask[index]
             if prompt_embeds is None:
@@ -405,10 +572,19 @@ class SDXSPipeline(DiffusionPipeline):
         )
 
     @torch.no_grad()
-    def _encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_text(
+        self, prompts: list[str], device: torch.device, lora_scale: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("This pipeline has no text encoder/tokenizer: pass `prompt_embeds` instead of `prompt`.")
-        return encode_text(self.text_encoder, self.tokenizer, prompts, self.config.text_recipe, device=device)
+        scaled = lora_scale is not None and USE_PEFT_BACKEND and bool(_peft_layers(self.text_encoder))
+        if scaled:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            return encode_text(self.text_encoder, self.tokenizer, prompts, self.config.text_recipe, device=device)
+        finally:
+            if scaled:
+                unscale_lora_layers(self.text_encoder, lora_scale)
 
     @torch.no_grad()
     def encode_image(
@@ -419,6 +595,12 @@ class SDXSPipeline(DiffusionPipeline):
 
         Returns `(embeds, mask)` usable as `prompt_embeds` / `prompt_attention_mask`: `embeds[:, 0]` is the pooled
         vector (last token), the image tokens are capped so that the sequence fits `max_length`.
+
+        Examples:
+            ```py
+            >>> emb, mask = pipe.encode_image("media/apple.png")  # (1, 251, D), (1, 251)
+            >>> images = pipe(prompt_embeds=emb, prompt_attention_mask=mask, seed=0).images  # an image as the prompt
+            ```
         """
         images = image if isinstance(image, (list, tuple)) else [image]
         embeds, mask = encode_images(
@@ -443,6 +625,7 @@ class SDXSPipeline(DiffusionPipeline):
         top_p: float = 0.9,
         seed: int | None = None,
         keep_prompt: bool = True,
+        generator: torch.Generator | None = None,
     ) -> list[str]:
         r"""
         Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
@@ -456,10 +639,24 @@ class SDXSPipeline(DiffusionPipeline):
             keep_prompt (`bool`, defaults to `True`): the answer starts with the prompt itself and the model only
                 adds to it, so the refinement keeps what the user named (a small LM left free may answer "cat"
                 with another subject). `False`: the model writes the whole answer.
+            generator (`torch.Generator`, *optional*): diffusers-style randomness instead of `seed` (one seed for
+                the sampling is drawn from it, so the same generator state gives the same text).
 
         Returns:
             `list[str]`: one refined prompt per input prompt.
+
+        Examples:
+            ```py
+            >>> pipe.refine_prompts("cat", do_sample=False)  # greedy; the shipped model: "cat, animal, ..., 3d render"
+            >>> pipe.refine_prompts(["rocket", "blue heart"], generator=torch.Generator().manual_seed(0))
+            ```
         """
+        if generator is not None:
+            if seed is not None:
+                raise ValueError("Pass either `seed` or `generator`, not both.")
+            if isinstance(generator, list):
+                generator = generator[0]
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
@@ -604,7 +801,9 @@ class SDXSPipeline(DiffusionPipeline):
         tile_size: int = 512,
         tile_overlap: int = 64,
         max_pixels: int | None = 2048 * 2048,
-    ) -> list[PIL.Image.Image]:
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> list[PIL.Image.Image] | list[np.ndarray] | list[torch.Tensor]:
         r"""
         Upscale image(s) 2x with the asymmetric VAE: encode at 8x, decode at 16x (a "blind" latent upscaler).
 
@@ -617,10 +816,23 @@ class SDXSPipeline(DiffusionPipeline):
             max_pixels (`int`, *optional*): refuse (`ValueError`, before any work) inputs with more pixels than this;
                 the default 2048x2048 takes minutes on a CPU. `None`: no limit. Tiled inputs show a progress bar
                 over tiles (`set_progress_bar_config` turns it off).
+            generator (`torch.Generator`, *optional*): without one the encoder's posterior mode is decoded
+                (deterministic); with one a latent is sampled from the posterior with it (diffusers'
+                `retrieve_latents(..., sample_mode="sample")`), reproducibly.
+            output_type (`str`, defaults to "pil"): "pil", "np" (HWC float in [0, 1]) or "pt" (CHW float in [0, 1]).
 
         Returns:
-            `list[PIL.Image.Image]`: each exactly (decoder factor / encoder factor) = 2x the input size.
+            A list with one image per input (a list even for "np"/"pt": sizes may differ), each exactly
+            (decoder factor / encoder factor) = 2x the input size.
+
+        Examples:
+            ```py
+            >>> big = pipe.image_upscale("media/apple.png")[0]  # 128 px -> 256 px PIL image
+            >>> arrays = pipe.image_upscale([big, "media/apple.png"], output_type="np")
+            ```
         """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be one of ('pil', 'np', 'pt'), got {output_type!r}.")
         images = image if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise ValueError("`image` is an empty list: pass at least one image or path.")
@@ -646,7 +858,8 @@ class SDXSPipeline(DiffusionPipeline):
                 pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
 
             def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
-                return self._vae_decode_whole(self._vae_encode(x))
+                z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
+                return self._vae_decode_whole(z)
 
             if max(h + ph, w + pw) > tile_size:
                 n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
@@ -663,7 +876,7 @@ class SDXSPipeline(DiffusionPipeline):
             else:
                 up = reconstruct(pixels).cpu()
             up = up[:, :, : h * r, : w * r]
-            results.append(self.image_processor.postprocess(up, output_type="pil")[0])
+            results.append(self.image_processor.postprocess(up, output_type=output_type)[0])
         self.maybe_free_model_hooks()
         return results
 
@@ -686,6 +899,7 @@ class SDXSPipeline(DiffusionPipeline):
         negative_prompt_embeds,
         negative_prompt_attention_mask,
         callback_on_step_end_tensor_inputs,
+        image=None,
     ) -> None:
         step = self.size_step
         for name, value in (("height", height), ("width", width)):
@@ -702,7 +916,12 @@ class SDXSPipeline(DiffusionPipeline):
             raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}.")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}.")
-        if not 0.0 <= strength <= 1.0:
+        if strength is not None and image is None:
+            raise ValueError(
+                f"`strength`={strength} was given without `image`: strength is the img2img noise level; pass an "
+                "`image=` to start from, or drop `strength` for text-to-image."
+            )
+        if strength is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"`strength` must be in [0, 1], got {strength}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -738,7 +957,13 @@ class SDXSPipeline(DiffusionPipeline):
                     f"`{name}_embeds` must be (batch, tokens, {self.unet.config.cross_attention_dim}), "
                     f"got {tuple(emb.shape)}."
                 )
-            if m is not None and tuple(m.shape) != tuple(emb.shape[:2]):
+            if m is None:
+                raise ValueError(
+                    f"Must provide `{name}_attention_mask` when passing `{name}_embeds`: the embeddings are padded, and "
+                    "without the mask the UNet would attend to the padding. `pipe.encode_prompt(...)` and "
+                    "`pipe.encode_image(...)` return the mask with the embeddings: pass both."
+                )
+            if tuple(m.shape) != tuple(emb.shape[:2]):
                 raise ValueError(
                     f"`{name}_attention_mask` must be {tuple(emb.shape[:2])} to match `{name}_embeds`, "
                     f"got {tuple(m.shape)}."
@@ -749,12 +974,50 @@ class SDXSPipeline(DiffusionPipeline):
             and prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]
         ):
             raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same batch size.")
+        self.check_scheduler()
         if callback_on_step_end_tensor_inputs is not None:
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
                 raise ValueError(
                     f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {bad}."
                 )
+
+    def check_scheduler(self) -> None:
+        """Refuse a scheduler the flow-matching loop cannot drive, naming the supported ones."""
+        sched = self.scheduler
+        name = type(sched).__name__
+        cfg = sched.config
+        supported = (
+            f"{', '.join(FLOW_MATCH_SCHEDULERS)}; and {', '.join(FLOW_SIGMA_SCHEDULERS)} configured with "
+            '`use_flow_sigmas=True, prediction_type="flow_prediction"` (e.g. '
+            "`DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_flow_sigmas=True, "
+            'prediction_type="flow_prediction", flow_shift=pipe.scheduler.config.shift)`)'
+        )
+        if name in FLOW_MATCH_SCHEDULERS:
+            if cfg.get("use_dynamic_shifting", False):
+                raise ValueError(
+                    f"{name} with `use_dynamic_shifting=True` needs a resolution-dependent `mu` this pipeline does not "
+                    "compute; use a static `shift` (the model's scheduler config) instead."
+                )
+            return
+        if name in FLOW_SIGMA_SCHEDULERS:
+            if cfg.get("use_flow_sigmas", False) and cfg.get("prediction_type") == "flow_prediction":
+                return
+            raise ValueError(
+                f"{name} must be configured for flow matching to drive this model (it predicts the velocity "
+                f'noise - x0): pass `use_flow_sigmas=True, prediction_type="flow_prediction"`. Supported: {supported}.'
+            )
+        raise ValueError(f"This flow-matching model cannot be sampled with {name}. Supported schedulers: {supported}.")
+
+    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> None:
+        sched = self.scheduler
+        if "sigmas" in inspect.signature(sched.set_timesteps).parameters and type(sched).__name__ in (
+            FLOW_MATCH_SCHEDULERS
+        ):
+            # unshifted sigmas in: the scheduler applies the configured shift once (see `flow_sigmas`)
+            sched.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
+        else:  # Heun, multistep solvers with flow sigmas: their own schedule from the step count
+            sched.set_timesteps(num_inference_steps, device=device)
 
     def prepare_latents(
         self,
@@ -793,9 +1056,21 @@ class SDXSPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """img2img source: resize to the output size, halve (the encoder works at 8x, the decoder at 16x), encode."""
         images = image if isinstance(image, list) else [image]
-        if isinstance(image, torch.Tensor):  # (B, 3, H, W) or (3, H, W) in [-1, 1]
-            pixels = image if image.ndim == 4 else image[None]
-            pixels = torch.nn.functional.interpolate(pixels.float(), size=(height, width), mode="bicubic").clamp(-1, 1)
+        if all(isinstance(im, torch.Tensor) for im in images):  # (B, 3, H, W) or (3, H, W) in [0, 1]
+            pixels = torch.cat([im if im.ndim == 4 else im[None] for im in images]).float()
+            if pixels.ndim != 4 or pixels.shape[1] != 3:
+                raise ValueError(f"A tensor `image` must be (B, 3, H, W) or (3, H, W), got {tuple(pixels.shape)}.")
+            if pixels.min() < 0:  # as diffusers' VaeImageProcessor: [-1, 1] still works, with a deprecation warning
+                warnings.warn(
+                    "Passing `image` as a torch tensor with values in [-1, 1] is deprecated and will be removed: pass "
+                    f"values in [0, 1] (diffusers' convention, and what `output_type='pt'` returns); got values in "
+                    f"[{pixels.min().item():.3f}, {pixels.max().item():.3f}].",
+                    FutureWarning,
+                    stacklevel=3,
+                )
+            else:
+                pixels = pixels * 2.0 - 1.0
+            pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic").clamp(-1, 1)
         else:
             pils = [load_rgb_image(im).resize((width, height), PIL.Image.Resampling.LANCZOS) for im in images]
             pixels = torch.cat([self._image_to_tensor(p) for p in pils])
@@ -810,6 +1085,41 @@ class SDXSPipeline(DiffusionPipeline):
                 f"Got {latents.shape[0]} `image`s for {batch_size} images to make; pass 1 or {batch_size}."
             )
         return latents
+
+    def _conditioning_from_callback(
+        self, outputs: dict, cond_embeds: torch.Tensor, cond_mask: torch.Tensor, negative_embeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply a callback's returned "prompt_embeds" / "negative_prompt_embeds" / "prompt_attention_mask"."""
+        embeds = outputs.pop("prompt_embeds", None)
+        mask = outputs.pop("prompt_attention_mask", None)
+        negative = outputs.pop("negative_prompt_embeds", None)
+        if embeds is None and negative is not None and negative is not negative_embeds:
+            if negative_embeds is None or tuple(negative.shape) != tuple(negative_embeds.shape):
+                raise ValueError(
+                    "A callback returned `negative_prompt_embeds` of shape "
+                    f"{tuple(negative.shape)}; it must keep the shape it was given "
+                    f"{None if negative_embeds is None else tuple(negative_embeds.shape)} (and needs CFG)."
+                )
+            embeds = torch.cat([negative.to(cond_embeds), cond_embeds[negative.shape[0] :]])
+        if embeds is None:
+            if mask is not None:
+                cond_mask = mask
+            return cond_embeds, cond_mask
+        if mask is None:
+            if tuple(embeds.shape[:2]) == tuple(cond_mask.shape):
+                mask = cond_mask
+            elif embeds.shape[0] < cond_mask.shape[0] and embeds.shape[1] == cond_mask.shape[1]:
+                mask = cond_mask[-embeds.shape[0] :]  # e.g. CFG cut off: the conditional rows come last
+            else:
+                raise ValueError(
+                    f"A callback returned `prompt_embeds` of shape {tuple(embeds.shape)} that no known mask fits "
+                    f"(the conditioning mask is {tuple(cond_mask.shape)}): return `prompt_attention_mask` too."
+                )
+        return embeds.to(device=cond_embeds.device, dtype=self.unet.dtype), mask.to(cond_mask.device)
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any]:
+        return self._cross_attention_kwargs
 
     @property
     def guidance_scale(self) -> float:
@@ -850,10 +1160,14 @@ class SDXSPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         image: PipelineImageInput | list[PipelineImageInput] | None = None,
-        strength: float = 0.6,
+        strength: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
@@ -873,27 +1187,56 @@ class SDXSPipeline(DiffusionPipeline):
             generator (`torch.Generator` or a list of them, *optional*): diffusers-style randomness.
             latents (`torch.Tensor`, *optional*): initial noise (B, C, H/16, W/16).
             prompt_embeds, prompt_attention_mask: precomputed `(embeds, mask)` as returned by `encode_prompt` /
-                `encode_image` (pooled vector first).
+                `encode_image` (pooled vector first). The mask is required with the embeddings (`ValueError`).
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the negative prompt.
-            image (*optional*): img2img source (path, PIL, array, or tensor in [-1, 1]).
-            strength (`float`, defaults to 0.6): img2img noise level; 0 returns the (VAE-reconstructed) input,
-                1 ignores it.
+            image (*optional*): img2img source: path, PIL, HWC array, or tensor (B, 3, H, W) / (3, H, W) in [0, 1]
+                (as diffusers' `VaeImageProcessor`; [-1, 1] still works with a deprecation warning).
+            strength (`float`, *optional*, defaults to 0.6 with `image`): img2img noise level; 0 returns the
+                (VAE-reconstructed) input, 1 ignores it. Without `image` it is a `ValueError`.
             output_type (`str`): "pil", "np", "pt" or "latent".
             return_dict (`bool`): return an `ImagePipelineOutput` (else a tuple whose `[0]` is the images).
-            callback_on_step_end (`Callable`, *optional*): `fn(pipe, step, timestep, callback_kwargs) -> dict`;
-                returned tensors (e.g. "latents") replace the pipeline's.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs`.
+            cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors; `{"scale": s}`
+                scales loaded LoRA adapters for this call (UNet and text encoder; 0 gives the base model).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                `fn(pipe, step, timestep, callback_kwargs) -> dict`; returned tensors replace the pipeline's:
+                "latents", "prompt_embeds" (with CFG the batched [negative, positive] conditioning, as in
+                `StableDiffusionPipeline`), "negative_prompt_embeds", "prompt_attention_mask" (the mask of
+                "prompt_embeds"). A `PipelineCallback`'s own `tensor_inputs` are used (e.g. `SDCFGCutoffCallback`).
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs`, any of
+                `pipe._callback_tensor_inputs`; defaults to ["latents"].
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
+
+        Examples:
+            ```py
+            >>> import torch
+            >>> from diffusers import DiffusionPipeline
+
+            >>> # "." is a folder holding the model (this repository); a hub repo id works the same way
+            >>> pipe = DiffusionPipeline.from_pretrained(".", dtype=torch.float32, trust_remote_code=True)
+            >>> image = pipe("grinning face, 3d render", negative_prompt="low quality", seed=0).images[0]
+            >>> image.save("face.png")
+
+            >>> # img2img from the previous result, and a LoRA at half strength
+            >>> pipe.load_lora_weights("path/to/lora")  # pytorch_lora_weights.safetensors
+            >>> edit = pipe("smiling face, 3d render", image=image, strength=0.6, cross_attention_kwargs={"scale": 0.5})
+            ```
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         # 1. Defaults and input checks
         default_w, default_h = self.config.default_width, self.config.default_height
-        if image is not None and (width is None or height is None) and not isinstance(image, torch.Tensor):
-            first = load_rgb_image(image[0] if isinstance(image, list) else image)
+        if image is not None and (width is None or height is None):
+            first = image[0] if isinstance(image, list) else image
+            if isinstance(first, torch.Tensor):
+                first_w, first_h = first.shape[-1], first.shape[-2]
+            else:
+                first = load_rgb_image(first)
+                first_w, first_h = first.width, first.height
             step = self.size_step
-            default_w = max(step, round(first.width / step) * step)
-            default_h = max(step, round(first.height / step) * step)
+            default_w = max(step, round(first_w / step) * step)
+            default_h = max(step, round(first_h / step) * step)
         height = default_h if height is None else height
         width = default_w if width is None else width
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -911,12 +1254,16 @@ class SDXSPipeline(DiffusionPipeline):
             negative_prompt_embeds,
             negative_prompt_attention_mask,
             callback_on_step_end_tensor_inputs,
+            image,
         )
+        if image is not None and strength is None:
+            strength = 0.6
         if seed is not None and generator is not None:
             raise ValueError("Pass either `seed` or `generator`, not both.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
         self._guidance_scale = float(guidance_scale)
+        self._cross_attention_kwargs = dict(cross_attention_kwargs or {})
         self._interrupt = False
 
         # 2. Batch: a single prompt (or batch-1 embeddings) may be repeated `batch_size` times
@@ -960,6 +1307,7 @@ class SDXSPipeline(DiffusionPipeline):
             prompt_attention_mask,
             negative_prompt_embeds,
             negative_prompt_attention_mask,
+            lora_scale=self._cross_attention_kwargs.get("scale"),
         )
         if self.do_classifier_free_guidance:
             # one batched forward: [unconditional, conditional]; pad the shorter sequence with masked zeros
@@ -972,14 +1320,19 @@ class SDXSPipeline(DiffusionPipeline):
         cond_embeds = cond_embeds.to(self.unet.dtype)
 
         # 4. Timesteps: unshifted sigmas in, the scheduler applies the configured shift once
-        self.scheduler.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
+        self._set_timesteps(num_inference_steps, device)
         timesteps = self.scheduler.timesteps
         start = 0
         if image is not None:
-            start = num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)
+            order = getattr(self.scheduler, "order", 1)
+            start = (num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)) * order
             timesteps = timesteps[start:]
-            self.scheduler.set_begin_index(start)
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start)
         self._num_timesteps = len(timesteps)
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:  # stochastic samplers (LCM)
+            step_kwargs["generator"] = generator[0] if isinstance(generator, list) else generator
 
         # 5. Initial latents (B, C, H/16, W/16): noise, or the init image noised to the first sigma
         latents = self.prepare_latents(total, height, width, torch.float32, device, generator, latents)
@@ -999,22 +1352,27 @@ class SDXSPipeline(DiffusionPipeline):
                     t.expand(model_input.shape[0]),
                     encoder_hidden_states=cond_embeds,
                     encoder_attention_mask=cond_mask,
+                    cross_attention_kwargs=dict(self._cross_attention_kwargs) or None,
                     return_dict=False,
                 )[0].float()
                 if self.do_classifier_free_guidance:
                     v_uncond, v_cond = velocity.chunk(2)
                     velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
                     local = {
                         "latents": latents,
-                        "prompt_embeds": prompt_embeds,
+                        "prompt_embeds": cond_embeds,
                         "negative_prompt_embeds": negative_embeds,
+                        "prompt_attention_mask": cond_mask,
                     }
                     callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)
+                    cond_embeds, cond_mask = self._conditioning_from_callback(
+                        callback_outputs, cond_embeds, cond_mask, negative_embeds
+                    )
                 progress_bar.update()
 
         # 7. Decode at 16x

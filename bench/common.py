@@ -18,7 +18,7 @@ def load_pipeline(model: str, dtype: torch.dtype):
     if os.path.isdir(model):
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, trust_remote_code=True)
+        return DiffusionPipeline.from_pretrained(model, dtype=dtype, trust_remote_code=True)
     from sdxs.presets import build_pipeline
 
     return build_pipeline(model, seed=0, dtype=dtype)

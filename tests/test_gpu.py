@@ -16,7 +16,7 @@ pytestmark = [
 def test_half_precision_generation_upscale_and_vlm_paths(tiny_hub_dir, dtype):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, torch_dtype=dtype, trust_remote_code=True).to("cuda")
+    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, dtype=dtype, trust_remote_code=True).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a red apple", negative_prompt="low quality", num_inference_steps=4, seed=0, output_type="np").images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
@@ -35,7 +35,7 @@ def test_half_precision_generation_upscale_and_vlm_paths(tiny_hub_dir, dtype):
 def test_model_cpu_offload_on_cuda(tiny_hub_dir):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, torch_dtype=torch.float16, trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, dtype=torch.float16, trust_remote_code=True)
     pipe.enable_model_cpu_offload()
     pipe.set_progress_bar_config(disable=True)
     assert pipe("cat", num_inference_steps=2, seed=0).images[0].size == (64, 64)
@@ -46,7 +46,7 @@ def test_model_cpu_offload_on_cuda(tiny_hub_dir):
 def test_speedups_on_cuda_keep_the_image(tiny_hub_dir, features):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, torch_dtype=torch.float16, trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(tiny_hub_dir, dtype=torch.float16, trust_remote_code=True)
     pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     kw = dict(negative_prompt="low quality", num_inference_steps=4, output_type="np")

@@ -192,8 +192,9 @@ def test_missing_or_non_image_files(pipe, tmp_path):
 def test_save_pretrained_roundtrip_gives_identical_images(pipe, tmp_path):
     from sdxs.pipeline import SDXSPipeline
 
-    pipe.save_pretrained(tmp_path)
-    loaded = SDXSPipeline.from_pretrained(tmp_path)
+    pipe.save_pretrained(tmp_path)  # a custom-code repository (pipeline.py + ["pipeline", "SDXSPipeline"]), like
+    # every hub folder: diffusers loads the folder's pipeline.py, which needs trust_remote_code whatever class is called
+    loaded = SDXSPipeline.from_pretrained(tmp_path, trust_remote_code=True)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(pipe, prompt="cat", seed=9), run(loaded, prompt="cat", seed=9))
     assert loaded.config.text_recipe == pipe.config.text_recipe

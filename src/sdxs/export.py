@@ -3,6 +3,8 @@
 The hub layout is what `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` needs for a custom
 pipeline: `model_index.json` whose `_class_name` is `["pipeline", "SDXSPipeline"]`, `pipeline.py` beside it (an
 exact copy of `sdxs/pipeline.py`, the single source of truth), and one folder per component in safetensors.
+`SDXSPipeline.save_pretrained` writes that layout itself through `sdxs.pipeline.write_hub_files`, which this
+module reuses (the pipeline file cannot import `sdxs`, so the implementation lives there).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Any
 
 import torch
 
+from sdxs.pipeline import HUB_CLASS_NAME, drop_ignored_config_keys, write_hub_files
+
 PIPELINE_SOURCE = Path(__file__).with_name("pipeline.py")
-HUB_CLASS_NAME = ["pipeline", "SDXSPipeline"]
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "vision_processor")
+__all__ = ["HUB_CLASS_NAME", "drop_ignored_config_keys", "save_hub_layout", "verify_hub_folder", "write_hub_files"]
 
 
 def write_pipeline_file(folder: str | os.PathLike) -> Path:
@@ -28,46 +32,6 @@ def write_pipeline_file(folder: str | os.PathLike) -> Path:
     shutil.copyfile(PIPELINE_SOURCE, tmp)
     os.replace(tmp, dst)
     return dst
-
-
-def set_hub_class_name(folder: str | os.PathLike) -> None:
-    """diffusers' save_pretrained writes `"_class_name": "SDXSPipeline"`; the hub needs the custom-code form."""
-    path = Path(folder) / "model_index.json"
-    index = json.loads(path.read_text())
-    index["_class_name"] = HUB_CLASS_NAME
-    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
-    """Remove from each component's config.json the keys its diffusers model class would ignore on load.
-
-    diffusers' `AsymmetricAutoencoderKL.__init__` registers `block_out_channels` and `force_upcast`, which it does not
-    accept back, so every load of a saved VAE warns that they "are not expected and will be ignored". The class
-    registers both again when it is built, so nothing is lost. Which keys are ignored is decided by diffusers' own
-    `extract_init_dict`, the check that warns on load. Returns the removed keys as "folder.key".
-    """
-    import diffusers
-    from diffusers.utils import logging as diffusers_logging
-
-    removed = []
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # extract_init_dict would print the very warning this removes
-    try:
-        for path in sorted(Path(folder).glob("*/config.json")):
-            config = json.loads(path.read_text())
-            cls = getattr(diffusers, str(config.get("_class_name")), None)
-            if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-                continue
-            _, unused, _ = cls.extract_init_dict(config)
-            ignored = [k for k in unused if k in config and not k.startswith("_")]
-            if ignored:
-                for key in ignored:
-                    del config[key]
-                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                removed += [f"{path.parent.name}.{key}" for key in ignored]
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    return removed
 
 
 def save_hub_layout(
@@ -97,10 +61,10 @@ def save_hub_layout(
         src = pipe
         if dtype is not None:
             src = _cast_copy(pipe, dtype)
+        # SDXSPipeline.save_pretrained writes the hub files itself (`write_hub_files`); write them again from this
+        # package's source, so an export of a pipeline loaded from an older hub folder ships the current code.
         src.save_pretrained(tmp, safe_serialization=True, variant=variant)
-        set_hub_class_name(tmp)
-        drop_ignored_config_keys(tmp)
-        write_pipeline_file(tmp)
+        write_hub_files(tmp, source=PIPELINE_SOURCE)
         for name in COMPONENT_FOLDERS:
             if (out / name).exists():
                 shutil.rmtree(out / name)
