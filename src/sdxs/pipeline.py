@@ -85,6 +85,47 @@ def vae_scale_factors(vae) -> tuple[int, int]:
     return 2 ** (len(down) - 1), 2 ** (len(up) - 1)
 
 
+def latent_statistics(vae) -> tuple[list[float], list[float]] | None:
+    """The VAE config's per-channel `(latents_mean, latents_std)`, or None when it has not both (SDXL's rule)."""
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    channels = int(vae.config.latent_channels)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"VAE config `latents_mean`/`latents_std` have {len(mean)}/{len(std)} entries for {channels} latent channels."
+        )
+    return list(mean), list(std)
+
+
+def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def normalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """VAE latents -> the UNet's latent space, as diffusers' SDXL/Flux pipelines do.
+
+    With `latents_mean`/`latents_std` in the VAE config: `(z - mean) * scaling_factor / std` per channel; without:
+    `z * scaling_factor`. Shared by the pipeline, data preparation and training.
+    """
+    sf = vae.config.scaling_factor
+    stats = latent_statistics(vae)
+    if stats is None:
+        return latents * sf
+    mean, std = _channel_view(stats[0], latents), _channel_view(stats[1], latents)
+    return ((latents.float() - mean) * sf / std).to(latents.dtype)
+
+
+def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """The inverse of `normalize_latents`: `z * std / scaling_factor + mean` (or `z / scaling_factor`)."""
+    sf = vae.config.scaling_factor
+    stats = latent_statistics(vae)
+    if stats is None:
+        return latents / sf
+    mean, std = _channel_view(stats[0], latents), _channel_view(stats[1], latents)
+    return (latents.float() * std / sf + mean).to(latents.dtype)
+
+
 def unet_size_multiple(unet) -> int:
     """Latent side multiple the UNet needs: every downsampling but the deepest must halve exactly.
 
@@ -520,7 +561,7 @@ class SDXSPipeline(DiffusionPipeline):
         vae = self.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
-        return latents * vae.config.scaling_factor
+        return normalize_latents(latents, vae)  # with the config's latents_mean/latents_std when it has them
 
     def enable_vae_tiling(self, tile_latents: int = 64, overlap_latents: int = 8) -> None:
         """Decode latents larger than `tile_latents` in overlapping tiles blended linearly: bounded memory for big
@@ -585,7 +626,7 @@ class SDXSPipeline(DiffusionPipeline):
     def _vae_decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
         """One decoder pass; never NaN: an fp16 decode that overflows is repeated in fp32."""
         vae = self.vae
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        z = denormalize_latents(latents.to(vae.device, vae.dtype), vae)
         image = vae.decode(z).sample
         if not torch.isfinite(image).all() and vae.dtype != torch.float32:
             logger.warning("VAE decode overflowed in %s; decoding again in float32.", vae.dtype)
