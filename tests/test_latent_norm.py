@@ -131,3 +131,42 @@ def test_prepare_writes_normalised_latents_and_fingerprints_the_statistics(tiny_
     assert math.isfinite(float(logvar.sum()))
     # a cache made with the statistics is not the cache of the same VAE without them
     assert fingerprint_vae(pipe.vae) != fingerprint_vae(tiny_pipe.vae)
+
+
+def test_train_vae_writes_per_channel_statistics_and_export_keeps_them(tmp_path, tiny_hub_dir):
+    from diffusers import AsymmetricAutoencoderKL, DiffusionPipeline
+
+    from sdxs.train.config import VAETrainConfig, load_config
+    from sdxs.train.vae import train_vae
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        _image().rotate(90 * i).save(images / f"{i}.png")
+    overrides = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"model.pretrained={tiny_hub_dir}",
+        f"data.path={images}",
+        "data.resolution=64",
+        "data.batch_size=4",
+        "run.max_steps=2",
+        "run.checkpoint_every=0",
+        "run.progress_bar=false",
+        "run.export_at_end=true",
+        "loss.stats_batches=1",
+        "loss.latent_normalization=per_channel",
+    ]
+    final = train_vae(load_config(VAETrainConfig, None, overrides))
+    vae = AsymmetricAutoencoderKL.from_pretrained(final / "vae")
+    mean, std = latent_statistics(vae)
+    assert len(mean) == len(std) == vae.config.latent_channels == 4 and vae.config.scaling_factor == 1.0
+    assert all(s > 0 for s in std) and len(set(mean)) > 1
+    # the exported model keeps them (export drops only config keys nothing reads) and its pipeline applies them
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "export", trust_remote_code=True)
+    assert latent_statistics(pipe.vae) == (mean, std)
+    with torch.no_grad():
+        pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+        z = pipe._vae_encode(pixels)
+        torch.testing.assert_close(z, normalize_latents(pipe.vae.encode(pixels).latent_dist.mode(), pipe.vae))
+    with pytest.raises(ValueError, match="latent_normalization"):
+        train_vae(load_config(VAETrainConfig, None, [*overrides[:-1], "loss.latent_normalization=channel"]))

@@ -38,13 +38,19 @@ def set_hub_class_name(folder: str | os.PathLike) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+# Config keys a model class does not take but the pipeline reads from `component.config` (diffusers keeps unknown keys
+# there on load): the VAE's per-channel latent statistics (`AsymmetricAutoencoderKL` has no such arguments).
+KEPT_CONFIG_KEYS = ("latents_mean", "latents_std")
+
+
 def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
     """Remove from each component's config.json the keys its diffusers model class would ignore on load.
 
     diffusers' `AsymmetricAutoencoderKL.__init__` registers `block_out_channels` and `force_upcast`, which it does not
     accept back, so every load of a saved VAE warns that they "are not expected and will be ignored". The class
     registers both again when it is built, so nothing is lost. Which keys are ignored is decided by diffusers' own
-    `extract_init_dict`, the check that warns on load. Returns the removed keys as "folder.key".
+    `extract_init_dict`, the check that warns on load. `KEPT_CONFIG_KEYS` stay: the pipeline reads them (issue 19).
+    Returns the removed keys as "folder.key".
     """
     import diffusers
     from diffusers.utils import logging as diffusers_logging
@@ -59,7 +65,7 @@ def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
             if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
                 continue
             _, unused, _ = cls.extract_init_dict(config)
-            ignored = [k for k in unused if k in config and not k.startswith("_")]
+            ignored = [k for k in unused if k in config and not k.startswith("_") and k not in KEPT_CONFIG_KEYS]
             if ignored:
                 for key in ignored:
                     del config[key]
