@@ -318,6 +318,34 @@ def _pool_and_pack(
     return embeds.to(dtype or hidden.dtype), mask
 
 
+def image_processor_from_tokenizer(tokenizer):
+    """The text encoder's image processor when it is kept with the tokenizer (the published sdxs-1b layout).
+
+    Either `tokenizer` is a full processor (it has `.image_processor`), or its folder (`tokenizer.name_or_path`, a
+    local folder: diffusers loads a hub repository from its local snapshot) holds a `preprocessor_config.json`,
+    as `processor.save_pretrained("tokenizer")` writes it. Qwen2-VL-style image processors load with their PIL
+    backend (no torchvision needed). None when there is none.
+    """
+    found = getattr(tokenizer, "image_processor", None)
+    if found is not None or tokenizer is None:
+        return found
+    folder = getattr(tokenizer, "name_or_path", None) or ""
+    path = os.path.join(folder, "preprocessor_config.json") if os.path.isdir(folder) else ""
+    if not os.path.isfile(path):
+        return None
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        kind = str(json.load(f).get("image_processor_type", ""))
+    if kind.startswith("Qwen2VLImageProcessor"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(folder)
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,7 +370,9 @@ class SDXSPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vision_processor"]
+    # vision_processor: absent in the published layout (its image processor lives in tokenizer/); text_encoder and
+    # tokenizer: absent when generating from precomputed `prompt_embeds`
+    _optional_components = ["vision_processor", "text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -359,6 +389,8 @@ class SDXSPipeline(DiffusionPipeline):
         refine_instruction: str | None = None,
     ):
         super().__init__()
+        if vision_processor is None:  # published layout: the image processor is kept with the tokenizer
+            vision_processor = image_processor_from_tokenizer(tokenizer)
         self.register_modules(
             unet=unet,
             vae=vae,

@@ -47,6 +47,7 @@ from sdxs.data.shards import (
 from sdxs.export import load_component
 from sdxs.pipeline import (
     encode_text,
+    image_processor_from_tokenizer,
     latent_statistics,
     load_rgb_image,
     normalize_latents,
@@ -110,6 +111,8 @@ class Encoders:
         tokenizer = load_component(folder, "tokenizer", index)
         has_vision = (index.get("vision_processor") or [None])[0] is not None and (folder / "vision_processor").is_dir()
         vision_processor = load_component(folder, "vision_processor", index) if has_vision else None
+        if vision_processor is None:  # the published layout keeps the image processor in tokenizer/
+            vision_processor = image_processor_from_tokenizer(tokenizer)
         # the UNet's *config* (not its weights) gives the size multiple
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
         multiple = unet_size_multiple(SimpleNamespace(config=SimpleNamespace(**unet_config)))
