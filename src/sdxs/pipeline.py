@@ -363,7 +363,8 @@ class SDXSPipeline(DiffusionPipeline):
         tokenizer ([`~transformers.PreTrainedTokenizerBase`] or a processor holding one): the text encoder's tokenizer.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): Euler steps from sigma 1 to 0; `shift` in its config.
         vision_processor ([`~transformers.ImageProcessingMixin`], *optional*): the text encoder's image processor
-            (e.g. the PIL backend `Qwen2VLImageProcessorPil`, which needs no torchvision), for `encode_image`.
+            (e.g. the PIL backend `Qwen2VLImageProcessorPil`, which needs no torchvision), for `encode_image`;
+            absent, it is taken from the tokenizer's folder or processor (the published layout).
         text_recipe (`dict`, *optional*): the frozen text-conditioning recipe, see `DEFAULT_TEXT_RECIPE`.
         default_width / default_height (`int`, *optional*): the size `__call__` makes when none is given.
         refine_instruction (`str`, *optional*): default instruction for `refine_prompts`.
