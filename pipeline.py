@@ -88,6 +88,11 @@ def write_hub_files(folder: str | os.PathLike, source: str | os.PathLike | None 
     return drop_ignored_config_keys(folder)
 
 
+# Config keys a model class does not take but the pipeline reads from `component.config` (diffusers keeps unknown keys
+# there on load): the VAE's per-channel latent statistics (`AsymmetricAutoencoderKL` has no such arguments).
+KEPT_CONFIG_KEYS = ("latents_mean", "latents_std")
+
+
 def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
     """Remove from each component's config.json the keys its diffusers model class would ignore on load.
 
@@ -108,7 +113,7 @@ def drop_ignored_config_keys(folder: str | os.PathLike) -> list[str]:
             if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
                 continue
             _, unused, _ = cls.extract_init_dict(config)
-            ignored = [k for k in unused if k in config and not k.startswith("_")]
+            ignored = [k for k in unused if k in config and not k.startswith("_") and k not in KEPT_CONFIG_KEYS]
             if ignored:
                 for key in ignored:
                     del config[key]
@@ -164,6 +169,47 @@ def vae_scale_factors(vae) -> tuple[int, int]:
     down = cfg.get("down_block_out_channels", cfg.get("block_out_channels"))
     up = cfg.get("up_block_out_channels", cfg.get("block_out_channels"))
     return 2 ** (len(down) - 1), 2 ** (len(up) - 1)
+
+
+def latent_statistics(vae) -> tuple[list[float], list[float]] | None:
+    """The VAE config's per-channel `(latents_mean, latents_std)`, or None when it has not both (SDXL's rule)."""
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is None or std is None:
+        return None
+    channels = int(vae.config.latent_channels)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"VAE config `latents_mean`/`latents_std` have {len(mean)}/{len(std)} entries for {channels} latent channels."
+        )
+    return list(mean), list(std)
+
+
+def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def normalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """VAE latents -> the UNet's latent space, as diffusers' SDXL/Flux pipelines do.
+
+    With `latents_mean`/`latents_std` in the VAE config: `(z - mean) * scaling_factor / std` per channel; without:
+    `z * scaling_factor`. Shared by the pipeline, data preparation and training.
+    """
+    sf = vae.config.scaling_factor
+    stats = latent_statistics(vae)
+    if stats is None:
+        return latents * sf
+    mean, std = _channel_view(stats[0], latents), _channel_view(stats[1], latents)
+    return ((latents.float() - mean) * sf / std).to(latents.dtype)
+
+
+def denormalize_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """The inverse of `normalize_latents`: `z * std / scaling_factor + mean` (or `z / scaling_factor`)."""
+    sf = vae.config.scaling_factor
+    stats = latent_statistics(vae)
+    if stats is None:
+        return latents / sf
+    mean, std = _channel_view(stats[0], latents), _channel_view(stats[1], latents)
+    return (latents.float() * std / sf + mean).to(latents.dtype)
 
 
 def unet_size_multiple(unet) -> int:
@@ -358,6 +404,34 @@ def _pool_and_pack(
     return embeds.to(dtype or hidden.dtype), mask
 
 
+def image_processor_from_tokenizer(tokenizer):
+    """The text encoder's image processor when it is kept with the tokenizer (the published sdxs-1b layout).
+
+    Either `tokenizer` is a full processor (it has `.image_processor`), or its folder (`tokenizer.name_or_path`, a
+    local folder: diffusers loads a hub repository from its local snapshot) holds a `preprocessor_config.json`,
+    as `processor.save_pretrained("tokenizer")` writes it. Qwen2-VL-style image processors load with their PIL
+    backend (no torchvision needed). None when there is none.
+    """
+    found = getattr(tokenizer, "image_processor", None)
+    if found is not None or tokenizer is None:
+        return found
+    folder = getattr(tokenizer, "name_or_path", None) or ""
+    path = os.path.join(folder, "preprocessor_config.json") if os.path.isdir(folder) else ""
+    if not os.path.isfile(path):
+        return None
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        kind = str(json.load(f).get("image_processor_type", ""))
+    if kind.startswith("Qwen2VLImageProcessor"):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(folder)
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,14 +449,17 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         tokenizer ([`~transformers.PreTrainedTokenizerBase`] or a processor holding one): the text encoder's tokenizer.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): Euler steps from sigma 1 to 0; `shift` in its config.
         vision_processor ([`~transformers.ImageProcessingMixin`], *optional*): the text encoder's image processor
-            (e.g. the PIL backend `Qwen2VLImageProcessorPil`, which needs no torchvision), for `encode_image`.
+            (e.g. the PIL backend `Qwen2VLImageProcessorPil`, which needs no torchvision), for `encode_image`;
+            absent, it is taken from the tokenizer's folder or processor (the published layout).
         text_recipe (`dict`, *optional*): the frozen text-conditioning recipe, see `DEFAULT_TEXT_RECIPE`.
         default_width / default_height (`int`, *optional*): the size `__call__` makes when none is given.
         refine_instruction (`str`, *optional*): default instruction for `refine_prompts`.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vision_processor"]
+    # vision_processor: absent in the published layout (its image processor lives in tokenizer/); text_encoder and
+    # tokenizer: absent when generating from precomputed `prompt_embeds`
+    _optional_components = ["vision_processor", "text_encoder", "tokenizer"]
     # diffusers' contract (as StableDiffusionPipeline): with CFG "prompt_embeds" is the batched [negative, positive]
     # conditioning the UNet sees; a callback may return a replacement (e.g. SDCFGCutoffCallback keeps the last rows).
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask"]
@@ -412,6 +489,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             and text_encoder.dtype in (torch.float16, torch.bfloat16)
         ):
             text_encoder.to(torch.float32)
+        if vision_processor is None:  # published layout: the image processor is kept with the tokenizer
+            vision_processor = image_processor_from_tokenizer(tokenizer)
         self.register_modules(
             unet=unet,
             vae=vae,
@@ -717,7 +796,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         vae = self.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
-        return latents * vae.config.scaling_factor
+        return normalize_latents(latents, vae)  # with the config's latents_mean/latents_std when it has them
 
     def enable_vae_tiling(self, tile_latents: int = 64, overlap_latents: int = 8) -> None:
         """Decode latents larger than `tile_latents` in overlapping tiles blended linearly: bounded memory for big
@@ -782,7 +861,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def _vae_decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
         """One decoder pass; never NaN: an fp16 decode that overflows is repeated in fp32."""
         vae = self.vae
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        z = denormalize_latents(latents.to(vae.device, vae.dtype), vae)
         image = vae.decode(z).sample
         if not torch.isfinite(image).all() and vae.dtype != torch.float32:
             logger.warning("VAE decode overflowed in %s; decoding again in float32.", vae.dtype)

@@ -187,9 +187,23 @@ PRESETS: dict[str, Preset] = {
     ),
     "sdxs-1b": Preset(
         name="sdxs-1b",
-        # four levels, one transformer block at every level ("even attention"), a widened last level
+        # The published shape as far as public evidence shows it (issue 19): SD1.5-like, four levels with a widened
+        # last one, layers per block (4, 3, 2, 2), transformer layers (2, 2, 3, 4) with cross-attention at the first
+        # three down levels (and their mirrored up levels) and a plain fourth; the mid block is cross-attention with
+        # the last level's 4 transformer layers. With cross_attention_dim=768 this counts exactly 1,585,405,344
+        # parameters, the count reported for an earlier, CLIP-conditioned sdxs of this shape
+        # (`python -m sdxs.presets sdxs-1b --cross-attention-dim 768`); with Qwen3.5-2B's 2048 it is larger.
+        # Heads: diffusers' `attention_head_dim` is the number of heads; (5, 10, 20, 24) heads = 64 channels each.
         unet=_unet(
-            (320, 640, 1280, 1920), (True, True, True, True), 2, 64, 2048, sample_size=64, latent_ch=32, groups=32
+            (320, 640, 1280, 1536),
+            (True, True, True, False),
+            (4, 3, 2, 2),
+            (5, 10, 20, 24),
+            2048,
+            sample_size=64,
+            latent_ch=32,
+            groups=32,
+            transformer_layers=(2, 2, 3, 4),
         ),
         vae=_vae((128, 256, 512, 512), (128, 128, 256, 512, 512), latent_ch=32, groups=32, layers_down=2, layers_up=3),
         # Qwen3.5-2B-sized language model (hidden 2048, 24 layers, 248,320-token vocabulary) + vision tower
@@ -208,6 +222,9 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         vision_processor=dict(patch_size=16, merge_size=2, temporal_patch_size=2),
+        # Flow `shift` is a recipe value, not part of the shape: 3.0 suits 1024 px (64x88 latents), where most of
+        # the signal is decided at high noise (shift 1 on 16x16 latents: the emoji preset). Not published; tune it.
+        scheduler={"shift": 3.0},
         tokenizer_vocab=248320,
         default_size=(1024, 1408),
         note="the SDXS-1B shape, random weights: for benchmarks and as a training start",
@@ -307,7 +324,15 @@ def build_pipeline(
     )
 
 
-def count_parameters(name: str) -> dict[str, int]:
+def unet_config(name: str, cross_attention_dim: int | None = None) -> dict[str, Any]:
+    """The preset's UNet config; `cross_attention_dim` overrides the text width (e.g. 768 for a CLIP-L encoder)."""
+    config = get_preset(name).unet
+    if cross_attention_dim is not None:
+        config["cross_attention_dim"] = int(cross_attention_dim)
+    return config
+
+
+def count_parameters(name: str, cross_attention_dim: int | None = None) -> dict[str, int]:
     """Parameter counts per component of a preset, built on the meta device (no memory, no time)."""
     from accelerate import init_empty_weights
     from diffusers import AsymmetricAutoencoderKL, UNet2DConditionModel
@@ -315,7 +340,7 @@ def count_parameters(name: str) -> dict[str, int]:
 
     preset = get_preset(name)
     with init_empty_weights():
-        unet = UNet2DConditionModel(**preset.unet)
+        unet = UNet2DConditionModel(**unet_config(name, cross_attention_dim))
         vae = AsymmetricAutoencoderKL(**preset.vae)
         te = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**copy.deepcopy(preset.text_encoder)))
 
@@ -330,3 +355,73 @@ def count_parameters(name: str) -> dict[str, int]:
         "text_encoder_language": n(te) - vision,
         "text_encoder_vision": vision,
     }
+
+
+def step_flops(
+    name: str,
+    width: int | None = None,
+    height: int | None = None,
+    batch: int = 2,
+    tokens: int = 251,
+    cross_attention_dim: int | None = None,
+) -> dict[str, int]:
+    """FLOPs counted by torch's `FlopCounterMode` on the meta device (no memory, no weights, seconds).
+
+    `unet_step`: one sampling step = one UNet call on `batch` latents (2: classifier-free guidance batches the
+    prompt and the negative), `tokens` = 1 pooled + 250 text positions. `vae_decode`: one image through the 16x
+    decoder, once per image. Size defaults to the preset's `default_size`; the latent is size / decoder factor.
+    A multiply-add counts as 2 FLOPs (torch's convention).
+    """
+    from diffusers import AsymmetricAutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    preset = get_preset(name)
+    width, height = width or preset.default_size[0], height or preset.default_size[1]
+    config = unet_config(name, cross_attention_dim)
+    factor = 2 ** (len(preset.vae["up_block_out_channels"]) - 1)
+    if width % factor or height % factor:
+        raise ValueError(f"size {width}x{height} must be a multiple of the decoder factor {factor}.")
+    h, w = height // factor, width // factor
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+        vae = AsymmetricAutoencoderKL(**preset.vae)
+        x = torch.zeros(batch, config["in_channels"], h, w)
+        text = torch.zeros(batch, tokens, config["cross_attention_dim"])
+        t = torch.full((batch,), 500.0)
+        z = torch.zeros(1, preset.vae["latent_channels"], h, w)
+    with torch.no_grad(), FlopCounterMode(display=False) as unet_counter:
+        unet(x, t, encoder_hidden_states=text)
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_counter:
+        vae.decode(z)
+    return {"unet_step": int(unet_counter.get_total_flops()), "vae_decode": int(vae_counter.get_total_flops())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sdxs.presets sdxs-1b [--size 1024x1408] [--cross-attention-dim 768]`: parameters and FLOPs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sdxs.presets", description=main.__doc__)
+    parser.add_argument("name", nargs="?", default="sdxs-1b", choices=sorted(PRESETS))
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT of the output image (default: the preset's)")
+    parser.add_argument("--cross-attention-dim", type=int, default=None, help="override the text width")
+    parser.add_argument("--no-flops", action="store_true", help="parameter counts only")
+    args = parser.parse_args(argv)
+    preset = get_preset(args.name)
+    width, height = preset.default_size
+    if args.size:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    counts = count_parameters(args.name, args.cross_attention_dim)
+    cross = args.cross_attention_dim or preset.unet["cross_attention_dim"]
+    print(f"preset {args.name}: UNet levels {list(preset.unet['block_out_channels'])}, cross_attention_dim {cross}")
+    for key, value in counts.items():
+        print(f"  {key:24s} {value:>15,d}")
+    print(f"  {'total':24s} {sum(counts.values()):>15,d}")
+    if not args.no_flops:
+        flops = step_flops(args.name, width, height, cross_attention_dim=args.cross_attention_dim)
+        print(f"FLOPs at {width}x{height} (FlopCounterMode, meta device, multiply-add = 2):")
+        print(f"  UNet, one CFG step (batch 2, 251 tokens) {flops['unet_step'] / 1e12:10.3f} TFLOP")
+        print(f"  VAE decode, one image                    {flops['vae_decode'] / 1e12:10.3f} TFLOP")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,9 +36,12 @@ def hash_state(module: torch.nn.Module, prefixes: tuple[str, ...] | None = None)
 
 
 def fingerprint_vae(vae) -> str:
-    """Fingerprint of the parts of the VAE that make latents: encoder, quant_conv and scaling_factor."""
+    """Fingerprint of the parts of the VAE that make latents: encoder, quant_conv, scaling_factor (and latents_mean/std)."""
     h = hashlib.sha256(hash_state(vae, ("encoder.", "quant_conv.")).encode())
     h.update(repr(float(vae.config.scaling_factor)).encode())
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if mean is not None and std is not None:  # per-channel normalisation (absent: the fingerprint is unchanged)
+        h.update(repr(([float(v) for v in mean], [float(v) for v in std])).encode())
     return h.hexdigest()[:16]
 
 

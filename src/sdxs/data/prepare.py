@@ -45,7 +45,15 @@ from sdxs.data.shards import (
     to_storage,
 )
 from sdxs.export import load_component
-from sdxs.pipeline import encode_text, load_rgb_image, unet_size_multiple, vae_scale_factors
+from sdxs.pipeline import (
+    encode_text,
+    image_processor_from_tokenizer,
+    latent_statistics,
+    load_rgb_image,
+    normalize_latents,
+    unet_size_multiple,
+    vae_scale_factors,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The encoders
@@ -103,6 +111,8 @@ class Encoders:
         tokenizer = load_component(folder, "tokenizer", index)
         has_vision = (index.get("vision_processor") or [None])[0] is not None and (folder / "vision_processor").is_dir()
         vision_processor = load_component(folder, "vision_processor", index) if has_vision else None
+        if vision_processor is None:  # the published layout keeps the image processor in tokenizer/
+            vision_processor = image_processor_from_tokenizer(tokenizer)
         # the UNet's *config* (not its weights) gives the size multiple
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
         multiple = unet_size_multiple(SimpleNamespace(config=SimpleNamespace(**unet_config)))
@@ -238,12 +248,22 @@ def encode_images(enc: Encoders, images: list[PIL.Image.Image], device: torch.de
 def encode_latents(vae, pixels: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 pixels (B, H, W, 3) -> scaled posterior mean and log-variance, each (B, C, H/8, W/8) float32 on CPU.
 
-    For z = sf * x with x ~ N(mean, exp(logvar)): z ~ N(sf * mean, exp(logvar + 2 log sf)).
+    For z = a * (x - m) with x ~ N(mean, exp(logvar)): z ~ N(a * (mean - m), exp(logvar + 2 log a)), where
+    a = sf and m = 0, or per channel a = sf / latents_std and m = latents_mean when the VAE config has them (the
+    pipeline's `normalize_latents`).
     """
     x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
     posterior = vae.encode(x.to(vae.dtype)).latent_dist
     sf = float(vae.config.scaling_factor)
-    return (posterior.mean.float() * sf).cpu(), (posterior.logvar.float() + 2 * math.log(sf)).cpu()
+    mean = normalize_latents(posterior.mean.float(), vae)
+    stats = latent_statistics(vae)
+    if stats is None:
+        log_scale = 2 * math.log(sf)
+    else:
+        log_scale = 2 * torch.log(sf / torch.tensor(stats[1], dtype=torch.float32, device=mean.device)).view(
+            1, -1, 1, 1
+        )
+    return mean.cpu(), (posterior.logvar.float() + log_scale).cpu()
 
 
 def _encode_batch(vae, batch: list[np.ndarray], device, means: list, logvars: list) -> None:
@@ -645,6 +665,8 @@ def build_manifest(shard_metas, skipped, fingerprint, enc: Encoders, options, sr
         "text_recipe": enc.text_recipe,
         "vae": {
             "scaling_factor": float(enc.vae.config.scaling_factor),
+            "latents_mean": enc.vae.config.get("latents_mean"),
+            "latents_std": enc.vae.config.get("latents_std"),
             "latent_channels": int(enc.vae.config.latent_channels),
             "encoder_factor": enc_factor,
             "decoder_factor": dec_factor,

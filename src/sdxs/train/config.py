@@ -175,6 +175,10 @@ class VAELossConfig:
     lpips_weight: float = 0.0  # perceptual loss; needs lpips_path (local weights, never downloaded)
     lpips_path: str = ""  # a local LPIPS weights file for the `lpips` package
     stats_batches: int = 8  # batches used at the end to measure latent channel statistics
+    # how the measured statistics go into the VAE config (pipeline, prepare and training all read them from there):
+    # "scalar": scaling_factor = 1 / std over all channels (the emoji recipe); "per_channel": latents_mean and
+    # latents_std per channel with scaling_factor 1, applied as diffusers' SDXL/Flux pipelines do (issue 19)
+    latent_normalization: str = "scalar"
 
 
 @dataclass

@@ -4,7 +4,8 @@ The SDXS trick: train the 8x encoder on a 2x-downsampled crop and ask the 16x de
 so the decoder learns a 2x upscale for free. AsymmetricAutoencoderKL.forward(sample) would hand the target image
 to its MaskConditionDecoder as a condition (a leak), so training calls encode(...).latent_dist and decode(z) only.
 Losses: L1 / MSE + KL + Sobel edges (+ LPIPS when its weights are on disk). At the end the latent channel
-statistics are measured and `scaling_factor = 1 / std` is written into the VAE config, so pipeline and prepare agree.
+statistics are measured and `scaling_factor = 1 / std` (or, with `loss.latent_normalization = "per_channel"`, the
+per-channel `latents_mean` / `latents_std`) is written into the VAE config, so pipeline and prepare agree.
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
     """Train an AsymmetricAutoencoderKL on `cfg.data.path`; returns the final checkpoint folder."""
     from sdxs.train.hub import export_run
 
+    if cfg.loss.latent_normalization not in ("scalar", "per_channel"):
+        raise ValueError(
+            f"`loss.latent_normalization` must be 'scalar' or 'per_channel', got {cfg.loss.latent_normalization!r}."
+        )
     accelerator = make_accelerator(cfg.run)
     vae = build_vae(cfg)
     files = list_images(cfg.data.path)
@@ -237,10 +242,19 @@ def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
         # the same fixed batches on every rank, so every rank writes the same scaling factor
         fixed = ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed + 1, resample=d.resample)
         stats = latent_statistics(model.vae, fixed, cfg.loss.stats_batches)
-        if cfg.model.train_encoder:  # decoder-only: the latent space, and with it the UNet's scale, is unchanged
-            model.vae.register_to_config(scaling_factor=stats["scaling_factor"])
-        else:
+        if not cfg.model.train_encoder:  # decoder-only: the latent space, and with it the UNet's scale, is unchanged
             stats["scaling_factor"] = float(model.vae.config.scaling_factor)
+        elif cfg.loss.latent_normalization == "per_channel":  # (z - mean) * 1 / std per channel
+            stats["scaling_factor"] = 1.0
+            model.vae.register_to_config(
+                scaling_factor=1.0,
+                latents_mean=stats["latent_channel_mean"],
+                latents_std=[max(v, 1e-5) for v in stats["latent_channel_std"]],
+            )
+        else:  # a scalar scale; statistics of a base VAE no longer describe the retrained encoder
+            model.vae.register_to_config(scaling_factor=stats["scaling_factor"])
+            if model.vae.config.get("latents_mean") is not None or model.vae.config.get("latents_std") is not None:
+                model.vae.register_to_config(latents_mean=None, latents_std=None)
         logger.info(
             "latent channel mean %s std %s -> scaling_factor %.4f",
             stats["latent_channel_mean"],
