@@ -391,6 +391,8 @@ def evaluate_vae(
     `resolution` R is the target side (the images are box-resized to it first; None: their own size)."""
     import torch
 
+    from sdxs.pipeline import normalize_latents
+
     vae = pipe.vae
     ratio = pipe.vae_scale_factor // pipe.vae_encoder_scale_factor  # 2: the decoder's extra upsampling
     if ratio != 2:
@@ -406,7 +408,8 @@ def evaluate_vae(
         small = downsample2x(target)  # (B, 3, H/2, W/2) in [0, 1]
         with torch.no_grad():
             posterior = vae.encode((small * 2 - 1).to(vae.device, vae.dtype)).latent_dist
-            decoded = pipe._vae_decode(posterior.mode() * vae.config.scaling_factor)  # [-1, 1], float32
+            # the pipeline's own latent space (per-channel latents_mean/std when the VAE config has them)
+            decoded = pipe._vae_decode(normalize_latents(posterior.mode(), vae))  # [-1, 1], float32
         outputs = {"VAE": ((decoded.cpu() + 1) / 2).clamp(0, 1), "bicubic": bicubic_upscale2x(small)}
         kl = kl_per_image(posterior.mean.float().cpu(), posterior.logvar.float().cpu())
         mses = {name: mse_per_image(out, target) for name, out in outputs.items()}
