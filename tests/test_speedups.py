@@ -43,6 +43,21 @@ def test_regional_compile_keeps_the_image_and_does_not_recompile(tiny_hub_dir):
     torch._dynamo.reset()
 
 
+def test_compile_does_not_recompile_for_every_new_size(tiny_hub_dir):
+    """A new image size compiles at most once more (dynamo's automatic dynamic shapes), then never (issue 19)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pipe = _fresh(tiny_hub_dir)
+    pipe.enable_speedups("compile")
+    counts = []
+    for w, h in [(64, 64), (96, 96), (128, 64), (64, 128), (128, 128)]:
+        pipe("a red apple", num_inference_steps=2, seed=0, width=w, height=h, output_type="np")
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[-1] <= counts[0] + 1 and counts[2:] == [counts[1]] * 3, counts
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     ("features", "match"),
     [
