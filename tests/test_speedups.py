@@ -29,6 +29,7 @@ def test_channels_last_and_fused_qkv_keep_the_image(tiny_hub_dir):
     np.testing.assert_allclose(_image(pipe), reference, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_regional_compile_keeps_the_image_and_does_not_recompile(tiny_hub_dir):
     import torch._dynamo
 
@@ -43,6 +44,7 @@ def test_regional_compile_keeps_the_image_and_does_not_recompile(tiny_hub_dir):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compile_does_not_recompile_for_every_new_size(tiny_hub_dir):
     """A new image size compiles at most once more (dynamo's automatic dynamic shapes), then never (issue 19)."""
     import torch._dynamo

@@ -61,6 +61,7 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_hub_dir, colour_cache):
     # A: one uninterrupted run
     a = tmp_path / "a"

@@ -79,6 +79,7 @@ def make_colour_cache(tmp_path, hub_dir, size: int = 64):
     return tmp_path / "cache"
 
 
+@pytest.mark.slow
 def test_overfit_four_colours(tmp_path, root_model_dir):
     """prepare -> train a fresh UNet -> generating "red", "green", "blue", "yellow" gives images of those colours.
 

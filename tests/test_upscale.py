@@ -60,6 +60,7 @@ def test_tiling_blends_to_exactly_the_untiled_result_for_a_local_operator(pipe, 
     assert np.abs(whole - tiled).max() <= 1  # rounding only
 
 
+@pytest.mark.slow
 def test_2048_input_is_tiled_on_cpu(pipe):
     img = Image.new("RGB", (2048, 2048), (30, 120, 200))
     out = pipe.image_upscale(img)[0]
