@@ -21,6 +21,7 @@ def test_overflowing_half_decode_is_redone_in_float32(tiny_pipe, caplog):
             return SimpleNamespace(sample=torch.full_like(reference, float("nan"), dtype=torch.float16))
         return decode(z, *args, **kwargs)
 
+    state = {k: v.clone() for k, v in vae.state_dict().items()}  # tiny_pipe is shared: hand it back bit-exact
     vae.decode = overflowing_in_half
     vae.to(torch.float16)
     try:
@@ -30,6 +31,7 @@ def test_overflowing_half_decode_is_redone_in_float32(tiny_pipe, caplog):
     finally:
         del vae.decode
         vae.to(torch.float32)
+        vae.load_state_dict(state)
     assert calls == [torch.float16, torch.float32]  # tried in half, redone in float32
     assert torch.isfinite(image).all()
     torch.testing.assert_close(image, reference, atol=2e-2, rtol=0)  # weights went through fp16 and back
