@@ -218,7 +218,7 @@ def latent_statistics(vae, batches, num_batches: int) -> dict:
 
 def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
     """Train an AsymmetricAutoencoderKL on `cfg.data.path`; returns the final checkpoint folder."""
-    from sdxs.train.hub import export_run
+    from sdxs.model_folder import export_run
 
     if cfg.loss.latent_normalization not in ("scalar", "per_channel"):
         raise ValueError(
