@@ -112,12 +112,13 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from sdxs.presets import build_text_encoder, get_preset, train_tokenizer
+    from sdxs.runtime import torch_dtype
 
     m = cfg.model
     preset = get_preset(m.preset)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(m.dtype)
-    if dtype is None:
+    if m.dtype not in ("fp32", "bf16"):
         raise ValueError(f"`model.dtype` must be 'fp32' or 'bf16' (fp16 overflows in Qwen3.5), got {m.dtype!r}.")
+    dtype = torch_dtype(m.dtype, "`model.dtype`")
     processor = Qwen2VLImageProcessorPil(**preset.vision_processor)
     if m.pretrained:
         root = Path(m.pretrained)
