@@ -287,10 +287,7 @@ def build_text_encoder(preset: Preset, tokenizer, dtype: torch.dtype = torch.flo
     return model.eval()
 
 
-# One seeding rule for random weights: each fresh component draws from its own seed, `seed + offset`, so a component
-# comes out the same whether or not the others are built fresh beside it (build_pipeline, `sdxs init` and a preset
-# UNet of `sdxs train unet` agree).
-COMPONENT_SEED_OFFSETS = {"text_encoder": 0, "vae": 1, "unet": 2}
+FRESH_COMPONENTS = ("text_encoder", "vae", "unet")
 
 
 def fresh_component(
@@ -302,16 +299,21 @@ def fresh_component(
     latent_channels: int | None = None,
     dtype: torch.dtype = torch.float32,
 ):
-    """Random weights for component `name` (text_encoder, vae or unet) of `preset`, drawn from `seed + offset`.
+    """Random weights for component `name` (text_encoder, vae or unet) of `preset`, drawn right after
+    `torch.manual_seed(seed)`.
+
+    The one seeding rule for random weights: every fresh component is seeded on its own with the given seed, so it
+    comes out the same whether or not other components are built fresh beside it. `build_pipeline`, `sdxs init` and
+    the trainers' fresh components (`run.seed`) all build them here.
 
     A UNet's cross-attention width and latent channels follow `text_hidden_size` / `latent_channels` when given (the
     preset's shape fitted to the model's text and latent spaces); a text encoder needs its `tokenizer`.
     """
     from diffusers import AsymmetricAutoencoderKL, UNet2DConditionModel
 
-    if name not in COMPONENT_SEED_OFFSETS:
-        raise ValueError(f"`name` must be one of {sorted(COMPONENT_SEED_OFFSETS)}, got {name!r}.")
-    torch.manual_seed(seed + COMPONENT_SEED_OFFSETS[name])
+    if name not in FRESH_COMPONENTS:
+        raise ValueError(f"`name` must be one of {list(FRESH_COMPONENTS)}, got {name!r}.")
+    torch.manual_seed(seed)
     if name == "text_encoder":
         if tokenizer is None:
             raise ValueError("a fresh text encoder needs `tokenizer` (its vocabulary and special token ids).")

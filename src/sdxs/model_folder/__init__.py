@@ -20,7 +20,7 @@ Three rules live here once:
 - EMA weights when present: a component taken from a training run or checkpoint is its EMA copy when the run kept
   one, unless the run's config says `ema.use_for_export = false` or the caller asks for `weights="raw"`
   (`sdxs export --weights raw`). `sdxs init` and `sdxs export` both follow it.
-- Seeds: fresh (random) components come from `sdxs.presets.fresh_component` (seed + a per-component offset).
+- Seeds: fresh (random) components come from `sdxs.presets.fresh_component`, each seeded on its own with `seed`.
 - Building: a pipeline is constructed in two places only, fresh (`sdxs.presets.build_pipeline`) or from a folder
   (`load_local_pipeline`); every other pipeline is derived with diffusers' `from_pipe` (new components, the rest
   shared) or changed in place with `register_modules` (which keeps model_index.json in step).

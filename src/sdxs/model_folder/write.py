@@ -63,7 +63,7 @@ def assemble(
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from sdxs.presets import COMPONENT_SEED_OFFSETS, PRESETS, build_pipeline, fresh_component, get_preset
+    from sdxs.presets import PRESETS, build_pipeline, fresh_component, get_preset
 
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}.")
@@ -77,7 +77,7 @@ def assemble(
         sources["tokenizer"] = str(find_tokenizer(folders["text_encoder"]))
 
     def fresh(name: str) -> str:
-        return f"preset {preset} (random, seed {seed + COMPONENT_SEED_OFFSETS[name]})"
+        return f"preset {preset} (random, seed {seed})"
 
     if base is None:
         trained = {k: v for name, folder in folders.items() for k, v in load_trained(name, folder).items()}

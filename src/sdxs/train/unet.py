@@ -119,7 +119,7 @@ def build_unet(cfg: UNetTrainConfig, base):
     of `model.init_from`."""
     from diffusers import UNet2DConditionModel
 
-    from sdxs.presets import COMPONENT_SEED_OFFSETS, fresh_component, get_preset
+    from sdxs.presets import fresh_component, get_preset
 
     m = cfg.model
     if m.unet_preset:
@@ -130,8 +130,7 @@ def build_unet(cfg: UNetTrainConfig, base):
             text_hidden_size=_text_hidden_size(base.text_encoder),
             latent_channels=int(base.vae.config.latent_channels),
         )
-        seed = cfg.run.seed + COMPONENT_SEED_OFFSETS["unet"]
-        source = f"preset {m.unet_preset!r} (random init, seed {seed})"
+        source = f"preset {m.unet_preset!r} (random init, seed {cfg.run.seed})"
     else:
         unet = UNet2DConditionModel.from_config(base.unet.config)
         unet.load_state_dict(base.unet.state_dict())

@@ -173,12 +173,11 @@ class ImageBatches:
 def build_vae(cfg: VAETrainConfig):
     from diffusers import AsymmetricAutoencoderKL
 
-    from sdxs.presets import get_preset
+    from sdxs.presets import fresh_component, get_preset
 
     m = cfg.model
     if m.vae_preset:
-        torch.manual_seed(cfg.run.seed)
-        vae = AsymmetricAutoencoderKL(**get_preset(m.vae_preset).vae)
+        vae = fresh_component(get_preset(m.vae_preset), "vae", cfg.run.seed)
     elif m.pretrained:
         vae = AsymmetricAutoencoderKL.from_pretrained(Path(m.pretrained) / "vae")
     else:
