@@ -28,7 +28,9 @@ import torch
 from common import environment, load_pipeline, parse_size, print_table, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from sdxs.runtime import torch_dtype
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def sync(device: str) -> None:
@@ -132,7 +134,7 @@ def main() -> None:
     for model in args.model or ["tiny"]:
         for dtype_name in args.dtype or ["float32"]:
             t = time.perf_counter()
-            pipe = load_pipeline(model, DTYPES[dtype_name]).to(args.device)
+            pipe = load_pipeline(model, torch_dtype(dtype_name)).to(args.device)
             sync(args.device)
             load_s = time.perf_counter() - t
             pipe.set_progress_bar_config(disable=True)

@@ -9,6 +9,7 @@ which diffusers' attention processors use whenever torch provides it):
   compile          pipe.enable_speedups("compile")        regional torch.compile of each BasicTransformerBlock
   cuda_graphs      pipe.enable_speedups("cuda_graphs")    whole-UNet torch.compile(mode="reduce-overhead"); CUDA only
   vae_tiling       pipe.enable_vae_tiling()               memory, not speed: bounded decode for big images
+  vae_slicing      pipe.enable_vae_slicing()              memory, not speed: one image at a time through the decoder
   cpu_offload      pipe.enable_model_cpu_offload()        memory for small GPUs (CUDA only), costs speed
 For the compiling features, the first call's time (compilation included) is reported separately, and a second
 prompt and seed are run to check that nothing recompiles (dynamo's graph count must not grow).
@@ -25,6 +26,8 @@ import torch
 import torch._dynamo
 from common import load_pipeline
 
+from sdxs.runtime import DTYPE_NAMES, SPEED_FEATURES, apply_speed_features, torch_dtype
+
 
 def build(model: str, dtype: torch.dtype, device: str):
     pipe = load_pipeline(model, dtype)
@@ -32,15 +35,7 @@ def build(model: str, dtype: torch.dtype, device: str):
     return pipe.to(device)
 
 
-FEATURES = {
-    "baseline": lambda p: None,
-    "channels_last": lambda p: p.enable_speedups("channels_last"),
-    "fused_qkv": lambda p: p.enable_speedups("fused_qkv"),
-    "compile": lambda p: p.enable_speedups("compile"),
-    "cuda_graphs": lambda p: p.enable_speedups("cuda_graphs"),
-    "vae_tiling": lambda p: p.enable_vae_tiling(),
-    "cpu_offload": lambda p: p.to("cpu").enable_model_cpu_offload(),
-}
+FEATURES = ("baseline", *SPEED_FEATURES)  # applied by `sdxs.runtime.apply_speed_features`, as `--speedup` does
 CUDA_ONLY = ("cuda_graphs", "cpu_offload")
 
 
@@ -59,15 +54,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--features", nargs="+", choices=list(FEATURES), help="default: all this device runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     args = parser.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     rows = []
     cuda = args.device.startswith("cuda")
     for name in args.features or [f for f in FEATURES if cuda or f not in CUDA_ONLY]:
         torch._dynamo.reset()
         pipe = build(args.model, dtype, args.device)
-        FEATURES[name](pipe)
+        if name != "baseline":
+            pipe = apply_speed_features(pipe, [name], args.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         first = timed(pipe, "a red apple, 3d render", 0, args.steps)  # warm-up (compiles, if compiling)

@@ -22,8 +22,8 @@ import torch
 
 from sdxs import eval_strict as es
 from sdxs import evaluate as ev
-from sdxs.export import load_local_pipeline
 from sdxs.grid import make_grid
+from sdxs.model_folder import load_local_pipeline
 
 
 def checkpoint_unet_folder(path: Path) -> Path:

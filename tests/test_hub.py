@@ -20,7 +20,7 @@ STDLIB = set(sys.stdlib_module_names)
 
 def test_root_pipeline_py_is_an_exact_copy_of_the_source():
     assert (ROOT / "pipeline.py").read_bytes() == SOURCE.read_bytes(), (
-        "pipeline.py at the repo root differs from src/sdxs/pipeline.py; run `python -m sdxs.export --sync-root`"
+        "pipeline.py at the repo root differs from src/sdxs/pipeline.py; run `python -m sdxs.model_folder --sync-root`"
     )
 
 

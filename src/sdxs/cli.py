@@ -11,121 +11,45 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
-import re
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sdxs
+from sdxs import runtime
+from sdxs.cli_types import positive_int, seed_int
+from sdxs.runtime import (  # noqa: F401 - names tests and older callers use as `sdxs.cli.<name>`
+    DEVICES,
+    DTYPES,
+    SPEED_FEATURES,
+    SPEEDUPS,
+    UserError,
+    default_model_dir,
+    pick_device,
+    pick_dtype,
+    quiet_libraries,
+    random_seed,
+    resolve_model,
+    torch_dtype,
+)
 
-if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
-    import torch
-
-# Subcommands that other modules own: each exposes `register(subparsers)`. A module that does not exist yet is
-# skipped (and only then: an ImportError inside an existing module is a bug and must surface).
-EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.evaluate", "sdxs.assemble")
+# Subcommands that other modules own: each exposes `register(subparsers)`.
+EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.evaluate")
 
 # Errors a user can fix (bad flag values, missing files, unreachable hub repos): one line, exit code 2.
 USER_ERRORS = (ValueError, TypeError, OSError)
 EXIT_USER_ERROR = 2
 
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-SPEEDUPS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")  # SDXSPipeline.SPEEDUPS (a test keeps them equal)
-# A hub repository id ("owner/name"); anything else that does not exist locally is a missing folder.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class UserError(Exception):
-    """An error whose message is the whole story: printed as one line, never with a traceback."""
+_quiet_libraries = quiet_libraries  # the name sdxs.evaluate imports (until it imports sdxs.runtime)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model, device and dtype
+# Model loading, argument types and shared flags
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def default_model_dir() -> Path:
-    """The repository root (the shipped model lives there): src/sdxs/__init__.py -> parents[2]."""
-    return Path(sdxs.__file__).resolve().parents[2]
-
-
-def resolve_model(model: str | None) -> str:
-    """A local folder with model_index.json or a hub id; raise `UserError` with the folder to pass otherwise."""
-    if model is None:
-        model = os.environ.get("SDXS_MODEL")
-    if model is None:
-        root = default_model_dir()
-        if (root / "model_index.json").is_file():
-            return str(root)
-        raise UserError(
-            f"no model found at {root} (no model_index.json); pass --model FOLDER, a folder holding "
-            "model_index.json (e.g. one written by `sdxs export`), or set SDXS_MODEL"
-        )
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"--model {model}: {path} has no model_index.json; pass the folder that holds it")
-        return str(path)
-    if HUB_ID.match(model) and not model.startswith("."):
-        return model  # a hub repository id: diffusers downloads (or finds it in the cache)
-    raise UserError(f"--model {model}: no such folder; pass a folder holding model_index.json")
-
-
-def pick_device(device: str = "auto") -> str:
-    """`auto`: CUDA when available, then Apple MPS, else the CPU."""
-    import torch
-
-    if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto`: bf16 on CUDA GPUs that support it (fp16 otherwise), fp16 on MPS, fp32 on the CPU."""
-    import torch
-
-    named = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype != "auto":
-        return named[dtype]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "mps":
-        return torch.float16
-    return torch.float32  # half precision on the CPU is slow and less accurate
-
-
-def quiet_libraries(verbose: bool, progress: bool = True) -> None:
-    """Keep library warnings (config notes, slow-kernel fallbacks) out of the way unless asked for, and the
-    libraries' own progress bars (weight loading) off when `progress` is false."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    if not progress:
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
-    if verbose:
-        return
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    # Python warnings from the libraries (FutureWarning, UserWarning) are notes for their developers, not ours
-    for module in ("diffusers", "transformers", "torch", "accelerate", "huggingface_hub"):
-        warnings.filterwarnings("ignore", module=module)
-
-
-_quiet_libraries = quiet_libraries  # the name sdxs.evaluate imports
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -134,53 +58,15 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """Load the model named by `--model` on `--device` in `--dtype` (both chosen automatically by default)."""
-    folder = resolve_model(args.model)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    quiet_libraries(getattr(args, "verbose", False), progress=show_progress(args))
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, trust_remote_code=True)
-    speedups = list(dict.fromkeys(getattr(args, "speedup", None) or []))
-    if "cpu_offload" in speedups:
-        if not device.startswith("cuda"):
-            raise ValueError(f"`--speedup cpu_offload` needs a CUDA device, got {device!r}: leave it out on {device}.")
-        pipe.enable_model_cpu_offload(device=device)  # each model moves to the GPU only while it runs
-    else:
-        pipe = pipe.to(device)
-    if "vae_tiling" in speedups:
-        pipe.enable_vae_tiling()
-    if "vae_slicing" in speedups:
-        pipe.enable_vae_slicing()
-    pipe.enable_speedups(*[s for s in speedups if s in SPEEDUPS])
-    pipe.set_progress_bar_config(disable=not show_progress(args), leave=False)
-    return pipe
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Argument types and shared flags
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
+    """The model of `--model` on `--device` in `--dtype` with `--speedup` features (`sdxs.runtime.load_pipeline`)."""
+    return runtime.load_pipeline(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        speedups=getattr(args, "speedup", None) or [],
+        verbose=getattr(args, "verbose", False),
+        progress=show_progress(args),
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -203,7 +89,7 @@ def _model_flags() -> argparse.ArgumentParser:
     g.add_argument(
         "--speedup",
         action="append",
-        choices=[*SPEEDUPS, "vae_tiling", "vae_slicing", "cpu_offload"],
+        choices=SPEED_FEATURES,
         metavar="FEATURE",
         help="opt-in speed/memory feature, repeatable: %(choices)s (see docs/pipeline.md#speed)",
     )
@@ -287,10 +173,6 @@ def save_images(images: Sequence[Any], paths: Sequence[Path]) -> None:
         image.save(path)
 
 
-def _random_seed() -> int:
-    return secrets.randbelow(2**31)
-
-
 def _generation_kwargs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return dict(
         negative_prompt=args.negative,
@@ -321,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     if args.interactive:
         return _interactive_loop(pipe, args)
-    seed = _random_seed() if args.seed is None else args.seed
+    seed = random_seed() if args.seed is None else args.seed
     start = time.perf_counter()
     images = pipe(args.prompt, **_generation_kwargs(args, seed)).images
     seconds = time.perf_counter() - start
@@ -351,7 +233,7 @@ def _interactive_loop(pipe, args: argparse.Namespace) -> int:
         if prompt == "" or prompt.lower() in ("quit", "exit", "q"):
             break
         # a fixed --seed is reused for every prompt so prompt changes can be compared; else a new one each time
-        seed = _random_seed() if args.seed is None else args.seed
+        seed = random_seed() if args.seed is None else args.seed
         start = time.perf_counter()
         try:
             images = pipe(prompt, **_generation_kwargs(args, seed)).images
@@ -446,7 +328,7 @@ def cmd_encode_image(args: argparse.Namespace) -> int:
         print(f"{args.save_embeds}  embeddings {tuple(embeds.shape)}")
     if args.embeds_only:
         return 0
-    seed = _random_seed() if args.seed is None else args.seed
+    seed = random_seed() if args.seed is None else args.seed
     kwargs = _generation_kwargs(args, seed)
     start = time.perf_counter()
     images = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, **kwargs).images
@@ -490,31 +372,10 @@ def _format_count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def model_parameter_counts(folder: str | os.PathLike) -> dict[str, int]:
-    """Parameters per component folder, read from safetensors headers (nothing is loaded into memory)."""
-    from safetensors import safe_open
-
-    counts: dict[str, int] = {}
-    for sub in sorted(Path(folder).iterdir()):
-        files = sorted(sub.glob("*.safetensors")) if sub.is_dir() else []
-        if not files:
-            continue
-        total = 0
-        for file in files:
-            with safe_open(str(file), framework="np") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    shape = f.get_slice(key).get_shape()
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    total += n
-        counts[sub.name] = total
-    return counts
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """Summarise the model (components, parameters, defaults) and the presets; no weights are loaded."""
-    from sdxs.presets import PRESETS, count_parameters
+    from sdxs.model_folder import describe
+    from sdxs.presets import PRESETS, describe_preset
 
     info: dict[str, Any] = {"version": sdxs.__version__}
     try:
@@ -523,29 +384,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         folder = None
         info["model"] = {"error": str(e)}
     if folder is not None and Path(folder).is_dir():
-        index = json.loads((Path(folder) / "model_index.json").read_text())
-        components = {k: v[1] for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[1]}
-        settings = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-        info["model"] = {
-            "folder": folder,
-            "pipeline": index.get("_class_name"),
-            "components": components,
-            "parameters": model_parameter_counts(folder),
-            "settings": settings,
-        }
+        info["model"] = describe(folder)
     elif folder is not None:
         info["model"] = {"hub_id": folder, "note": "not downloaded by `info`"}
-    presets = args.preset or list(PRESETS)
-    info["presets"] = {}
-    for name in presets:
-        preset = PRESETS.get(name)
-        if preset is None:
+    for name in args.preset or []:
+        if name not in PRESETS:
             raise UserError(f"--preset {name}: unknown preset; choose one of {', '.join(PRESETS)}")
-        info["presets"][name] = {
-            "default_size": list(preset.default_size),
-            "note": preset.note,
-            "parameters": count_parameters(name),
-        }
+    info["presets"] = {name: describe_preset(name) for name in args.preset or PRESETS}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -579,6 +424,28 @@ def _print_info(info: dict[str, Any]) -> None:
         print(f"           {parts}")
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Assemble a model folder (`sdxs.model_folder.assemble`) and print its path."""
+    from sdxs.model_folder import assemble
+
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    logging.getLogger("sdxs.model_folder").setLevel(logging.INFO)
+    out = assemble(
+        args.out,
+        preset=args.preset,
+        base=args.base,
+        text_encoder=args.text_encoder,
+        vae=args.vae,
+        unet=args.unet,
+        seed=args.seed,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
+        verify=not args.no_verify,
+        shift=args.shift,
+    )
+    print(out)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
@@ -595,6 +462,20 @@ examples:
   sdxs info
 
 Errors are one line with exit code 2; set SDXS_DEBUG=1 for a traceback.
+"""
+
+
+INIT_EPILOG = """\
+Every component comes from --base (a model folder) when given, else fresh from --preset (random weights, seeded);
+--text-encoder, --vae and --unet swap in trained ones. A source SRC may be a training run (its latest checkpoint),
+a checkpoint folder, a model folder or the component folder itself; from runs and checkpoints the EMA weights are
+taken when the run kept them. A text encoder brings its tokenizer; a fresh UNet fits the text encoder's width.
+
+examples:
+  sdxs init runs/emoji/model --preset emoji --text-encoder runs/emoji/text_encoder
+  sdxs init runs/emoji/model --base runs/emoji/model --vae runs/emoji/vae
+  sdxs init runs/emoji/model-v2 --base . --shift 1          # the shipped model with the noise shift of v2
+  sdxs init out/ --preset tiny                       # random weights: for tests and benchmarks only
 """
 
 
@@ -714,23 +595,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", help="only these presets (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = _add(
+        sub,
+        "init",
+        cmd_init,
+        "assemble a model folder from a preset and/or trained components (text encoder, VAE, UNet)",
+        epilog=INIT_EPILOG,
+    )
+    p.add_argument("out", help="model folder to write (hub layout; component folders are replaced)")
+    p.add_argument("--preset", default="emoji", help="shapes of fresh components (tiny | emoji | sdxs-1b)")
+    p.add_argument("--base", metavar="MODEL", help="start from this model folder instead of fresh components")
+    p.add_argument("--text-encoder", metavar="SRC", help="trained text encoder (+ tokenizer): run/checkpoint/folder")
+    p.add_argument("--vae", metavar="SRC", help="trained VAE: run, checkpoint, model or vae folder")
+    p.add_argument("--unet", metavar="SRC", help="trained UNet: run, checkpoint, model or unet folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh (random) components")
+    p.add_argument("--shift", type=float, help="the scheduler's noise shift (default: the base's or the preset's)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the saved weights (default: as loaded)")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
+
     for module_name in EXTERNAL_COMMANDS:
-        module = _import_optional(module_name)
-        if module is not None:
-            module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
-
-
-def _import_optional(module_name: str):
-    """Import a subcommand module; None only if that module (or its sdxs package) does not exist yet."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        parts = module_name.split(".")
-        missing_self = {".".join(parts[:i]) for i in range(2, len(parts) + 1)}  # sdxs.data, sdxs.data.cli
-        if e.name in missing_self:
-            return None
-        raise
 
 
 def _one_line(error: BaseException) -> str:

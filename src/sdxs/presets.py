@@ -287,6 +287,47 @@ def build_text_encoder(preset: Preset, tokenizer, dtype: torch.dtype = torch.flo
     return model.eval()
 
 
+FRESH_COMPONENTS = ("text_encoder", "vae", "unet")
+
+
+def fresh_component(
+    preset: Preset,
+    name: str,
+    seed: int,
+    tokenizer=None,
+    text_hidden_size: int | None = None,
+    latent_channels: int | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Random weights for component `name` (text_encoder, vae or unet) of `preset`, drawn right after
+    `torch.manual_seed(seed)`.
+
+    The one seeding rule for random weights: every fresh component is seeded on its own with the given seed, so it
+    comes out the same whether or not other components are built fresh beside it. `build_pipeline`, `sdxs init` and
+    the trainers' fresh components (`run.seed`) all build them here.
+
+    A UNet's cross-attention width and latent channels follow `text_hidden_size` / `latent_channels` when given (the
+    preset's shape fitted to the model's text and latent spaces); a text encoder needs its `tokenizer`.
+    """
+    from diffusers import AsymmetricAutoencoderKL, UNet2DConditionModel
+
+    if name not in FRESH_COMPONENTS:
+        raise ValueError(f"`name` must be one of {list(FRESH_COMPONENTS)}, got {name!r}.")
+    torch.manual_seed(seed)
+    if name == "text_encoder":
+        if tokenizer is None:
+            raise ValueError("a fresh text encoder needs `tokenizer` (its vocabulary and special token ids).")
+        return build_text_encoder(preset, tokenizer, dtype)
+    if name == "vae":
+        return AsymmetricAutoencoderKL(**preset.vae).to(dtype).eval()
+    config = dict(preset.unet)
+    if text_hidden_size is not None:
+        config["cross_attention_dim"] = int(text_hidden_size)
+    if latent_channels is not None:
+        config["in_channels"] = config["out_channels"] = int(latent_channels)
+    return UNet2DConditionModel(**config).to(dtype).eval()
+
+
 def build_pipeline(
     name: str = "tiny",
     seed: int = 0,
@@ -294,30 +335,45 @@ def build_pipeline(
     corpus=None,
     dtype: torch.dtype = torch.float32,
     text_recipe: dict | None = None,
+    **components,
 ):
-    """A fresh SDXSPipeline of preset `name` with random weights (fixed `seed`) and a locally trained tokenizer."""
-    from diffusers import AsymmetricAutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    """A fresh SDXSPipeline of preset `name`: random weights (`fresh_component`'s seeding) and a local tokenizer.
+
+    Components passed by name (`text_encoder=`, `vae=`, `unet=`, `scheduler=`, `vision_processor=`) are used as they
+    are; the rest is built fresh, a UNet fitted to the text encoder's width and the VAE's latent channels. This and
+    loading a folder (`sdxs.model_folder.load_local_pipeline`) are the two places a pipeline is constructed; every
+    other one is derived with `from_pipe` or `register_modules`.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from sdxs.pipeline import SDXSPipeline
 
     preset = get_preset(name)
+    unknown = set(components) - {"text_encoder", "vae", "unet", "scheduler", "vision_processor"}
+    if unknown:
+        raise TypeError(f"build_pipeline() got unknown component(s) {sorted(unknown)}.")
     if tokenizer is None:
         tokenizer = train_tokenizer(corpus or BUILTIN_CORPUS, preset.tokenizer_vocab)
-    torch.manual_seed(seed)
-    text_encoder = build_text_encoder(preset, tokenizer, dtype)
-    preset.unet["cross_attention_dim"] = text_encoder.config.text_config.hidden_size
-    unet = UNet2DConditionModel(**preset.unet).to(dtype)
-    vae = AsymmetricAutoencoderKL(**preset.vae).to(dtype)
-    scheduler = FlowMatchEulerDiscreteScheduler(**preset.scheduler)
-    vision_processor = Qwen2VLImageProcessorPil(**preset.vision_processor)
+    te, vae, unet = (components.get(k) for k in ("text_encoder", "vae", "unet"))
+    if te is None:
+        te = fresh_component(preset, "text_encoder", seed, tokenizer, dtype=dtype)
+    if vae is None:
+        vae = fresh_component(preset, "vae", seed, dtype=dtype)
+    if unet is None:
+        hidden, latent = te.config.text_config.hidden_size, vae.config.latent_channels
+        unet = fresh_component(preset, "unet", seed, text_hidden_size=hidden, latent_channels=latent, dtype=dtype)
+    scheduler = components.get("scheduler")
+    vision_processor = components.get("vision_processor")
     return SDXSPipeline(
         unet=unet.eval(),
         vae=vae.eval(),
-        text_encoder=text_encoder,
+        text_encoder=te.eval(),
         tokenizer=tokenizer,
-        scheduler=scheduler,
-        vision_processor=vision_processor,
+        scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler(**preset.scheduler),
+        vision_processor=vision_processor
+        if vision_processor is not None
+        else Qwen2VLImageProcessorPil(**preset.vision_processor),
         text_recipe=text_recipe,
         default_width=preset.default_size[0],
         default_height=preset.default_size[1],
@@ -355,6 +411,12 @@ def count_parameters(name: str, cross_attention_dim: int | None = None) -> dict[
         "text_encoder_language": n(te) - vision,
         "text_encoder_vision": vision,
     }
+
+
+def describe_preset(name: str) -> dict[str, Any]:
+    """What `sdxs info` shows of a preset: default size, note and parameter counts (meta device, no memory)."""
+    preset = get_preset(name)
+    return {"default_size": list(preset.default_size), "note": preset.note, "parameters": count_parameters(name)}
 
 
 def step_flops(

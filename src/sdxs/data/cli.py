@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from sdxs.runtime import DTYPE_NAMES
+
 PREPARE_EPILOG = """examples:
   sdxs prepare photos/ cache/photos --model path/to/sdxs-emoji
   sdxs prepare emoji/train cache/emoji --model . --batch-size 64 --device cuda
@@ -20,15 +22,6 @@ DATA_EPILOG = """examples:
   sdxs data merge cache/big                        # after all --shard-index runs wrote into cache/big
   sdxs data merge cache/big host1/cache host2/cache
 """
-
-DTYPES = {
-    "fp32": "float32",
-    "fp16": "float16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "float16": "float16",
-    "bfloat16": "bfloat16",
-}
 
 
 def register(subparsers) -> None:
@@ -46,7 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="exported SDXS model folder (only vae, text encoder, tokenizer load)")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder pass (default 16)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="text-encoder dtype (default bf16 on cuda)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="text-encoder dtype (default bf16 on cuda)"
+    )
     p.add_argument("--min-side", type=int, default=None, help="smallest bucket side at output resolution")
     p.add_argument("--max-side", type=int, default=None, help="largest bucket side at output resolution")
     p.add_argument("--step", type=int, default=None, help="bucket side step (default: the model's size step)")
@@ -99,10 +94,8 @@ def _background(text: str) -> tuple[int, int, int]:
 
 
 def run_prepare(args) -> int:
-    import torch
-
-    from sdxs.cli import quiet_libraries
     from sdxs.data.prepare import prepare
+    from sdxs.runtime import quiet_libraries, torch_dtype
 
     quiet_libraries(verbose=args.verbose, progress=not args.no_progress)
 
@@ -112,7 +105,7 @@ def run_prepare(args) -> int:
         model=args.model,
         batch_size=args.batch_size,
         device=args.device,
-        dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+        dtype=torch_dtype(args.dtype) if args.dtype else None,
         min_side=args.min_side,
         max_side=args.max_side,
         step=args.step,

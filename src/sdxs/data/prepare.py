@@ -38,13 +38,13 @@ from sdxs.data.shards import (
     MANIFEST_NAME,
     SHARD_DIR,
     atomic_save,
-    atomic_write_json,
     partial_manifest_name,
     read_shard_meta,
     shard_name,
     to_storage,
 )
-from sdxs.export import load_component
+from sdxs.files import write_json
+from sdxs.model_folder import load_component
 from sdxs.pipeline import (
     encode_text,
     image_processor_from_tokenizer,
@@ -524,7 +524,7 @@ def prepare(
         shard_metas, skipped, fingerprint, enc, options, src, num_shards=num_shards, shard_index=shard_index
     )
     name = MANIFEST_NAME if num_shards == 1 else partial_manifest_name(shard_index, num_shards)
-    atomic_write_json(manifest, out / name)
+    write_json(out / name, manifest, indent=1, sort_keys=False)
     return manifest
 
 
@@ -730,7 +730,7 @@ def merge(out: str | os.PathLike, inputs: list[str | os.PathLike] = ()) -> dict[
         for k, v in p["counts"].items():
             counts[k] = counts.get(k, 0) + v
     merged["counts"] = dict(sorted(counts.items()))
-    atomic_write_json(merged, out / MANIFEST_NAME)
+    write_json(out / MANIFEST_NAME, merged, indent=1, sort_keys=False)
     return merged
 
 

@@ -63,13 +63,6 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, An
     os.replace(tmp, path)
 
 
-def atomic_write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def read_shard_meta(path: Path) -> dict[str, Any] | None:
     """The "sdxs" metadata of a shard, or None if the file is missing or unreadable."""
     from safetensors import safe_open

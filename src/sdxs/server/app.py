@@ -22,7 +22,6 @@ import functools
 import io
 import logging
 import math
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import sdxs
+from sdxs.runtime import random_seed
 
 logger = logging.getLogger("sdxs.server")
 
@@ -513,10 +513,6 @@ def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
 
 
-def _random_seed() -> int:
-    return secrets.randbelow(2**31)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,7 +610,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
     async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:  # type: ignore[valid-type]
         """Text to image: PNG data-URIs, each with the seed that reproduces it. A client that disconnects stops
         its job at the next denoising step."""
-        seed = _random_seed() if req.seed is None else req.seed
+        seed = random_seed() if req.seed is None else req.seed
 
         def job(cancel):
             images = pipe(req.prompt, **_call_kwargs(req, seed, cancel)).images
@@ -645,7 +641,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
         picture = await read_upload(image, settings)
-        used_seed = _random_seed() if params.seed is None else params.seed
+        used_seed = random_seed() if params.seed is None else params.seed
 
         def job(cancel):
             embeds, mask = pipe.encode_image(shrink_for_vision(decode_upload(picture), pipe))

@@ -77,7 +77,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from sdxs.train.hub import export_run
+    from sdxs.model_folder import export_run
 
     _setup_logging()
     out = export_run(
@@ -96,7 +96,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from sdxs.train.hub import push_folder
+    from sdxs.model_folder import push_folder
 
     print(push_folder(args.folder, args.repo_id, private=args.private, token=args.token))
     return 0

@@ -43,11 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdxs.files import write_json
+from sdxs.model_folder.read import CHECKPOINT_PREFIX, checkpoint_dirs, find_checkpoint
 from sdxs.train.config import EMAConfig, OptimConfig, RunConfig, to_dict
 
 logger = logging.getLogger("sdxs.train")
 
-CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
 
@@ -281,29 +282,6 @@ def load_exact(model: torch.nn.Module, folder: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temp folders of interrupted saves are never listed)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    found = [p for p in found if (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
-    """`which` = "latest" or a checkpoint folder path."""
-    if which != "latest":
-        path = Path(which)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"{which!r} is not a complete checkpoint (no state.json).")
-        return path
-    dirs = checkpoint_dirs(run_dir)
-    if not dirs:
-        raise FileNotFoundError(f"no complete checkpoint under {str(Path(run_dir) / 'checkpoints')!r} to resume from.")
-    return dirs[-1]
-
-
 def save_checkpoint(
     accelerator,
     run_dir: Path,
@@ -350,12 +328,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -111,13 +111,14 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
     from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from sdxs.presets import build_text_encoder, get_preset, train_tokenizer
+    from sdxs.presets import fresh_component, get_preset, train_tokenizer
+    from sdxs.runtime import torch_dtype
 
     m = cfg.model
     preset = get_preset(m.preset)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(m.dtype)
-    if dtype is None:
+    if m.dtype not in ("fp32", "bf16"):
         raise ValueError(f"`model.dtype` must be 'fp32' or 'bf16' (fp16 overflows in Qwen3.5), got {m.dtype!r}.")
+    dtype = torch_dtype(m.dtype, "`model.dtype`")
     processor = Qwen2VLImageProcessorPil(**preset.vision_processor)
     if m.pretrained:
         root = Path(m.pretrained)
@@ -127,8 +128,7 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
             processor = Qwen2VLImageProcessorPil.from_pretrained(root / "vision_processor")
     else:
         tokenizer = train_tokenizer(captions, m.vocab_size or preset.tokenizer_vocab)
-        torch.manual_seed(cfg.run.seed)
-        model = build_text_encoder(preset, tokenizer, dtype)
+        model = fresh_component(preset, "text_encoder", cfg.run.seed, tokenizer, dtype=dtype)
     return model.train(), tokenizer, processor
 
 

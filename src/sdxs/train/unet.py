@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sdxs.grid import make_grid
+from sdxs.model_folder import export_run, load_base_pipeline
 from sdxs.pipeline import shift_sigmas, sigma_to_timestep
 from sdxs.train.common import Task, fit, load_matching, log_load_report, make_accelerator, read_weights
 from sdxs.train.config import FlowConfig, SampleConfig, UNetTrainConfig
@@ -48,28 +49,27 @@ def flow_matching_pair(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch
 
 def drop_captions(embeds, mask, empty_embeds, empty_mask, p: float, generator: torch.Generator):
     """Replace each sample's text by the cached empty prompt with probability p (what CFG's unconditional branch sees)."""
-    from sdxs.data.loader import pad_text
-
     # batches are trimmed to their longest caption: bring both to the same token count (zero padding is masked)
     n = max(embeds.shape[1], int(empty_mask.sum()))
-    embeds, mask = pad_text(embeds, mask, n)
-    empty_embeds, empty_mask = pad_text(empty_embeds, empty_mask, n)
-    drop = torch.rand(embeds.shape[0], generator=generator, device=embeds.device) < p  # (B,)
-    embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds), embeds)
-    mask = torch.where(drop[:, None], empty_mask.to(mask), mask)
-    return embeds, mask
+    return _replace_text(embeds, mask, empty_embeds, empty_mask, n, p, generator)
 
 
 def use_image_prompts(embeds, mask, image_embeds, image_mask, p: float, generator: torch.Generator):
     """Replace each sample's caption embedding by its image's encode_image embedding with probability p."""
+    n = max(embeds.shape[1], image_embeds.shape[1])
+    return _replace_text(embeds, mask, image_embeds, image_mask, n, p, generator)
+
+
+def _replace_text(embeds, mask, other_embeds, other_mask, n: int, p: float, generator: torch.Generator):
+    """Both brought to `n` tokens (zero padding is masked), then each sample's text replaced by `other` with
+    probability p. embeds (B, L, D), mask (B, L); other (1 or B, L', D)."""
     from sdxs.data.loader import pad_text
 
-    n = max(embeds.shape[1], image_embeds.shape[1])
     embeds, mask = pad_text(embeds, mask, n)
-    image_embeds, image_mask = pad_text(image_embeds, image_mask, n)
-    use = torch.rand(embeds.shape[0], generator=generator, device=embeds.device) < p  # (B,)
-    embeds = torch.where(use[:, None, None], image_embeds.to(embeds), embeds)
-    mask = torch.where(use[:, None], image_mask.to(mask), mask)
+    other_embeds, other_mask = pad_text(other_embeds, other_mask, n)
+    pick = torch.rand(embeds.shape[0], generator=generator, device=embeds.device) < p  # (B,)
+    embeds = torch.where(pick[:, None, None], other_embeds.to(embeds), embeds)
+    mask = torch.where(pick[:, None], other_mask.to(mask), mask)
     return embeds, mask
 
 
@@ -114,36 +114,22 @@ def flow_matching_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_base_pipeline(path: str):
-    """The pipeline the UNet belongs to (VAE, text encoder, tokenizer, scheduler): the model `prepare` used."""
-    if not path:
-        raise ValueError(
-            "`model.pretrained` is required: the hub folder whose VAE and text encoder made the latent cache."
-        )
-    if not (Path(path) / "model_index.json").is_file():
-        raise FileNotFoundError(f"`model.pretrained` {path!r} is not a model folder (no model_index.json).")
-    from sdxs.export import load_local_pipeline
-
-    # Component by component with stock classes, as this package's SDXSPipeline: validation samples run the current
-    # source, and ranks of a multi-process launch do not race on diffusers' dynamic-module cache.
-    pipe = load_local_pipeline(path, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def build_unet(cfg: UNetTrainConfig, base):
-    """A fresh preset UNet (seeded), or the base pipeline's; then every matching tensor of `model.init_from`."""
+    """A fresh preset UNet (seeded as every fresh component is), or the base pipeline's; then every matching tensor
+    of `model.init_from`."""
     from diffusers import UNet2DConditionModel
 
-    from sdxs.presets import get_preset
+    from sdxs.presets import fresh_component, get_preset
 
     m = cfg.model
     if m.unet_preset:
-        config = get_preset(m.unet_preset).unet
-        config["cross_attention_dim"] = _text_hidden_size(base.text_encoder)  # the preset's shape, fitted to
-        config["in_channels"] = config["out_channels"] = int(base.vae.config.latent_channels)  # this model's spaces
-        torch.manual_seed(cfg.run.seed)
-        unet = UNet2DConditionModel(**config)
+        unet = fresh_component(  # the preset's shape, fitted to this model's text and latent spaces
+            get_preset(m.unet_preset),
+            "unet",
+            cfg.run.seed,
+            text_hidden_size=_text_hidden_size(base.text_encoder),
+            latent_channels=int(base.vae.config.latent_channels),
+        )
         source = f"preset {m.unet_preset!r} (random init, seed {cfg.run.seed})"
     else:
         unet = UNet2DConditionModel.from_config(base.unet.config)
@@ -200,17 +186,11 @@ def make_sampler(base, sample: SampleConfig, device):
 
     def write_grid(unet, path: Path) -> None:
         was_training = unet.training
-        pipe = SDXSPipeline(
-            unet=unet.eval(),
-            vae=base.vae.to(device),
-            text_encoder=base.text_encoder.to(device),
-            tokenizer=base.tokenizer,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config),
-            vision_processor=base.vision_processor,
-            text_recipe=base.config.text_recipe,
-            default_width=base.config.default_width,
-            default_height=base.config.default_height,
-        )
+        base.vae.to(device)
+        base.text_encoder.to(device)
+        # the base pipeline with the model under training and a fresh scheduler (its step state is per call)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config)
+        pipe = SDXSPipeline.from_pipe(base, unet=unet.eval(), scheduler=scheduler, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         images = pipe(
             sample.prompts,
@@ -238,7 +218,6 @@ def save_unet(unet, folder: Path) -> None:
 def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
     """Train the UNet of `cfg.model.pretrained`'s pipeline on the latent cache `cfg.data.path`; returns the final checkpoint."""
     from sdxs.data.loader import LatentShardLoader
-    from sdxs.train.hub import export_run
 
     accelerator = make_accelerator(cfg.run)
     base = load_base_pipeline(cfg.model.pretrained)

@@ -173,12 +173,11 @@ class ImageBatches:
 def build_vae(cfg: VAETrainConfig):
     from diffusers import AsymmetricAutoencoderKL
 
-    from sdxs.presets import get_preset
+    from sdxs.presets import fresh_component, get_preset
 
     m = cfg.model
     if m.vae_preset:
-        torch.manual_seed(cfg.run.seed)
-        vae = AsymmetricAutoencoderKL(**get_preset(m.vae_preset).vae)
+        vae = fresh_component(get_preset(m.vae_preset), "vae", cfg.run.seed)
     elif m.pretrained:
         vae = AsymmetricAutoencoderKL.from_pretrained(Path(m.pretrained) / "vae")
     else:
@@ -218,7 +217,7 @@ def latent_statistics(vae, batches, num_batches: int) -> dict:
 
 def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
     """Train an AsymmetricAutoencoderKL on `cfg.data.path`; returns the final checkpoint folder."""
-    from sdxs.train.hub import export_run
+    from sdxs.model_folder import export_run
 
     if cfg.loss.latent_normalization not in ("scalar", "per_channel"):
         raise ValueError(

@@ -1,0 +1,3 @@
+from sdxs.model_folder.write import main
+
+main()
