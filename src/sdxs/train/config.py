@@ -142,6 +142,42 @@ class UNetTrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# UNet LoRA (flow matching, adapters only)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoRAModelConfig:
+    """The pipeline whose UNet gets the adapters (also the model `sdxs prepare` encoded the data with)."""
+
+    pretrained: str = ""  # hub folder: its UNet stays frozen; VAE, text encoder and scheduler for samples/export
+
+
+@dataclass
+class LoRAConfig:
+    """peft `LoraConfig` of the UNet adapters: W x + (alpha / rank) * B A x on each target module."""
+
+    rank: int = 8  # r: inner size of A (r x in) and B (out x r); adapter size grows linearly with it
+    alpha: float = 8.0  # lora_alpha: the update is scaled by alpha / rank (alpha = rank: scale 1)
+    # module names (or name suffixes) that get adapters: the attention projections, as diffusers' LoRA scripts do
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0  # lora_dropout on the adapter input (regularises a very small style set)
+
+
+@dataclass
+class LoRATrainConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lora"))
+    model: LoRAModelConfig = field(default_factory=LoRAModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    # weight decay would shrink the adapters back toward the base model: off
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.0))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # VAE
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ def export_run(
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}.")
 
     pretrained = config["model"].get("pretrained", "")
+    if trainer == "unet_lora":
+        return export_lora(ckpt, folder, out_dir, pretrained, verify=verify)
     if not pretrained:
         raise ValueError(
             f"the run {str(run_dir)!r} has no `model.pretrained` pipeline to export into; the trained {trainer} is in "
@@ -68,6 +70,26 @@ def export_run(
         pipe, out_dir, dtype=DTYPES.get(dtype), variant=variant, card=card, extra_config=extra, verify=verify
     )
     logger.info("exported %s (%s weights, step %d) to %s", ckpt.name, folder.name, state["step"], out)
+    return out
+
+
+def export_lora(ckpt: Path, folder: Path, out_dir: str | Path, pretrained: str, verify: bool = True) -> Path:
+    """A LoRA run exports its adapter file (diffusers format) alone; `verify` loads it into the base pipeline."""
+    import shutil
+
+    from sdxs.train.lora import LORA_FILE
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder / LORA_FILE, out / LORA_FILE)
+    if verify and pretrained:
+        from sdxs.train.unet import load_base_pipeline
+
+        pipe = load_base_pipeline(pretrained)
+        pipe.load_lora_weights(str(out))
+        if not getattr(pipe.unet, "peft_config", None):
+            raise ValueError(f"{str(out / LORA_FILE)!r} loaded no adapters into {pretrained!r}.")
+    logger.info("exported the LoRA of %s (%s weights) to %s", ckpt.name, folder.name, out / LORA_FILE)
     return out
 
 
