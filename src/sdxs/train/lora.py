@@ -93,12 +93,15 @@ def load_lora(unet, folder: Path) -> None:
     state = {k.removeprefix("unet."): v for k, v in load_file(path).items()}
     state = convert_unet_state_dict_to_peft(state)
     expected = {k for k in unet.state_dict() if "lora_" in k}
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+    misfit = f"{str(path)!r} does not fit the UNet's adapters (were `lora.rank` or `lora.target_modules` changed?)"
+    try:
+        result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
+    except RuntimeError as e:  # shape mismatch
+        raise ValueError(f"{misfit}: {str(e).splitlines()[-1].strip()}") from e
     missing = sorted(k for k in result.missing_keys if "lora_" in k)
     if missing or result.unexpected_keys or len(state) != len(expected):
         raise ValueError(
-            f"{str(path)!r} does not fit the UNet's adapters (rank or target modules changed since the checkpoint?): "
-            f"{len(state)} tensors for {len(expected)} adapter tensors; missing {missing[:3]}, "
+            f"{misfit}: {len(state)} tensors for {len(expected)} adapter tensors; missing {missing[:3]}, "
             f"unexpected {list(result.unexpected_keys)[:3]}."
         )
 
