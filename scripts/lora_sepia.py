@@ -1,7 +1,7 @@
 """The LoRA demo of docs/training-lora.md: a sepia-toned copy of an emoji subset, and the before/after measurement.
 
-    python scripts/lora_sepia.py data /work/runs/data/emoji/train /work/runs/lora/sepia/images [--count 128]
-    python scripts/lora_sepia.py grid --model . --lora RUN/export --out media/lora-before-after.png
+    python scripts/lora_sepia.py data data/emoji/train runs/lora-sepia/images
+    python scripts/lora_sepia.py grid --model . --lora runs/lora-sepia/run/export --out media/lora-before-after.png
 
 `data`: a seeded, category-balanced choice of `--count` emoji (no skin-tone variants), each recoloured to sepia
 (luminance mapped onto a brown-to-cream ramp; alpha kept), captions copied unchanged: the LoRA learns a style, not
@@ -61,7 +61,8 @@ def sepia_distance(image: PIL.Image.Image) -> float:
 
 def cmd_data(args) -> None:
     src, out = Path(args.src), Path(args.out)
-    rows = [json.loads(ln) for ln in Path(args.splits).read_text().splitlines() if ln.strip()]
+    splits = Path(args.splits) if args.splits else src.parent / "splits.jsonl"
+    rows = [json.loads(ln) for ln in splits.read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if r["split"] == "train" and not r["skin_tones"]]
     by_group: dict[str, list[dict]] = {}
     for r in rows:
@@ -128,7 +129,7 @@ def main() -> None:
     d = sub.add_parser("data", help="write the sepia subset")
     d.add_argument("src", help="the emoji train folder (image + caption files)")
     d.add_argument("out", help="output folder (outside the repo)")
-    d.add_argument("--splits", default="/work/runs/data/emoji/splits.jsonl", help="splits.jsonl with groups")
+    d.add_argument("--splits", help="splits.jsonl with groups (default: beside the src folder)")
     d.add_argument("--count", type=int, default=128)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)

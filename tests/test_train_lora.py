@@ -158,3 +158,13 @@ def test_unknown_target_module_is_a_clear_error(tiny_pipe):
         add_lora(tiny_pipe.unet, LoRAConfig(target_modules=["to_q", "to_qq"]), seed=0)
     with pytest.raises(ValueError, match="`lora.rank`"):
         add_lora(tiny_pipe.unet, LoRAConfig(rank=0), seed=0)
+
+
+def test_the_emoji_lora_recipe_loads():
+    from pathlib import Path
+
+    from sdxs.train.config import LoRATrainConfig, load_config
+
+    cfg = load_config(LoRATrainConfig, Path(__file__).resolve().parents[1] / "configs/emoji/lora-sepia.toml")
+    assert cfg.model.pretrained == "." and cfg.lora.rank == 8 and "conv1" in cfg.lora.target_modules
+    assert cfg.optim.weight_decay == 0.0  # the LoRA default: no decay of the adapters toward the base model
