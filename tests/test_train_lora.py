@@ -167,4 +167,4 @@ def test_the_emoji_lora_recipe_loads():
 
     cfg = load_config(LoRATrainConfig, Path(__file__).resolve().parents[1] / "configs/emoji/lora-sepia.toml")
     assert cfg.model.pretrained == "." and cfg.lora.rank == 8 and "conv1" in cfg.lora.target_modules
-    assert cfg.optim.weight_decay == 0.0  # the LoRA default: no decay of the adapters toward the base model
+    assert cfg.optim.lr == 2e-3 and cfg.optim.weight_decay == 0.01

@@ -12,6 +12,7 @@ Python 3.11; on 3.10 the identical `tomli` package is used. JSON recipes are acc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -289,8 +290,11 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return cfg
 
 
-def from_dict(cls, data: dict[str, Any], where: str = ""):
-    """Recursively build dataclass `cls` from `data`; unknown keys and wrong types raise with the dotted name."""
+def from_dict(cls, data: dict[str, Any], where: str = "", base=None):
+    """Recursively build dataclass `cls` from `data`; unknown keys and wrong types raise with the dotted name.
+
+    `base`: the defaults to start from (a section starts from its parent's default for it, e.g. the LoRA trainer's
+    `OptimConfig(weight_decay=0.0)`, not from the bare `OptimConfig()`)."""
     if not isinstance(data, dict):
         raise TypeError(f"config `{where or 'root'}` must be a table/object, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
@@ -301,12 +305,12 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
             f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}; "
             f"valid keys{' in `' + where + '`' if where else ''}: {', '.join(sorted(names))}."
         )
-    obj = cls()
+    obj = copy.deepcopy(base) if base is not None else cls()
     for key, value in data.items():
         tp = hints[key]
         name = _join(where, key)
         if dataclasses.is_dataclass(tp):
-            setattr(obj, key, from_dict(tp, value, name))
+            setattr(obj, key, from_dict(tp, value, name, base=getattr(obj, key)))
         else:
             setattr(obj, key, _check_type(value, tp, name))
     return obj
