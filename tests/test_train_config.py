@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from sdxs.train.common import lr_factor
-from sdxs.train.config import OptimConfig, UNetTrainConfig, VAETrainConfig, load_config, to_dict
+from sdxs.train.config import (
+    LoRATrainConfig,
+    OptimConfig,
+    TextEncoderTrainConfig,
+    UNetTrainConfig,
+    VAETrainConfig,
+    load_config,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]  # the recipes are found from any working directory
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.toml"))
@@ -65,6 +73,15 @@ def test_unknown_key_in_recipe(tmp_path):
         load_config(UNetTrainConfig, tmp_path / "missing.toml")
 
 
+def test_a_section_in_a_recipe_keeps_the_trainers_own_defaults(tmp_path):
+    """Keys a recipe's section omits keep the trainer's default for them, not the bare dataclass default."""
+    (tmp_path / "r.toml").write_text("[optim]\nwarmup_steps = 5\n")
+    assert load_config(LoRATrainConfig, tmp_path / "r.toml").optim.weight_decay == 0.0  # OptimConfig(): 0.01
+    te = load_config(TextEncoderTrainConfig, tmp_path / "r.toml").optim
+    assert te.lr == 3e-4 and te.warmup_steps == 5  # OptimConfig(): lr 1e-4
+    assert load_config(LoRATrainConfig, None, ["optim.warmup_steps=5"]).optim.weight_decay == 0.0
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_factor(0, cfg, 100) == pytest.approx(0.1)
@@ -81,8 +98,7 @@ def test_recipes_are_found():
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_shipped_recipes_load(path):
-    from sdxs.train.config import TextEncoderTrainConfig
-
     kind = path.rsplit("/", 1)[-1].removesuffix(".toml").split("-")[0]  # vae-decoder.toml: a VAE recipe
-    cls = {"unet": UNetTrainConfig, "vae": VAETrainConfig, "text_encoder": TextEncoderTrainConfig}[kind]
+    classes = {"unet": UNetTrainConfig, "vae": VAETrainConfig, "text_encoder": TextEncoderTrainConfig}
+    cls = {**classes, "lora": LoRATrainConfig}[kind]
     load_config(cls, ROOT / path)

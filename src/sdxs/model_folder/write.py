@@ -212,6 +212,8 @@ def export_run(
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}.")
     pretrained = config["model"].get("pretrained", "")
+    if trainer == "unet_lora":
+        return export_lora(ckpt, folder, out_dir, pretrained, verify=verify)
     if not pretrained:
         raise ValueError(
             f"the run {str(run_dir)!r} has no `model.pretrained` pipeline to export into; the trained {trainer} is in "
@@ -232,6 +234,23 @@ def export_run(
         verify=verify,
     )
     logger.info("exported %s (%s weights, step %d) to %s", ckpt.name, folder.name, state["step"], out)
+    return out
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file (`load_lora_weights` looks for it)
+
+
+def export_lora(ckpt: Path, folder: Path, out_dir: str | Path, pretrained: str, verify: bool = True) -> Path:
+    """A LoRA run exports its adapter file (diffusers format) alone; `verify` loads it into the base pipeline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder / LORA_FILE, out / LORA_FILE)
+    if verify and pretrained:
+        pipe = load_base_pipeline(pretrained)
+        pipe.load_lora_weights(str(out))
+        if not getattr(pipe.unet, "peft_config", None):
+            raise ValueError(f"{str(out / LORA_FILE)!r} loaded no adapters into {pretrained!r}.")
+    logger.info("exported the LoRA of %s (%s weights) to %s", ckpt.name, folder.name, out / LORA_FILE)
     return out
 
 

@@ -1,6 +1,7 @@
-"""`sdxs train unet|vae|text-encoder`, `sdxs export`, `sdxs push`.
+"""`sdxs train unet|lora|vae|text-encoder`, `sdxs export`, `sdxs push`.
 
     sdxs train unet --config configs/tiny/unet.toml [section.key=value ...] [--resume latest]
+    sdxs train lora --config configs/emoji/lora-sepia.toml    (UNet LoRA -> RUN/export/pytorch_lora_weights.safetensors)
     accelerate launch --num_processes 2 -m sdxs.train.cli train unet --config ...    (multi-GPU / multi-node)
     sdxs export runs/unet out/ [--weights ema|raw] [--dtype fp16 --variant fp16]
     sdxs push out/ user/sdxs-tiny [--private]
@@ -16,14 +17,17 @@ import logging
 import os
 import sys
 
-TRAINERS = ("unet", "vae", "text-encoder")
+TRAINERS = ("unet", "lora", "vae", "text-encoder")
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="train a UNet, VAE or text encoder (runs under accelerate launch)")
-    kinds = train.add_subparsers(dest="trainer", required=True, metavar="{unet,vae,text-encoder}")
+    train = subparsers.add_parser(
+        "train", help="train a UNet, UNet LoRA, VAE or text encoder (runs under accelerate launch)"
+    )
+    kinds = train.add_subparsers(dest="trainer", required=True, metavar="{unet,lora,vae,text-encoder}")
     for kind in TRAINERS:
-        p = kinds.add_parser(kind, help=f"train the {kind} (see configs/ for recipes)")
+        what = "LoRA adapters of a pretrained UNet" if kind == "lora" else f"the {kind}"
+        p = kinds.add_parser(kind, help=f"train {what} (see configs/ for recipes)")
         p.add_argument("--config", help="recipe file (.toml or .json); omitted keys keep their defaults")
         p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue the run in run.output_dir exactly")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed config overrides")
@@ -51,13 +55,23 @@ def register(subparsers) -> None:
 
 def cmd_train(args) -> int:
     from sdxs.train.common import NonFiniteLossError
-    from sdxs.train.config import TextEncoderTrainConfig, UNetTrainConfig, VAETrainConfig, load_config
+    from sdxs.train.config import (
+        LoRATrainConfig,
+        TextEncoderTrainConfig,
+        UNetTrainConfig,
+        VAETrainConfig,
+        load_config,
+    )
 
     _setup_logging()
     if args.trainer == "unet":
         from sdxs.train.unet import train_unet as train
 
         cls = UNetTrainConfig
+    elif args.trainer == "lora":
+        from sdxs.train.lora import train_lora as train
+
+        cls = LoRATrainConfig
     elif args.trainer == "vae":
         from sdxs.train.vae import train_vae as train
 

@@ -71,6 +71,8 @@ class Task:
     data: Any  # iterator of batches with state_dict() / load_state_dict() (per rank)
     batch_size: int  # samples per micro-batch per rank (for samples/s)
     save_model: Callable[[torch.nn.Module, Path], None]  # writes inner(model) (and tokenizer) in its library's format
+    # resume: reads save_model's folder back into inner(model) exactly (None: `load_exact`, every tensor by name)
+    load_model: Callable[[torch.nn.Module, Path], None] | None = None
     sample_fn: Callable[[torch.nn.Module, Path], None] | None = None  # main process: writes a grid for these weights
     before_final_save: Callable[[torch.nn.Module], dict[str, Any]] | None = None  # e.g. VAE latent statistics
     export_fn: Callable[[Path], None] | None = None  # exports the run folder at the end (main process)
@@ -212,9 +214,12 @@ class EMA:
 
     @torch.no_grad()
     def step(self, model: torch.nn.Module, step: int) -> None:
-        """One EMA update after optimiser step `step` (0-based, restored on resume, so resuming is exact)."""
-        ema = [p for p in self.model.parameters()]
-        raw = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema, strict=True)]
+        """One EMA update after optimiser step `step` (0-based, restored on resume, so resuming is exact).
+
+        Only trained parameters move: a frozen one (a LoRA run's base UNet) equals its copy at every step."""
+        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters(), strict=True) if p.requires_grad]
+        ema = [e for e, _ in pairs]
+        raw = [p.detach().to(e.dtype) for e, p in pairs]
         torch._foreach_lerp_(ema, raw, 1.0 - self.decay_at(step))  # ema += (1 - decay) * (raw - ema)
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
@@ -430,11 +435,12 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
             raise ValueError(
                 f"checkpoint {str(ckpt)!r} was written by the {state.get('trainer')} trainer, not {task.name}."
             )
-        load_exact(task.inner(model), ckpt / task.name)
+        load_model = task.load_model or load_exact
+        load_model(task.inner(model), ckpt / task.name)
         if ema is not None:
             if not (ckpt / f"{task.name}_ema").is_dir():
                 raise ValueError(f"`ema.enabled` is true but checkpoint {str(ckpt)!r} has no EMA weights.")
-            load_exact(task.inner(ema.model), ckpt / f"{task.name}_ema")
+            load_model(task.inner(ema.model), ckpt / f"{task.name}_ema")
         optimizer.load_state_dict(torch.load(ckpt / "training_state" / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(ckpt / "training_state" / "lr_scheduler.pt", weights_only=False))
         step, samples_seen = int(state["step"]), int(state["samples_seen"])

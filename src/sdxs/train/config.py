@@ -12,6 +12,7 @@ Python 3.11; on 3.10 the identical `tomli` package is used. JSON recipes are acc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -142,6 +143,42 @@ class UNetTrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# UNet LoRA (flow matching, adapters only)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoRAModelConfig:
+    """The pipeline whose UNet gets the adapters (also the model `sdxs prepare` encoded the data with)."""
+
+    pretrained: str = ""  # hub folder: its UNet stays frozen; VAE, text encoder and scheduler for samples/export
+
+
+@dataclass
+class LoRAConfig:
+    """peft `LoraConfig` of the UNet adapters: W x + (alpha / rank) * B A x on each target module."""
+
+    rank: int = 8  # r: inner size of A (r x in) and B (out x r); adapter size grows linearly with it
+    alpha: float = 8.0  # lora_alpha: the update is scaled by alpha / rank (alpha = rank: scale 1)
+    # module names (or name suffixes) that get adapters: the attention projections, as diffusers' LoRA scripts do
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    dropout: float = 0.0  # lora_dropout on the adapter input (regularises a very small style set)
+
+
+@dataclass
+class LoRATrainConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/lora"))
+    model: LoRAModelConfig = field(default_factory=LoRAModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    # weight decay would shrink the adapters back toward the base model: off
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(weight_decay=0.0))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # VAE
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -253,8 +290,11 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return cfg
 
 
-def from_dict(cls, data: dict[str, Any], where: str = ""):
-    """Recursively build dataclass `cls` from `data`; unknown keys and wrong types raise with the dotted name."""
+def from_dict(cls, data: dict[str, Any], where: str = "", base=None):
+    """Recursively build dataclass `cls` from `data`; unknown keys and wrong types raise with the dotted name.
+
+    `base`: the defaults to start from (a section starts from its parent's default for it, e.g. the LoRA trainer's
+    `OptimConfig(weight_decay=0.0)`, not from the bare `OptimConfig()`)."""
     if not isinstance(data, dict):
         raise TypeError(f"config `{where or 'root'}` must be a table/object, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
@@ -265,12 +305,12 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
             f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}; "
             f"valid keys{' in `' + where + '`' if where else ''}: {', '.join(sorted(names))}."
         )
-    obj = cls()
+    obj = copy.deepcopy(base) if base is not None else cls()
     for key, value in data.items():
         tp = hints[key]
         name = _join(where, key)
         if dataclasses.is_dataclass(tp):
-            setattr(obj, key, from_dict(tp, value, name))
+            setattr(obj, key, from_dict(tp, value, name, base=getattr(obj, key)))
         else:
             setattr(obj, key, _check_type(value, tp, name))
     return obj

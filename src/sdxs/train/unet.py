@@ -217,11 +217,17 @@ def save_unet(unet, folder: Path) -> None:
 
 def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
     """Train the UNet of `cfg.model.pretrained`'s pipeline on the latent cache `cfg.data.path`; returns the final checkpoint."""
-    from sdxs.data.loader import LatentShardLoader
-
     accelerator = make_accelerator(cfg.run)
     base = load_base_pipeline(cfg.model.pretrained)
     unet = build_unet(cfg, base)
+    return fit(unet_task(cfg, base, unet, accelerator), cfg, resume=resume, accelerator=accelerator)
+
+
+def unet_task(cfg, base, unet, accelerator) -> Task:
+    """The flow-matching Task for `unet` on the latent cache `cfg.data.path` (shared with the LoRA trainer).
+
+    `cfg` needs the `run`, `data`, `flow` and `sample` sections of `UNetTrainConfig`."""
+    from sdxs.data.loader import LatentShardLoader
 
     if not cfg.data.path:
         raise ValueError("`data.path` is required: the latent cache written by `sdxs prepare`.")
@@ -258,7 +264,7 @@ def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
     def loss_fn(model, batch, generator):
         return flow_matching_loss(model, batch, empty, cfg.flow, shift, generator)
 
-    task = Task(
+    return Task(
         name="unet",
         model=unet,
         loss_fn=loss_fn,
@@ -268,4 +274,3 @@ def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
         sample_fn=make_sampler(base, cfg.sample, accelerator.device) if accelerator.is_main_process else None,
         export_fn=lambda run_dir: export_run(run_dir, run_dir / "export"),
     )
-    return fit(task, cfg, resume=resume, accelerator=accelerator)
