@@ -21,7 +21,7 @@ Run folder:
     RUN/export/                hub layout written at the end (sdxs export)
 
 A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `step-N` only when complete, so a folder named
-`step-N` is always whole; temp folders are ignored (and cleaned) by `--resume latest`.
+`step-N` is always whole; temp folders are ignored by `--resume latest` and removed by the next save.
 """
 
 from __future__ import annotations
