@@ -199,7 +199,7 @@ def test_resumed_prepare_equals_uninterrupted(cache, dataset, tiny_pipe, tmp_pat
         dataset, out, pipe=tiny_pipe, batch_size=4, shard_size=2, progress=False, stop_after_shards=2, **BUCKET_ARGS
     )
     assert not (out / "manifest.json").exists() and len(list((out / "shards").iterdir())) == 2
-    (out / "shards" / ".left-by-a-crash.safetensors.123.tmp").write_bytes(b"half")
+    (out / "shards" / ".64x64-000-00001.safetensors.123.tmp").write_bytes(b"half")  # a killed save
     prepare(dataset, out, pipe=tiny_pipe, batch_size=4, shard_size=2, progress=False, **BUCKET_ARGS)
     full = sorted(p.name for p in (cache / "shards").iterdir())
     assert sorted(p.name for p in (out / "shards").iterdir()) == full

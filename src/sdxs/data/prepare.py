@@ -502,7 +502,7 @@ def prepare(
     _check_existing_cache(out, fingerprint, options, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in plans if not _is_done(out / p.name, p, fingerprint, options)]
-    _remove_stale_shards(out, plans, shard_index)
+    _remove_stale_shards(out, plans, shard_index, num_shards)
     _write_empty_prompt(out, enc, device, fingerprint, storage_dtype, offload_text_encoder)
 
     # 4. Encode
@@ -612,15 +612,23 @@ def _check_existing_cache(out: Path, fingerprint: dict, options: dict, overwrite
     )
 
 
-def _remove_stale_shards(out: Path, plans: list[ShardPlan], worker: int) -> None:
-    """Delete this worker's shard files that the current plan no longer has (the source folder changed).
+def _remove_stale_shards(out: Path, plans: list[ShardPlan], worker: int, num_workers: int = 1) -> None:
+    """Delete this worker's shard files that the current plan no longer has (the source folder changed), and the
+    temp files a killed run of this worker left (a save is temp file + rename: `.NAME.PID.tmp`).
 
-    Only files made with the same model and options reach here (`_check_existing_cache` runs first)."""
+    Only files made with the same model and options reach here (`_check_existing_cache` runs first). Other workers
+    of a `--num-shards` split may be writing into the same folder right now: their temp files are never touched
+    (the empty prompt's and manifest.json's are this run's only when it is the folder's one worker)."""
     planned = {p.name for p in plans}
     for f in (out / SHARD_DIR).glob(f"*-{worker:03d}-*.safetensors"):
         if f"{SHARD_DIR}/{f.name}" not in planned:
             f.unlink()
-    for f in (out / SHARD_DIR).glob(".*.tmp"):  # leftovers of a crash mid-write
+    leftovers = [*(out / SHARD_DIR).glob(f".*-{worker:03d}-*.safetensors.*.tmp")]
+    if num_workers == 1:
+        leftovers += [*out.glob(f".{MANIFEST_NAME}.*.tmp"), *out.glob(f".{EMPTY_PROMPT_NAME}.*.tmp")]
+    else:
+        leftovers += [*out.glob(f".{partial_manifest_name(worker, num_workers)}.*.tmp")]
+    for f in leftovers:
         f.unlink(missing_ok=True)
 
 

@@ -21,7 +21,7 @@ Run folder:
     RUN/export/                hub layout written at the end (sdxs export)
 
 A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `step-N` only when complete, so a folder named
-`step-N` is always whole; temp folders are ignored (and cleaned) by `--resume latest`.
+`step-N` is always whole; temp folders are ignored by `--resume latest` and removed by the next save.
 """
 
 from __future__ import annotations
@@ -309,10 +309,16 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_main(tmp)  # models, optimizer, schedule, config, and state.json last
+        old = root / f"{TMP_PREFIX}old-{name}"
         if dst.exists():  # the same step saved again (e.g. final == last periodic): replace it
-            shutil.rmtree(dst)
+            # renamed aside first: a kill during the delete must not leave a `step-N` that has state.json but
+            # lacks some weights (it would be resumed from)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dst, old)
         os.replace(tmp, dst)
         _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         prune_checkpoints(run_dir, keep_last)
     accelerator.wait_for_everyone()
     return dst
@@ -323,6 +329,15 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     dirs = checkpoint_dirs(run_dir)
     periodic = [d for d in dirs if not json.loads((d / "state.json").read_text()).get("final")]
     for d in periodic[: max(len(periodic) - keep_last, 0)]:
+        # renamed first, so a kill during the delete leaves a temp folder (never listed), not a checkpoint folder
+        # that still has state.json but lacks some weights
+        gone = d.with_name(f"{TMP_PREFIX}old-{d.name}")
+        if gone.exists():
+            shutil.rmtree(gone)
+        os.replace(d, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    # temp folders of saves and deletes that a kill interrupted (every rank is past its save when this runs)
+    for d in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(d, ignore_errors=True)
 
 
