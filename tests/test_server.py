@@ -457,3 +457,18 @@ def test_big_image_prompts_are_shrunk_to_the_processor_budget_as_uint8():
     out = shrink_for_vision(big, pipe)
     assert out.mode == "RGB" and out.width * out.height <= 1000 and out.size == (44, 22)
     assert out.getpixel((0, 0)) == (255, 255, 255)  # transparency on white, as encode_image does
+
+
+def test_image_prompts_are_shrunk_to_what_encode_image_uses(tiny_pipe):
+    """The budget is the smaller of the processor's own and encode_image's (max_length - 2 image tokens): the
+    server must not hold a bigger picture than the one that is encoded."""
+    from sdxs.server.app import shrink_for_vision, vision_pixel_budget
+
+    vp = tiny_pipe.vision_processor
+    unit = vp.patch_size * vp.merge_size
+    want = min(vp.size["longest_edge"], (tiny_pipe.config.text_recipe["max_length"] - 2) * unit * unit)
+    assert vision_pixel_budget(tiny_pipe) == want
+    big = Image.new("RGB", (4 * int(want**0.5), 2 * int(want**0.5)), (200, 10, 10))
+    out = shrink_for_vision(big, tiny_pipe)
+    assert out.width * out.height <= want < big.width * big.height
+    assert abs(out.width / out.height - 2) < 0.05
