@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
 
 # Subcommands that other modules own: each exposes `register(subparsers)`. A module that does not exist yet is
 # skipped (and only then: an ImportError inside an existing module is a bug and must surface).
-EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.evaluate", "sdxs.assemble")
+EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.eval.cli", "sdxs.assemble")
 
 # Errors a user can fix (bad flag values, missing files, unreachable hub repos): one line, exit code 2.
 USER_ERRORS = (ValueError, TypeError, OSError)
