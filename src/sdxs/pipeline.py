@@ -740,23 +740,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if isinstance(generator, list):
                 generator = generator[0]
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("`prompt` must be a string or a list of strings.")
+        prompts, tok = self._check_refine_inputs(prompt, max_new_tokens)
         te = self.text_encoder
-        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
-        if not can_generate:
-            raise ValueError(
-                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
-                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
-            )
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
-        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
-        if getattr(tok, "chat_template", None) is None:
-            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
         device = self._execution_device
         instruction = self.config.refine_instruction if instruction is None else instruction
         texts = [
@@ -786,6 +771,28 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # with keep_prompt the prompt opened the answer: put it back in front of what the model added (byte-level
         # tokens keep their leading spaces, so "cat" + ", animal" and "cat" + "s" both join as the model meant)
         return [((p.strip() if keep_prompt else "") + t).strip() for p, t in zip(prompts, new, strict=True)]
+
+    def _check_refine_inputs(self, prompt, max_new_tokens: int):
+        """`refine_prompts`' checks: prompts, a text encoder that can generate, a tokenizer with a chat template.
+        Returns (list of prompts, the tokenizer)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompt` must be a string or a list of strings.")
+        te = self.text_encoder
+        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
+        if not can_generate:
+            raise ValueError(
+                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
+                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
+        return prompts, tok
 
     # ------------------------------------------------------------------------------------------------------------
     # VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`, tiled upscale
@@ -924,7 +931,6 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not images:
             raise ValueError("`image` is an empty list: pass at least one image or path.")
         enc = self.vae_encoder_scale_factor
-        r = self.vae_scale_factor // enc
         if tile_size % enc or tile_size < 4 * enc:
             raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
         if not 0 <= tile_overlap <= tile_size // 2 or tile_overlap % enc:
@@ -938,34 +944,41 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 )
         results = []
         for pil in pils:
-            w, h = pil.size
-            pixels = self._image_to_tensor(pil)
-            ph, pw = (-h) % enc, (-w) % enc  # pad to the encoder's multiple with edge pixels, crop back after
-            if ph or pw:
-                pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
-
-            def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
-                z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
-                return self._vae_decode_whole(z)
-
-            if max(h + ph, w + pw) > tile_size:
-                n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
-                    _tile_starts(w + pw, tile_size, tile_overlap)
-                )
-                with self.progress_bar(total=n_tiles) as bar:
-
-                    def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
-                        out = reconstruct(x)
-                        bar.update()
-                        return out
-
-                    up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
-            else:
-                up = reconstruct(pixels).cpu()
-            up = up[:, :, : h * r, : w * r]
+            up = self._upscale_one(pil, tile_size, tile_overlap, generator)
             results.append(self.image_processor.postprocess(up, output_type=output_type)[0])
         self.maybe_free_model_hooks()
         return results
+
+    def _upscale_one(self, pil: PIL.Image.Image, tile_size: int, tile_overlap: int, generator) -> torch.Tensor:
+        """One RGB image -> (1, 3, rH, rW) in [-1, 1] on the CPU, r = decoder factor / encoder factor; padded to the
+        encoder's multiple with edge pixels and cropped back; tiled (with a progress bar) above `tile_size`."""
+        enc = self.vae_encoder_scale_factor
+        r = self.vae_scale_factor // enc
+        w, h = pil.size
+        pixels = self._image_to_tensor(pil)
+        ph, pw = (-h) % enc, (-w) % enc
+        if ph or pw:
+            pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
+            z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
+            return self._vae_decode_whole(z)
+
+        if max(h + ph, w + pw) > tile_size:
+            n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
+                _tile_starts(w + pw, tile_size, tile_overlap)
+            )
+            with self.progress_bar(total=n_tiles) as bar:
+
+                def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
+                    out = reconstruct(x)
+                    bar.update()
+                    return out
+
+                up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
+        else:
+            up = reconstruct(pixels).cpu()
+        return up[:, :, : h * r, : w * r]
 
     # ------------------------------------------------------------------------------------------------------------
     # __call__ helpers
@@ -1452,9 +1465,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 seed. Mutually exclusive with `generator`.
             generator (`torch.Generator` or a list of them, *optional*): diffusers-style randomness.
             latents (`torch.Tensor`, *optional*): initial noise (B, C, H / `pipe.vae_scale_factor`, W / ...).
-            prompt_embeds, prompt_attention_mask: precomputed `(embeds, mask)` as returned by `encode_prompt` /
-                `encode_image` (pooled vector first). The mask is required with the embeddings (`ValueError`).
-            negative_prompt_embeds, negative_prompt_attention_mask: the same for the negative prompt.
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask: precomputed
+                `(embeds, mask)` pairs as `encode_prompt` / `encode_image` return them (a mask goes with its embeds).
             image (*optional*): img2img source: path, PIL, HWC array, or tensor (B, 3, H, W) / (3, H, W) in [0, 1]
                 (as diffusers' `VaeImageProcessor`; [-1, 1] still works with a deprecation warning), or a list.
             strength (`float`, *optional*, defaults to 0.6 with `image`): img2img noise level; 0 returns the
@@ -1464,28 +1476,20 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors; `{"scale": s}`
                 scales loaded LoRA adapters for this call (UNet and text encoder; 0 gives the base model).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                `fn(pipe, step, timestep, callback_kwargs) -> dict`; returned tensors replace the pipeline's:
-                "latents", "prompt_embeds" (with CFG the batched [negative, positive] conditioning, as in
-                `StableDiffusionPipeline`), "negative_prompt_embeds", "prompt_attention_mask" (the mask of
-                "prompt_embeds"). A `PipelineCallback`'s own `tensor_inputs` are used (e.g. `SDCFGCutoffCallback`).
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs`, any of
-                `pipe._callback_tensor_inputs`; defaults to ["latents"].
+                `fn(pipe, step, timestep, callback_kwargs) -> dict`; returned tensors replace the pipeline's: "latents",
+                "prompt_embeds" (with CFG the batched [negative, positive] conditioning, as `StableDiffusionPipeline`),
+                "negative_prompt_embeds", "prompt_attention_mask". A `PipelineCallback` brings its own `tensor_inputs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs` (any of
+                `pipe._callback_tensor_inputs`; default ["latents"]).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
 
         Examples:
             ```py
-            >>> import torch
-            >>> from diffusers import DiffusionPipeline
-
-            >>> # "." is a folder holding the model (this repository); a hub repo id works the same way
-            >>> pipe = DiffusionPipeline.from_pretrained(".", dtype=torch.float32, trust_remote_code=True)
+            >>> pipe = DiffusionPipeline.from_pretrained(".", dtype=torch.float32, trust_remote_code=True)  # or hub id
             >>> image = pipe("grinning face, 3d render", negative_prompt="low quality", seed=0).images[0]
-            >>> image.save("face.png")
-
-            >>> # img2img from the previous result, and a LoRA at half strength
-            >>> pipe.load_lora_weights("path/to/lora")  # pytorch_lora_weights.safetensors
+            >>> pipe.load_lora_weights("path/to/lora")  # img2img from it, with a LoRA at half strength:
             >>> edit = pipe("smiling face, 3d render", image=image, strength=0.6, cross_attention_kwargs={"scale": 0.5})
             ```
         """
