@@ -28,11 +28,11 @@ import PIL.ImageOps
 import torch
 from diffusers import AsymmetricAutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import USE_PEFT_BACKEND, logging, scale_lora_layers, unscale_lora_layers
+from diffusers.utils import USE_PEFT_BACKEND, deprecate, logging, scale_lora_layers, unscale_lora_layers
 from transformers import ImageProcessingMixin, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 logger = logging.get_logger(__name__)
@@ -51,7 +51,8 @@ DEFAULT_REFINE_INSTRUCTION = (
     "Rewrite the short prompt as one detailed image caption in the same style as the training captions."
 )
 
-PipelineImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+# An image argument: diffusers' own `PipelineImageInput` (PIL, array, tensor, or a list of them) or file path(s).
+ImageInput = PipelineImageInput | str | os.PathLike | list[str | os.PathLike]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 # A hub repository with custom code names its pipeline class as [module file, class] in model_index.json.
@@ -160,10 +161,10 @@ def sigma_to_timestep(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> 
 
 
 def vae_scale_factors(vae) -> tuple[int, int]:
-    """(encoder_factor, decoder_factor) of an (asymmetric) VAE, e.g. (8, 16).
+    """(encoder_factor, decoder_factor) of an (asymmetric) VAE, read from its config: e.g. (4, 8) for the shipped one.
 
     AsymmetricAutoencoderKL registers the *decoder's* channels as `block_out_channels`, so deriving the factor from
-    that alone (as stock pipelines do) would call a 16x decoder's encoder 16x too. Read both explicitly.
+    that alone (as stock pipelines do) would give the encoder the decoder's factor too. Read both explicitly.
     """
     cfg = vae.config
     down = cfg.get("down_block_out_channels", cfg.get("block_out_channels"))
@@ -222,7 +223,9 @@ def unet_size_multiple(unet) -> int:
     return 2 ** max(num_down - 1, 0)
 
 
-def load_rgb_image(image: PipelineImageInput, background: tuple[int, int, int] = (255, 255, 255)) -> PIL.Image.Image:
+def load_rgb_image(
+    image: PIL.Image.Image | np.ndarray | str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)
+) -> PIL.Image.Image:
     """Open `image` (path, PIL, HWC uint8/float array) as 8-bit RGB.
 
     EXIF orientation is applied; transparency (RGBA, LA, palette with transparency) is composited on
@@ -333,7 +336,7 @@ def encode_images(
     text_encoder,
     tokenizer,
     vision_processor,
-    images: list[PipelineImageInput],
+    images: list[PIL.Image.Image | np.ndarray | str | os.PathLike],
     recipe: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,11 +442,14 @@ def image_processor_from_tokenizer(tokenizer):
 
 class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""
-    Text-to-image with a flow-matching UNet, an asymmetric VAE (encoder 8x, decoder 16x) and a Qwen3.5 text encoder.
+    Text-to-image with a flow-matching UNet, an asymmetric VAE whose decoder upsamples 2x more than its encoder
+    downsamples, and a Qwen3.5 text encoder.
 
     Args:
         unet ([`UNet2DConditionModel`]): predicts the flow velocity `noise - x0` from latents, sigma*1000 and text.
-        vae ([`AsymmetricAutoencoderKL`]): the encoder downsamples 8x, the decoder upsamples 16x (2x upscaler).
+        vae ([`AsymmetricAutoencoderKL`]): the encoder downsamples `pipe.vae_encoder_scale_factor` x, the decoder
+            upsamples `pipe.vae_scale_factor` x (both read from its config by `vae_scale_factors`: 4x and 8x for the
+            shipped model); the ratio, 2, makes it a 2x upscaler.
         text_encoder ([`~transformers.PreTrainedModel`]): returns hidden states (Qwen3_5ForConditionalGeneration:
             its LM head serves `refine_prompts`, its vision tower `encode_image`).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`] or a processor holding one): the text encoder's tokenizer.
@@ -666,9 +672,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 unscale_lora_layers(self.text_encoder, lora_scale)
 
     @torch.no_grad()
-    def encode_image(
-        self, image: PipelineImageInput | list[PipelineImageInput], device: torch.device | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_image(self, image: ImageInput, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
         Embed image(s) through the text encoder's vision path, in exactly the prompt-embedding layout.
 
@@ -736,23 +740,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if isinstance(generator, list):
                 generator = generator[0]
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("`prompt` must be a string or a list of strings.")
+        prompts, tok = self._check_refine_inputs(prompt, max_new_tokens)
         te = self.text_encoder
-        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
-        if not can_generate:
-            raise ValueError(
-                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
-                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
-            )
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
-        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
-        if getattr(tok, "chat_template", None) is None:
-            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
         device = self._execution_device
         instruction = self.config.refine_instruction if instruction is None else instruction
         texts = [
@@ -783,8 +772,30 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # tokens keep their leading spaces, so "cat" + ", animal" and "cat" + "s" both join as the model meant)
         return [((p.strip() if keep_prompt else "") + t).strip() for p, t in zip(prompts, new, strict=True)]
 
+    def _check_refine_inputs(self, prompt, max_new_tokens: int):
+        """`refine_prompts`' checks: prompts, a text encoder that can generate, a tokenizer with a chat template.
+        Returns (list of prompts, the tokenizer)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompt` must be a string or a list of strings.")
+        te = self.text_encoder
+        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
+        if not can_generate:
+            raise ValueError(
+                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
+                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
+        return prompts, tok
+
     # ------------------------------------------------------------------------------------------------------------
-    # VAE: encode at 8x, decode at 16x, tiled upscale
+    # VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`, tiled upscale
     # ------------------------------------------------------------------------------------------------------------
 
     def _image_to_tensor(self, image: PIL.Image.Image) -> torch.Tensor:
@@ -792,7 +803,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
 
     def _vae_encode(self, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
-        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/8, W/8); H, W multiples of the encoder factor."""
+        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/e, W/e), e = `vae_encoder_scale_factor`; H, W
+        multiples of e."""
         vae = self.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
@@ -800,7 +812,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def enable_vae_tiling(self, tile_latents: int = 64, overlap_latents: int = 8) -> None:
         """Decode latents larger than `tile_latents` in overlapping tiles blended linearly: bounded memory for big
-        images (a 64-latent tile is 1024 px out of the 16x decoder)."""
+        images (a 64-latent tile is 64 x `vae_scale_factor` px: 512 px for the shipped 8x decoder)."""
         if tile_latents < 4 or not 0 <= overlap_latents <= tile_latents // 2:
             raise ValueError(
                 f"`tile_latents` must be >= 4 and `overlap_latents` in [0, tile_latents/2], "
@@ -850,7 +862,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             self.unet.compile(mode="reduce-overhead")
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """scaled latents (B, C, h, w) -> pixels (B, 3, 16h, 16w) in [-1, 1], float32; sliced/tiled if enabled."""
+        """scaled latents (B, C, h, w) -> pixels (B, 3, d h, d w) in [-1, 1], float32, d = `vae_scale_factor`;
+        sliced/tiled if enabled."""
         if getattr(self, "_vae_slicing", False) and latents.shape[0] > 1:
             return torch.cat([self._vae_decode(z) for z in latents.split(1)])
         tiling = getattr(self, "_vae_tiling", None)
@@ -876,7 +889,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @torch.no_grad()
     def image_upscale(
         self,
-        image: PipelineImageInput | list[PipelineImageInput],
+        image: ImageInput,
         tile_size: int = 512,
         tile_overlap: int = 64,
         max_pixels: int | None = 2048 * 2048,
@@ -884,11 +897,13 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         output_type: str = "pil",
     ) -> list[PIL.Image.Image] | list[np.ndarray] | list[torch.Tensor]:
         r"""
-        Upscale image(s) 2x with the asymmetric VAE: encode at 8x, decode at 16x (a "blind" latent upscaler).
+        Upscale image(s) with the asymmetric VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`
+        (a "blind" latent upscaler; their ratio is the upscale, 2x for the shipped 4x/8x VAE).
 
         Args:
             image: a path, a PIL image, a numpy array or a list of them. Any mode (RGBA, palette, greyscale, 16-bit)
-                and EXIF orientation are handled; sizes that are not multiples of 8 are padded and cropped back.
+                and EXIF orientation are handled; sizes that are not multiples of the encoder factor are padded and
+                cropped back.
             tile_size (`int`): inputs larger than this (pixels per side) go through overlapping tiles, so memory stays
                 bounded; must be a multiple of the encoder factor.
             tile_overlap (`int`): overlap of neighbouring tiles in input pixels; seams are blended linearly.
@@ -916,7 +931,6 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not images:
             raise ValueError("`image` is an empty list: pass at least one image or path.")
         enc = self.vae_encoder_scale_factor
-        r = self.vae_scale_factor // enc
         if tile_size % enc or tile_size < 4 * enc:
             raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
         if not 0 <= tile_overlap <= tile_size // 2 or tile_overlap % enc:
@@ -930,34 +944,41 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 )
         results = []
         for pil in pils:
-            w, h = pil.size
-            pixels = self._image_to_tensor(pil)
-            ph, pw = (-h) % enc, (-w) % enc  # pad to the encoder's multiple with edge pixels, crop back after
-            if ph or pw:
-                pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
-
-            def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
-                z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
-                return self._vae_decode_whole(z)
-
-            if max(h + ph, w + pw) > tile_size:
-                n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
-                    _tile_starts(w + pw, tile_size, tile_overlap)
-                )
-                with self.progress_bar(total=n_tiles) as bar:
-
-                    def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
-                        out = reconstruct(x)
-                        bar.update()
-                        return out
-
-                    up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
-            else:
-                up = reconstruct(pixels).cpu()
-            up = up[:, :, : h * r, : w * r]
+            up = self._upscale_one(pil, tile_size, tile_overlap, generator)
             results.append(self.image_processor.postprocess(up, output_type=output_type)[0])
         self.maybe_free_model_hooks()
         return results
+
+    def _upscale_one(self, pil: PIL.Image.Image, tile_size: int, tile_overlap: int, generator) -> torch.Tensor:
+        """One RGB image -> (1, 3, rH, rW) in [-1, 1] on the CPU, r = decoder factor / encoder factor; padded to the
+        encoder's multiple with edge pixels and cropped back; tiled (with a progress bar) above `tile_size`."""
+        enc = self.vae_encoder_scale_factor
+        r = self.vae_scale_factor // enc
+        w, h = pil.size
+        pixels = self._image_to_tensor(pil)
+        ph, pw = (-h) % enc, (-w) % enc
+        if ph or pw:
+            pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
+            z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
+            return self._vae_decode_whole(z)
+
+        if max(h + ph, w + pw) > tile_size:
+            n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
+                _tile_starts(w + pw, tile_size, tile_overlap)
+            )
+            with self.progress_bar(total=n_tiles) as bar:
+
+                def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
+                    out = reconstruct(x)
+                    bar.update()
+                    return out
+
+                up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
+        else:
+            up = reconstruct(pixels).cpu()
+        return up[:, :, : h * r, : w * r]
 
     # ------------------------------------------------------------------------------------------------------------
     # __call__ helpers
@@ -979,7 +1000,53 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt_attention_mask,
         callback_on_step_end_tensor_inputs,
         image=None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator=None,
+        batch_size: int | None = None,
     ) -> None:
+        """Every check of `__call__`'s arguments, before any work: a `ValueError`/`TypeError` naming the argument."""
+        self._check_size_and_sampling(height, width, num_inference_steps, guidance_scale, strength, image, output_type)
+        self._check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        for name, emb, mask in (
+            ("prompt", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            self._check_embeds(name, emb, mask)
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]
+        ):
+            raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same batch size.")
+        self.check_scheduler()
+        if callback_on_step_end_tensor_inputs is not None:
+            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if bad:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {bad}."
+                )
+        if seed is not None and generator is not None:
+            raise ValueError("Pass either `seed` or `generator`, not both.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
+        n_prompts = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
+        if batch_size is not None:
+            if not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+            if n_prompts not in (1, batch_size):
+                raise ValueError(
+                    f"`batch_size`={batch_size} but {n_prompts} prompts were given; pass 1 or {batch_size}."
+                )
+            n_prompts = batch_size
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+        if image is not None:
+            self._check_image(image, n_prompts * num_images_per_prompt)
+
+    def _check_size_and_sampling(
+        self, height, width, num_inference_steps, guidance_scale, strength, image, output_type
+    ):
         step = self.size_step
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -1004,6 +1071,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"`strength` must be in [0, 1], got {strength}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+
+    def _check_prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -1025,41 +1094,41 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 )
         elif negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}.")
-        for name, emb, m in (
-            ("prompt", prompt_embeds, prompt_attention_mask),
-            ("negative_prompt", negative_prompt_embeds, negative_prompt_attention_mask),
-        ):
-            if emb is None:
-                continue
-            if emb.ndim != 3 or emb.shape[-1] != self.unet.config.cross_attention_dim:
-                raise ValueError(
-                    f"`{name}_embeds` must be (batch, tokens, {self.unet.config.cross_attention_dim}), "
-                    f"got {tuple(emb.shape)}."
-                )
-            if m is None:
-                raise ValueError(
-                    f"Must provide `{name}_attention_mask` when passing `{name}_embeds`: the embeddings are padded, and "
-                    "without the mask the UNet would attend to the padding. `pipe.encode_prompt(...)` and "
-                    "`pipe.encode_image(...)` return the mask with the embeddings: pass both."
-                )
-            if tuple(m.shape) != tuple(emb.shape[:2]):
-                raise ValueError(
-                    f"`{name}_attention_mask` must be {tuple(emb.shape[:2])} to match `{name}_embeds`, "
-                    f"got {tuple(m.shape)}."
-                )
-        if (
-            prompt_embeds is not None
-            and negative_prompt_embeds is not None
-            and prompt_embeds.shape[0] != negative_prompt_embeds.shape[0]
-        ):
-            raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same batch size.")
-        self.check_scheduler()
-        if callback_on_step_end_tensor_inputs is not None:
-            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if bad:
-                raise ValueError(
-                    f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {bad}."
-                )
+
+    def _check_embeds(self, name: str, emb: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        if emb is None:
+            return
+        if emb.ndim != 3 or emb.shape[-1] != self.unet.config.cross_attention_dim:
+            raise ValueError(
+                f"`{name}_embeds` must be (batch, tokens, {self.unet.config.cross_attention_dim}), "
+                f"got {tuple(emb.shape)}."
+            )
+        if mask is None:
+            raise ValueError(
+                f"Must provide `{name}_attention_mask` when passing `{name}_embeds`: the embeddings are padded, and "
+                "without the mask the UNet would attend to the padding. `pipe.encode_prompt(...)` and "
+                "`pipe.encode_image(...)` return the mask with the embeddings: pass both."
+            )
+        if tuple(mask.shape) != tuple(emb.shape[:2]):
+            raise ValueError(
+                f"`{name}_attention_mask` must be {tuple(emb.shape[:2])} to match `{name}_embeds`, "
+                f"got {tuple(mask.shape)}."
+            )
+
+    @staticmethod
+    def _check_image(image, total: int) -> None:
+        """img2img sources: 1 or `total` images; tensors (B, 3, H, W) or (3, H, W)."""
+        images = image if isinstance(image, list) else [image]
+        count = 0
+        for im in images:
+            if isinstance(im, torch.Tensor):
+                if im.ndim not in (3, 4) or im.shape[-3] != 3:
+                    raise ValueError(f"A tensor `image` must be (B, 3, H, W) or (3, H, W), got {tuple(im.shape)}.")
+                count += im.shape[0] if im.ndim == 4 else 1
+            else:
+                count += 1
+        if count not in (1, total):
+            raise ValueError(f"Got {count} `image`s for {total} images to make; pass 1 or {total}.")
 
     def check_scheduler(self) -> None:
         """Refuse a scheduler the flow-matching loop cannot drive, naming the supported ones."""
@@ -1108,7 +1177,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Gaussian noise (B, C, H/16, W/16), drawn on the CPU so a seed gives the same image on every device."""
+        """Gaussian noise (B, C, H / vae_scale_factor, W / vae_scale_factor), drawn on the CPU so that a seed gives
+        the same image on every device."""
         shape = (
             batch_size,
             self.unet.config.in_channels,
@@ -1133,19 +1203,19 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def prepare_image_latents(
         self, image, height: int, width: int, batch_size: int, device: torch.device
     ) -> torch.Tensor:
-        """img2img source: resize to the output size, halve (the encoder works at 8x, the decoder at 16x), encode."""
+        """img2img source: resize to the output size, shrink by decoder factor / encoder factor (the VAE config's
+        `vae_scale_factor // vae_encoder_scale_factor`) so the encoder's latents have the output's latent size,
+        encode. `check_inputs` has checked the count (1 or `batch_size`) and the tensor shapes."""
         images = image if isinstance(image, list) else [image]
         if all(isinstance(im, torch.Tensor) for im in images):  # (B, 3, H, W) or (3, H, W) in [0, 1]
             pixels = torch.cat([im if im.ndim == 4 else im[None] for im in images]).float()
-            if pixels.ndim != 4 or pixels.shape[1] != 3:
-                raise ValueError(f"A tensor `image` must be (B, 3, H, W) or (3, H, W), got {tuple(pixels.shape)}.")
             if pixels.min() < 0:  # as diffusers' VaeImageProcessor: [-1, 1] still works, with a deprecation warning
                 warnings.warn(
                     "Passing `image` as a torch tensor with values in [-1, 1] is deprecated and will be removed: pass "
                     f"values in [0, 1] (diffusers' convention, and what `output_type='pt'` returns); got values in "
                     f"[{pixels.min().item():.3f}, {pixels.max().item():.3f}].",
                     FutureWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             else:
                 pixels = pixels * 2.0 - 1.0
@@ -1159,10 +1229,6 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         latents = self._vae_encode(pixels.to(device)).to(device)
         if latents.shape[0] == 1:
             latents = latents.expand(batch_size, -1, -1, -1)
-        elif latents.shape[0] != batch_size:
-            raise ValueError(
-                f"Got {latents.shape[0]} `image`s for {batch_size} images to make; pass 1 or {batch_size}."
-            )
         return latents
 
     def _conditioning_from_callback(
@@ -1195,6 +1261,140 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     f"(the conditioning mask is {tuple(cond_mask.shape)}): return `prompt_attention_mask` too."
                 )
         return embeds.to(device=cond_embeds.device, dtype=self.unet.dtype), mask.to(cond_mask.device)
+
+    def _pop_deprecated_kwargs(self, kwargs: dict) -> int | None:
+        """`batch_size` (deprecated, see `_batch_shape`) out of `__call__`'s `**kwargs`; any other name is an error."""
+        batch_size = kwargs.pop("batch_size", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments {sorted(kwargs)}.")
+        return batch_size
+
+    def _default_size(self, image, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width): as given; else the init image's size rounded to `size_step`; else the config's."""
+        default_w, default_h = self.config.default_width, self.config.default_height
+        if image is not None and (width is None or height is None):
+            first = image[0] if isinstance(image, list) else image
+            if isinstance(first, torch.Tensor):
+                first_w, first_h = first.shape[-1], first.shape[-2]
+            else:
+                first = load_rgb_image(first)
+                first_w, first_h = first.width, first.height
+            step = self.size_step
+            default_w = max(step, round(first_w / step) * step)
+            default_h = max(step, round(first_h / step) * step)
+        return (default_h if height is None else height), (default_w if width is None else width)
+
+    @staticmethod
+    def _batch_shape(batch_size: int | None, prompt, prompt_embeds, num_images_per_prompt: int) -> tuple[int, int]:
+        """(images per prompt, images in all), folding in the deprecated `batch_size`: a single prompt made
+        `batch_size` times is `num_images_per_prompt` (the same images)."""
+        n_prompts = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
+        if batch_size is not None:
+            deprecate(
+                "batch_size",
+                "1.0.0",
+                "`batch_size` repeated a single prompt and duplicates `num_images_per_prompt`: pass "
+                "`num_images_per_prompt` instead (the images are the same).",
+                standard_warn=False,
+            )
+            if n_prompts == 1:
+                num_images_per_prompt *= batch_size
+        return num_images_per_prompt, n_prompts * num_images_per_prompt
+
+    def _prepare_conditioning(
+        self, prompt, negative_prompt, num_images_per_prompt: int, device: torch.device, *embeds
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(embeds, mask, negative embeds) the UNet attends to: (B, 1 + L, D) with the pooled vector first; with CFG
+        one batched [negative, positive] conditioning, the shorter sequence padded with masked zeros."""
+        prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            *embeds,
+            lora_scale=self._cross_attention_kwargs.get("scale"),
+        )
+        if not self.do_classifier_free_guidance:
+            return prompt_embeds.to(self.unet.dtype), prompt_mask, negative_embeds
+        negative_embeds, prompt_embeds = _pad_to_same_length(negative_embeds, prompt_embeds)
+        negative_mask, prompt_mask = _pad_to_same_length(negative_mask, prompt_mask)
+        cond_embeds = torch.cat([negative_embeds, prompt_embeds]).to(self.unet.dtype)
+        return cond_embeds, torch.cat([negative_mask, prompt_mask]), negative_embeds
+
+    def _prepare_timesteps(
+        self, num_inference_steps: int, strength: float | None, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """(timesteps, index of the first): unshifted sigmas in, the scheduler applies its shift once; img2img
+        (`strength` given) skips the first `1 - strength` of the schedule."""
+        self._set_timesteps(num_inference_steps, device)
+        timesteps = self.scheduler.timesteps
+        start = 0
+        if strength is not None:
+            order = getattr(self.scheduler, "order", 1)
+            start = (num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)) * order
+            timesteps = timesteps[start:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start)
+        self._num_timesteps = len(timesteps)
+        return timesteps, start
+
+    def _initial_latents(
+        self, total: int, height: int, width: int, device, generator, latents, image, start: int
+    ) -> torch.Tensor:
+        """float32 noise (B, C, H / vae_scale_factor, W / vae_scale_factor), or the init image noised to the first
+        sigma: x_s = (1 - s) x0 + s e."""
+        latents = self.prepare_latents(total, height, width, torch.float32, device, generator, latents)
+        if image is None:
+            return latents
+        image_latents = self.prepare_image_latents(image, height, width, total, device).float()
+        sigma = self.scheduler.sigmas[start].to(device)
+        return (1.0 - sigma) * image_latents + sigma * latents
+
+    def _denoise(self, latents, timesteps, conditioning, generator, callback, tensor_inputs) -> torch.Tensor:
+        """The sampling loop: latents stay float32, the UNet runs in its own dtype; CFG as one batched pass.
+        `conditioning` is `_prepare_conditioning`'s (embeds, mask, negative embeds); a callback may replace them."""
+        cond_embeds, cond_mask, negative_embeds = conditioning
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:  # stochastic samplers (LCM)
+            step_kwargs["generator"] = generator[0] if isinstance(generator, list) else generator
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                velocity = self.unet(
+                    model_input.to(self.unet.dtype),
+                    t.expand(model_input.shape[0]),
+                    encoder_hidden_states=cond_embeds,
+                    encoder_attention_mask=cond_mask,
+                    cross_attention_kwargs=dict(self._cross_attention_kwargs) or None,
+                    return_dict=False,
+                )[0].float()
+                if self.do_classifier_free_guidance:
+                    v_uncond, v_cond = velocity.chunk(2)
+                    velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback is not None:
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": cond_embeds,
+                        "negative_prompt_embeds": negative_embeds,
+                        "prompt_attention_mask": cond_mask,
+                    }
+                    outputs = callback(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+                    latents = outputs.pop("latents", latents)
+                    cond_embeds, cond_mask = self._conditioning_from_callback(
+                        outputs, cond_embeds, cond_mask, negative_embeds
+                    )
+                progress_bar.update()
+        return latents
+
+    def _decode_latents(self, latents: torch.Tensor, output_type: str):
+        """Latents -> images of `output_type` through the VAE decoder (`vae_scale_factor` x the latent size)."""
+        if output_type == "latent":
+            return latents
+        return self.image_processor.postprocess(self._vae_decode(latents), output_type=output_type)
 
     @property
     def cross_attention_kwargs(self) -> dict[str, Any]:
@@ -1230,7 +1430,6 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         num_inference_steps: int = 40,
         guidance_scale: float = 4.0,
         num_images_per_prompt: int = 1,
-        batch_size: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -1238,7 +1437,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
-        image: PipelineImageInput | list[PipelineImageInput] | None = None,
+        image: ImageInput | None = None,
         strength: float | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -1248,6 +1447,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images from text (or from prompt embeddings, e.g. `encode_image`), optionally from an init image.
@@ -1259,17 +1459,16 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 model's `default_height` / `default_width` (or the init image's size for img2img).
             num_inference_steps (`int`, defaults to 40): Euler steps from sigma 1 to 0.
             guidance_scale (`float`, defaults to 4.0): classifier-free guidance; 1 disables it (one UNet pass/step).
-            num_images_per_prompt (`int`, defaults to 1): images per prompt.
-            batch_size (`int`, *optional*): repeat a single prompt (or a batch-1 `prompt_embeds`) this many times.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt. (`batch_size`, which repeated a single
+                prompt, is deprecated: it is `num_images_per_prompt` and still works, with a warning.)
             seed (`int`, *optional*): image `i` uses `seed + i`, so image `i` of a batch equals a single call with that
                 seed. Mutually exclusive with `generator`.
             generator (`torch.Generator` or a list of them, *optional*): diffusers-style randomness.
-            latents (`torch.Tensor`, *optional*): initial noise (B, C, H/16, W/16).
-            prompt_embeds, prompt_attention_mask: precomputed `(embeds, mask)` as returned by `encode_prompt` /
-                `encode_image` (pooled vector first). The mask is required with the embeddings (`ValueError`).
-            negative_prompt_embeds, negative_prompt_attention_mask: the same for the negative prompt.
+            latents (`torch.Tensor`, *optional*): initial noise (B, C, H / `pipe.vae_scale_factor`, W / ...).
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask: precomputed
+                `(embeds, mask)` pairs as `encode_prompt` / `encode_image` return them (a mask goes with its embeds).
             image (*optional*): img2img source: path, PIL, HWC array, or tensor (B, 3, H, W) / (3, H, W) in [0, 1]
-                (as diffusers' `VaeImageProcessor`; [-1, 1] still works with a deprecation warning).
+                (as diffusers' `VaeImageProcessor`; [-1, 1] still works with a deprecation warning), or a list.
             strength (`float`, *optional*, defaults to 0.6 with `image`): img2img noise level; 0 returns the
                 (VAE-reconstructed) input, 1 ignores it. Without `image` it is a `ValueError`.
             output_type (`str`): "pil", "np", "pt" or "latent".
@@ -1277,48 +1476,29 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             cross_attention_kwargs (`dict`, *optional*): passed to the UNet's attention processors; `{"scale": s}`
                 scales loaded LoRA adapters for this call (UNet and text encoder; 0 gives the base model).
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
-                `fn(pipe, step, timestep, callback_kwargs) -> dict`; returned tensors replace the pipeline's:
-                "latents", "prompt_embeds" (with CFG the batched [negative, positive] conditioning, as in
-                `StableDiffusionPipeline`), "negative_prompt_embeds", "prompt_attention_mask" (the mask of
-                "prompt_embeds"). A `PipelineCallback`'s own `tensor_inputs` are used (e.g. `SDCFGCutoffCallback`).
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs`, any of
-                `pipe._callback_tensor_inputs`; defaults to ["latents"].
+                `fn(pipe, step, timestep, callback_kwargs) -> dict`; returned tensors replace the pipeline's: "latents",
+                "prompt_embeds" (with CFG the batched [negative, positive] conditioning, as `StableDiffusionPipeline`),
+                "negative_prompt_embeds", "prompt_attention_mask". A `PipelineCallback` brings its own `tensor_inputs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs` (any of
+                `pipe._callback_tensor_inputs`; default ["latents"]).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
 
         Examples:
             ```py
-            >>> import torch
-            >>> from diffusers import DiffusionPipeline
-
-            >>> # "." is a folder holding the model (this repository); a hub repo id works the same way
-            >>> pipe = DiffusionPipeline.from_pretrained(".", dtype=torch.float32, trust_remote_code=True)
+            >>> pipe = DiffusionPipeline.from_pretrained(".", dtype=torch.float32, trust_remote_code=True)  # or hub id
             >>> image = pipe("grinning face, 3d render", negative_prompt="low quality", seed=0).images[0]
-            >>> image.save("face.png")
-
-            >>> # img2img from the previous result, and a LoRA at half strength
-            >>> pipe.load_lora_weights("path/to/lora")  # pytorch_lora_weights.safetensors
+            >>> pipe.load_lora_weights("path/to/lora")  # img2img from it, with a LoRA at half strength:
             >>> edit = pipe("smiling face, 3d render", image=image, strength=0.6, cross_attention_kwargs={"scale": 0.5})
             ```
         """
+        # 1. Defaults, the deprecated `batch_size`, and every input check
+        batch_size = self._pop_deprecated_kwargs(kwargs)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        # 1. Defaults and input checks
-        default_w, default_h = self.config.default_width, self.config.default_height
-        if image is not None and (width is None or height is None):
-            first = image[0] if isinstance(image, list) else image
-            if isinstance(first, torch.Tensor):
-                first_w, first_h = first.shape[-1], first.shape[-2]
-            else:
-                first = load_rgb_image(first)
-                first_w, first_h = first.width, first.height
-            step = self.size_step
-            default_w = max(step, round(first_w / step) * step)
-            default_h = max(step, round(first_h / step) * step)
-        height = default_h if height is None else height
-        width = default_w if width is None else width
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        height, width = self._default_size(image, height, width)
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -1334,133 +1514,47 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             negative_prompt_attention_mask,
             callback_on_step_end_tensor_inputs,
             image,
+            num_images_per_prompt,
+            seed,
+            generator,
+            batch_size,
         )
         if image is not None and strength is None:
             strength = 0.6
-        if seed is not None and generator is not None:
-            raise ValueError("Pass either `seed` or `generator`, not both.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be an int >= 1, got {num_images_per_prompt!r}.")
         self._guidance_scale = float(guidance_scale)
         self._cross_attention_kwargs = dict(cross_attention_kwargs or {})
         self._interrupt = False
 
-        # 2. Batch: a single prompt (or batch-1 embeddings) may be repeated `batch_size` times
-        n_prompts = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
-        if batch_size is not None:
-            if not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
-            if n_prompts not in (1, batch_size):
-                raise ValueError(
-                    f"`batch_size`={batch_size} but {n_prompts} prompts were given; pass 1 or {batch_size}."
-                )
-            if n_prompts == 1 and batch_size > 1:
-                if prompt is not None:
-                    prompt = (prompt if isinstance(prompt, list) else [prompt]) * batch_size
-                else:
-                    prompt_embeds = prompt_embeds.repeat(batch_size, 1, 1)
-                    if prompt_attention_mask is not None:
-                        prompt_attention_mask = prompt_attention_mask.repeat(batch_size, 1)
-                    if negative_prompt_embeds is not None:
-                        negative_prompt_embeds = negative_prompt_embeds.repeat(batch_size, 1, 1)
-                    if negative_prompt_attention_mask is not None:
-                        negative_prompt_attention_mask = negative_prompt_attention_mask.repeat(batch_size, 1)
-                if isinstance(negative_prompt, list):
-                    negative_prompt = negative_prompt * batch_size
-                n_prompts = batch_size
-        total = n_prompts * num_images_per_prompt
+        # 2. Batch and randomness: image `i` of `total` uses seed `seed + i`
+        num_images_per_prompt, total = self._batch_shape(batch_size, prompt, prompt_embeds, num_images_per_prompt)
         if seed is not None:
-            if not isinstance(seed, int) or isinstance(seed, bool):
-                raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
             generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(total)]
         device = self._execution_device
 
-        # 3. Encode the prompt (B, 1 + L, D), pooled vector first
-        prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
+        # 3. Encode the prompt: (B, 1 + L, D), pooled vector first; with CFG [negative, positive] in one batch
+        conditioning = self._prepare_conditioning(
             prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
             negative_prompt,
+            num_images_per_prompt,
+            device,
             prompt_embeds,
             prompt_attention_mask,
             negative_prompt_embeds,
             negative_prompt_attention_mask,
-            lora_scale=self._cross_attention_kwargs.get("scale"),
         )
-        if self.do_classifier_free_guidance:
-            # one batched forward: [unconditional, conditional]; pad the shorter sequence with masked zeros
-            negative_embeds, prompt_embeds = _pad_to_same_length(negative_embeds, prompt_embeds)
-            negative_mask, prompt_mask = _pad_to_same_length(negative_mask, prompt_mask)
-            cond_embeds = torch.cat([negative_embeds, prompt_embeds])
-            cond_mask = torch.cat([negative_mask, prompt_mask])
-        else:
-            cond_embeds, cond_mask = prompt_embeds, prompt_mask
-        cond_embeds = cond_embeds.to(self.unet.dtype)
 
-        # 4. Timesteps: unshifted sigmas in, the scheduler applies the configured shift once
-        self._set_timesteps(num_inference_steps, device)
-        timesteps = self.scheduler.timesteps
-        start = 0
-        if image is not None:
-            order = getattr(self.scheduler, "order", 1)
-            start = (num_inference_steps - min(int(round(num_inference_steps * strength)), num_inference_steps)) * order
-            timesteps = timesteps[start:]
-            if hasattr(self.scheduler, "set_begin_index"):
-                self.scheduler.set_begin_index(start)
-        self._num_timesteps = len(timesteps)
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:  # stochastic samplers (LCM)
-            step_kwargs["generator"] = generator[0] if isinstance(generator, list) else generator
+        # 4. Timesteps (img2img starts part-way)
+        timesteps, start = self._prepare_timesteps(num_inference_steps, strength, device)
 
-        # 5. Initial latents (B, C, H/16, W/16): noise, or the init image noised to the first sigma
-        latents = self.prepare_latents(total, height, width, torch.float32, device, generator, latents)
-        if image is not None:
-            image_latents = self.prepare_image_latents(image, height, width, total, device).float()
-            sigma = self.scheduler.sigmas[start].to(device)
-            latents = (1.0 - sigma) * image_latents + sigma * latents  # x_s = (1 - s) x0 + s e
+        # 5. Initial latents: noise, or the init image noised to the first sigma
+        latents = self._initial_latents(total, height, width, device, generator, latents, image, start)
 
-        # 6. Denoising loop (latents kept in float32; the UNet runs in its own dtype)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                velocity = self.unet(
-                    model_input.to(self.unet.dtype),
-                    t.expand(model_input.shape[0]),
-                    encoder_hidden_states=cond_embeds,
-                    encoder_attention_mask=cond_mask,
-                    cross_attention_kwargs=dict(self._cross_attention_kwargs) or None,
-                    return_dict=False,
-                )[0].float()
-                if self.do_classifier_free_guidance:
-                    v_uncond, v_cond = velocity.chunk(2)
-                    velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
-                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
+        # 6. Denoising loop
+        callback = (callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents = self._denoise(latents, timesteps, conditioning, generator, *callback)
 
-                if callback_on_step_end is not None:
-                    local = {
-                        "latents": latents,
-                        "prompt_embeds": cond_embeds,
-                        "negative_prompt_embeds": negative_embeds,
-                        "prompt_attention_mask": cond_mask,
-                    }
-                    callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    cond_embeds, cond_mask = self._conditioning_from_callback(
-                        callback_outputs, cond_embeds, cond_mask, negative_embeds
-                    )
-                progress_bar.update()
-
-        # 7. Decode at 16x
-        if output_type == "latent":
-            images = latents
-        else:
-            pixels = self._vae_decode(latents)
-            images = self.image_processor.postprocess(pixels, output_type=output_type)
-
+        # 7. Decode (the VAE decoder upsamples `vae_scale_factor` x)
+        images = self._decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -3,7 +3,7 @@
     python scripts/prompt_fidelity.py --model . --data data/emoji                       # the eval's group, split
     python scripts/prompt_fidelity.py --guidance 3 4 6 9 --seed 1000 --train-captions 96   # pick a default CFG
 
-Uses the eval's own generation settings and feature space (`sdxs.evaluate`). With the default seed 0 it regenerates
+Uses the eval's own generation settings and feature space (`sdxs.eval`). With the default seed 0 it regenerates
 `sdxs eval`'s 200 training captions exactly (its totals are reproduced) and splits the retrieval ranks by kind: a
 person in five skin tones is the easiest to retrieve (the shape is shared, the tone picks the image), a flag the
 hardest (small coloured details on one shape). To tune the guidance scale, use another seed, so that the default is
@@ -16,14 +16,9 @@ import argparse
 
 import numpy as np
 
-from sdxs import evaluate as ev
+from sdxs import eval as ev
 
-KINDS = {
-    "all": lambda c: True,
-    "skin-tone variants": lambda c: "skin tone" in c,
-    "flags": lambda c: c.startswith("flag"),
-    "other": lambda c: "skin tone" not in c and not c.startswith("flag"),
-}
+KINDS = {"all": lambda c: True, **ev.CAPTION_KINDS}  # the report's per-kind split, plus the whole group
 
 
 def main() -> None:

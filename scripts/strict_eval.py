@@ -1,4 +1,4 @@
-"""The strict, per-kind prompt-fidelity check of `sdxs.eval_strict` on a model folder or a training checkpoint.
+"""The strict, per-kind prompt-fidelity check of `sdxs.eval.strict` on a model folder or a training checkpoint.
 
     python scripts/strict_eval.py --model . --data data/emoji                        # the shipped model
     python scripts/strict_eval.py --model runs/v2/model --unet runs/v2/unet/checkpoints/step-000400 \\
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sdxs import eval_strict as es
-from sdxs import evaluate as ev
+from sdxs import eval as ev
+from sdxs.eval import strict as es
 from sdxs.grid import make_grid
 from sdxs.model_folder import load_local_pipeline
 

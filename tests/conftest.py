@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_UNET_CONFIG = str(ROOT / "configs" / "tiny" / "unet.toml")  # absolute: tests run from any directory
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# remote-code modules (pipeline.py) are copied into a cache of their own: another checkout's test run, writing
+# its own pipeline.py into the shared ~/.cache/huggingface/modules at the same time, cannot swap the code under us
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="sdxs-test-hf-modules-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

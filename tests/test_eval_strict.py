@@ -1,4 +1,4 @@
-"""The strict pixel-space retrieval of `sdxs.eval_strict`: kinds, ranks, distances, edge energy, refine check."""
+"""The strict pixel-space retrieval of `sdxs.eval.strict`: kinds, ranks, distances, edge energy, refine check."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from sdxs import eval_strict as es
+from sdxs.eval import strict as es
 
 # (name, skin tones, Unicode group, colour, split, holdout)
 ROWS = [

@@ -1,4 +1,5 @@
-"""`sdxs eval`: metric functions on known inputs, the retrieval feature space, and a tiny end-to-end run."""
+"""`sdxs eval` (`sdxs.eval`): metric functions on known inputs, the retrieval feature space, and a tiny end-to-end
+run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdxs import cli
-from sdxs import evaluate as ev
+from sdxs import eval as ev
+from sdxs.eval.report import _interleave
+from sdxs.grid import make_grid
 
 # A dozen distinct emoji stand-ins: (caption name, colour, shape, split, holdout)
 FAKE_EMOJI = [
@@ -190,7 +193,11 @@ def test_evaluate_writes_every_section(tiny_pipe, fake_emoji, tmp_path):
 
     # Retrieval tables: every top-k a percentage, chance stated as k / 12 gallery images
     rows = re.findall(r"^\| [^|]+ \| (\d+) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% / ([\d.]+)% \|$", text, re.M)
-    assert len(rows) == 3 + 4 + 2  # prompt groups, ceiling (2 splits x VAE/bicubic), image-prompt splits
+    # prompt groups, the training captions by kind (all 'other' here), ceiling (2 splits x VAE/bicubic), image prompts
+    assert len(rows) == 3 + 1 + 4 + 2
+    assert "| training captions: other | 2 |" in text and [r.label for r in result.prompt_kinds] == [
+        "training captions: other"
+    ]
     for n, top1, top5, chance1, chance5 in rows:
         assert int(n) >= 1 and 0 <= float(top1) <= float(top5) <= 100
         assert float(chance1) == pytest.approx(100 / 12, abs=0.01) and float(chance5) == pytest.approx(
@@ -222,9 +229,9 @@ def es_kinds(result) -> set[str]:
 
 def test_grid_labels_and_interleave():
     images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
-    grid = ev.make_grid(images, ["a", "a long caption " * 5, ""], columns=2, cell=64)
+    grid = make_grid(images, ["a", "a long caption " * 5, ""], columns=2, cell=64)
     assert grid.width == 128 and grid.height > 2 * 64
-    assert ev._interleave([[1, 2, 3], [10], [20, 21]], 5) == [1, 10, 20, 2, 21]
+    assert _interleave([[1, 2, 3], [10], [20, 21]], 5) == [1, 10, 20, 2, 21]
 
 
 def test_cli_eval_help_and_user_errors(tmp_path, capfd):
@@ -248,3 +255,33 @@ def test_log_progress_writes_plain_lines_for_logs():
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue() and len(lines) == 2
     assert lines[0].startswith("eval: 4/10 img (40%) gallery")
+
+
+def test_split_by_kind_separates_skin_tones_flags_and_the_rest():
+    items = [
+        ev.EmojiItem(i, None, "train", "", "", caption)
+        for i, caption in enumerate(
+            ["waving hand, light skin tone, 3d render", "flag: France, 3d render", "red apple, 3d render", "cat"]
+        )
+    ]
+    result = ev.RetrievalResult("training captions (random 4 of 9)", np.array([0, 3, 9, 0]), 100)
+    parts = {r.label: r for r in ev.split_by_kind(result, items)}
+    assert list(parts) == [
+        "training captions: people with skin tones",
+        "training captions: flags",
+        "training captions: other",
+    ]
+    assert [parts[k].count for k in parts] == [1, 1, 2]
+    assert parts["training captions: flags"].top(1) == 0 and parts["training captions: flags"].top(5) == 100
+    assert parts["training captions: other"].top(1) == 50 and parts["training captions: other"].gallery_size == 100
+
+
+def test_former_module_names_still_import_the_same_objects():
+    """docs and scripts name `sdxs.evaluate` and `sdxs.eval_strict`: they are aliases of the `sdxs.eval` package."""
+    from sdxs import eval_strict, evaluate
+    from sdxs.eval import strict
+
+    for name in ev.__all__:
+        assert getattr(evaluate, name) is getattr(ev, name)
+    for name in ("strict_eval", "load_renders", "score_images", "markdown_table", "PixelGallery", "KINDS"):
+        assert getattr(eval_strict, name) is getattr(strict, name)

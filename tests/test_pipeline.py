@@ -58,11 +58,23 @@ def test_batch_of_two_equals_two_single_calls(pipe):
     np.testing.assert_allclose(batch[1], two[0], atol=1e-4)
 
 
-def test_num_images_per_prompt_and_batch_size(pipe):
+def test_num_images_per_prompt(pipe):
     assert run(pipe, prompt=["a", "b"], num_images_per_prompt=2, seed=0).shape[0] == 4
-    assert run(pipe, prompt="a", batch_size=3, seed=0).shape[0] == 3
-    imgs = run(pipe, prompt="a", batch_size=2, seed=5)
+    imgs = run(pipe, prompt="a", num_images_per_prompt=2, seed=5)
     assert np.abs(imgs[0] - imgs[1]).max() > 1e-3  # different seeds per image
+
+
+def test_deprecated_batch_size_warns_and_equals_num_images_per_prompt(pipe):
+    """`batch_size` duplicated `num_images_per_prompt`: it still works, with a FutureWarning naming the fix."""
+    with pytest.warns(FutureWarning, match="num_images_per_prompt"):
+        old = run(pipe, prompt="a", batch_size=3, seed=5)
+    np.testing.assert_array_equal(old, run(pipe, prompt="a", num_images_per_prompt=3, seed=5))
+    with pytest.warns(FutureWarning):  # as many prompts as `batch_size`: nothing to repeat
+        assert run(pipe, prompt=["a", "b"], batch_size=2, seed=0).shape[0] == 2
+    with pytest.raises(ValueError, match="batch_size"):  # checked before any work
+        run(pipe, prompt=["a", "b"], batch_size=3, seed=0)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['num_images'\\]"):
+        run(pipe, prompt="a", num_images=2)
 
 
 def test_guidance_one_makes_one_unet_call_per_step(pipe):

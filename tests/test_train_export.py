@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG
 
 from sdxs.train.cli import main
 from sdxs.train.common import find_checkpoint, read_weights
@@ -31,7 +32,7 @@ def unet_run(tmp_path_factory, tiny_hub_dir):
         "sample.steps=2",
         'sample.prompts=["red", "blue"]',
     ]
-    assert main(["train", "unet", "--config", "configs/tiny/unet.toml", *args]) == 0
+    assert main(["train", "unet", "--config", TINY_UNET_CONFIG, *args]) == 0
     return tmp / "run"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG
 
 from sdxs.train.common import checkpoint_dirs, find_checkpoint, read_metrics, read_weights
 
@@ -53,7 +54,7 @@ def overrides(run_dir, hub, cache, **extra):
 
 
 def train_cmd(args, resume=False):
-    cmd = [sys.executable, "-m", "sdxs.train.cli", "train", "unet", "--config", "configs/tiny/unet.toml", *args]
+    cmd = [sys.executable, "-m", "sdxs.train.cli", "train", "unet", "--config", TINY_UNET_CONFIG, *args]
     return cmd + (["--resume", "latest"] if resume else [])
 
 
@@ -151,7 +152,7 @@ def test_nan_loss_stops_without_a_checkpoint(tmp_path, tiny_hub_dir, colour_cach
             "ema.enabled": "false",
         },
     )
-    assert main(["train", "unet", "--config", "configs/tiny/unet.toml", *args]) == 3
+    assert main(["train", "unet", "--config", TINY_UNET_CONFIG, *args]) == 3
     assert checkpoint_dirs(run) == []
 
 
@@ -181,7 +182,7 @@ def test_two_cpu_ranks_stay_identical(tmp_path, tiny_hub_dir, colour_cache):
         "train",
         "unet",
         "--config",
-        "configs/tiny/unet.toml",
+        TINY_UNET_CONFIG,
         *args,
     ]
     out = subprocess.run(

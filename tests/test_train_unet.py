@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import TINY_UNET_CONFIG
 
 from sdxs.pipeline import flow_sigmas, shift_sigmas, sigma_to_timestep
 from sdxs.train.config import FlowConfig, UNetTrainConfig, load_config
@@ -97,7 +98,7 @@ def test_overfit_four_colours(tmp_path, root_model_dir):
     cache = make_colour_cache(tmp_path, hub, size=size)
     cfg = load_config(
         UNetTrainConfig,
-        "configs/tiny/unet.toml",
+        TINY_UNET_CONFIG,
         [
             f"run.output_dir={tmp_path / 'run'}",
             f"model.pretrained={hub}",

@@ -117,7 +117,7 @@ def test_decoder_only_finetune_keeps_the_latent_space(tmp_path, tiny_hub_dir):
 
 
 def test_box_resample_matches_the_eval_reference(tmp_path):
-    from sdxs.evaluate import load_image01
+    from sdxs.eval import load_image01
     from sdxs.train.vae import ImageBatches, list_images
 
     images = make_images(tmp_path / "images", n=2, size=64)

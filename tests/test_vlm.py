@@ -54,7 +54,6 @@ def test_encode_image_has_the_prompt_layout_and_drives_generation(pipe, image):
         width=48,
         height=80,
         seed=0,
-        batch_size=1,
         num_inference_steps=2,
     )[0]
     assert images[0].size == (48, 80)

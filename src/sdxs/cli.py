@@ -38,13 +38,12 @@ from sdxs.runtime import (  # noqa: F401 - names tests and older callers use as 
 )
 
 # Subcommands that other modules own: each exposes `register(subparsers)`.
-EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.evaluate")
+EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.eval.cli")
 
 # Errors a user can fix (bad flag values, missing files, unreachable hub repos): one line, exit code 2.
 USER_ERRORS = (ValueError, TypeError, OSError)
 EXIT_USER_ERROR = 2
 
-_quiet_libraries = quiet_libraries  # the name sdxs.evaluate imports (until it imports sdxs.runtime)
 
 
 # ----------------------------------------------------------------------------------------------------------------

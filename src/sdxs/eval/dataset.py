@@ -1,0 +1,72 @@
+"""The emoji dataset as the eval reads it: splits.jsonl rows (`sdxs data emoji`), images, fixed random subsets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+# splits.jsonl `holdout` values (the emoji tool writes "skin tone"; accept "skin_tone" too)
+HOLDOUT_EMOJI = "emoji"
+HOLDOUT_TONE = "skin tone"
+
+
+@dataclass
+class EmojiItem:
+    """One row of splits.jsonl; `index` is its position in the retrieval gallery (all rows, file order)."""
+
+    index: int
+    path: Path
+    split: str
+    holdout: str
+    name: str
+    caption: str  # the first caption line: "<name>, 3d render"
+
+
+def load_emoji_dataset(data_dir: str | os.PathLike) -> list[EmojiItem]:
+    """Read `data_dir/splits.jsonl` (written by `sdxs data emoji`) into items, in file order."""
+    root = Path(data_dir)
+    manifest = root / "splits.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--data {root}: no splits.jsonl there; pass a folder made by `sdxs data emoji`")
+    items = []
+    for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            path = root / row["file_name"]
+            caption = row["text"][0] if row.get("text") else row["name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest}:{line_no}: not a splits.jsonl row ({e})") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"{manifest}:{line_no}: image {path} does not exist")
+        holdout = str(row.get("holdout") or "").replace("_", " ")
+        items.append(EmojiItem(len(items), path, row.get("split", "train"), holdout, row.get("name", ""), caption))
+    if not items:
+        raise ValueError(f"{manifest} has no rows")
+    return items
+
+
+def load_image01(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """An image composited on white as float32 (H, W, 3) in [0, 1]; box-resized to `size` x `size` if given."""
+    from sdxs.pipeline import load_rgb_image
+
+    image = load_rgb_image(str(path))
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), PIL.Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def pick_subset(items: Sequence[EmojiItem], n: int | None, seed: int) -> list[EmojiItem]:
+    """A fixed random subset of size `n` (all items when `n` is None or larger), kept in dataset order."""
+    if n is None or n >= len(items):
+        return list(items)
+    chosen = random.Random(seed).sample(range(len(items)), n)
+    return [items[i] for i in sorted(chosen)]
