@@ -1,7 +1,7 @@
 """The on-disk format of a latent cache (written by `prepare`, read by `LatentShardLoader`).
 
     OUT/
-      manifest.json                 what the cache holds (see `prepare.build_manifest`); the loader's entry point
+      manifest.json                 what the cache holds (see `manifest.build_manifest`); the loader's entry point
       empty_prompt.safetensors      encode_text([""]): "embeds" (1, T, D), "mask" (1, T) — for caption dropout
       shards/{W}x{H}-{worker}-{part}.safetensors      one bucket per shard, W x H = OUTPUT resolution
 
