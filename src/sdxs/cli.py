@@ -21,7 +21,15 @@ from typing import Any
 
 import sdxs
 from sdxs import runtime
-from sdxs.cli_types import positive_int, seed_int
+from sdxs.cli_types import EXIT_USER_ERROR, OneLineParser, generation_flags, model_flags, positive_int, seed_int
+from sdxs.files import (
+    check_image_inputs,
+    check_output,
+    check_upscale_sizes,
+    next_numbered_path,
+    output_paths,
+    save_images,
+)
 from sdxs.runtime import (  # noqa: F401 - names tests and older callers use as `sdxs.cli.<name>`
     DEVICES,
     DTYPES,
@@ -42,11 +50,9 @@ EXTERNAL_COMMANDS = ("sdxs.data.cli", "sdxs.train.cli", "sdxs.eval.cli")
 
 # Errors a user can fix (bad flag values, missing files, unreachable hub repos): one line, exit code 2.
 USER_ERRORS = (ValueError, TypeError, OSError)
-EXIT_USER_ERROR = 2
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model loading, argument types and shared flags
+# Model loading
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -67,108 +73,9 @@ def load_pipeline(args: argparse.Namespace):
     )
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports errors as one line (`sdxs generate: error: ... (see --help)`) with exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _model_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        metavar="FOLDER",
-        help="model folder with model_index.json, or a hub id (default: $SDXS_MODEL, else the repo root)",
-    )
-    g.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda, then mps, else cpu")
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bf16/fp16 on GPUs, fp32 on cpu")
-    g.add_argument(
-        "--speedup",
-        action="append",
-        choices=SPEED_FEATURES,
-        metavar="FEATURE",
-        help="opt-in speed/memory feature, repeatable: %(choices)s (see docs/pipeline.md#speed)",
-    )
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    g.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
-    return p
-
-
-def _generation_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("generation")
-    g.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt: what to steer away from")
-    g.add_argument("--steps", type=positive_int, default=40, help="denoising steps (default: 40)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance; 1 disables (default: 4)")
-    g.add_argument("--width", type=positive_int, help="pixels, a multiple of the model's size step (default: model's)")
-    g.add_argument("--height", type=positive_int, help="pixels, a multiple of the model's size step")
-    g.add_argument("--seed", type=seed_int, help="image i uses seed + i (default: random, printed)")
-    g.add_argument("--num-images", type=positive_int, default=1, help="images to make (default: 1)")
-    return p
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Output helpers
+# Generation helpers (output paths: sdxs.files; shared flags: sdxs.cli_types)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def output_paths(output: str | os.PathLike, n: int) -> list[Path]:
-    """One image -> `output` itself; several -> `stem-1.png`, `stem-2.png`, ... beside it."""
-    out = Path(output)
-    if out.suffix == "":
-        out = out.with_suffix(".png")
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
-
-
-def next_numbered_path(output: str | os.PathLike, start: int = 1) -> tuple[Path, int]:
-    """The first `stem-NNN.png` beside `output` that does not exist yet (never overwrite earlier results)."""
-    out = Path(output)
-    suffix = out.suffix or ".png"
-    n = start
-    while True:
-        path = out.with_name(f"{out.stem}-{n:03d}{suffix}")
-        if not path.exists():
-            return path, n + 1
-        n += 1
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def check_output(output: str | os.PathLike, flag: str = "--output", suffixes: Sequence[str] = IMAGE_SUFFIXES) -> None:
-    """Refuse an output path that cannot be written, before any model is loaded or image made (`UserError`)."""
-    out = Path(output).expanduser()
-    if out.suffix and out.suffix.lower() not in suffixes:
-        raise UserError(
-            f"{flag} {output}: unknown file extension {out.suffix!r}; use one of {', '.join(suffixes)} "
-            "(no extension means .png)"
-        )
-    if out.is_dir():
-        raise UserError(f"{flag} {output}: is a folder; give a file name inside it, e.g. {out / 'image.png'}")
-    folder = out.parent
-    while not folder.exists():  # save_images creates missing folders: the nearest existing one must take them
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"{flag} {output}: {folder} is a file, not a folder; pick another output path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {output}: cannot write in {folder} (permission denied); pick another folder")
-
-
-def check_image_inputs(paths: Sequence[str | os.PathLike]) -> None:
-    """Every input must be an existing file (before any model load)."""
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"no such image file: {path}")
-
-
-def save_images(images: Sequence[Any], paths: Sequence[Path]) -> None:
-    for image, path in zip(images, paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
 
 
 def _generation_kwargs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -262,19 +169,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if args.tile_overlap < 0 or args.tile_overlap > args.tile_size // 2:
         raise UserError(f"--tile-overlap {args.tile_overlap}: must be in [0, --tile-size/2 = {args.tile_size // 2}]")
     max_pixels = args.max_pixels or None  # 0: no limit
-    for path in inputs:  # the size from the file header, before the model loads
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
-        if max_pixels is not None and w * h > max_pixels:
-            raise UserError(
-                f"{path} is {w}x{h} = {w * h} pixels, more than --max-pixels {max_pixels} (about "
-                f"{_upscale_minutes(w * h)} on a CPU); pass --max-pixels {w * h} (or 0 for no limit) to upscale it"
-            )
+    check_upscale_sizes(inputs, max_pixels)  # from the file headers, before the model loads
     pipe = load_pipeline(args)
     for path, out in zip(inputs, outputs, strict=True):
         start = time.perf_counter()
@@ -285,11 +180,6 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         save_images([image], [out])
         print(f"{out}  {image.width}x{image.height}  {seconds:.2f} s")
     return 0
-
-
-def _upscale_minutes(pixels: int) -> str:
-    """A rough CPU estimate from the measured 41 s per 1024x1024 input on 2 cores (docs/cli.md)."""
-    return f"{max(1, round(41 * pixels / 1024**2 / 60))} min"
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -366,60 +256,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """Summarise the model (components, parameters, defaults) and the presets; no weights are loaded."""
-    from sdxs.model_folder import describe
-    from sdxs.presets import PRESETS, describe_preset
+    from sdxs.model_folder.read import print_info, summary
 
-    info: dict[str, Any] = {"version": sdxs.__version__}
-    try:
-        folder = resolve_model(args.model)
-    except UserError as e:
-        folder = None
-        info["model"] = {"error": str(e)}
-    if folder is not None and Path(folder).is_dir():
-        info["model"] = describe(folder)
-    elif folder is not None:
-        info["model"] = {"hub_id": folder, "note": "not downloaded by `info`"}
-    for name in args.preset or []:
-        if name not in PRESETS:
-            raise UserError(f"--preset {name}: unknown preset; choose one of {', '.join(PRESETS)}")
-    info["presets"] = {name: describe_preset(name) for name in args.preset or PRESETS}
+    info = summary(args.model, args.preset)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    _print_info(info)
+    print_info(info)
     return 0
-
-
-def _print_info(info: dict[str, Any]) -> None:
-    print(f"sdxs {info['version']}")
-    model = info["model"]
-    if "error" in model:
-        print(f"model: none ({model['error']})")
-    elif "hub_id" in model:
-        print(f"model: {model['hub_id']} (hub id; {model['note']})")
-    else:
-        print(f"model: {model['folder']}")
-        for name, cls in model["components"].items():
-            n = model["parameters"].get(name)
-            print(f"  {name:<17} {cls:<36} {_format_count(n) if n else '-':>10}")
-        total = sum(model["parameters"].values())
-        print(f"  {'total':<17} {'':<36} {_format_count(total):>10}")
-        for key, value in model["settings"].items():
-            if not isinstance(value, dict):
-                print(f"  {key} = {value}")
-    print("presets (random-weight shapes, counted on the meta device):")
-    for name, p in info["presets"].items():
-        total = sum(p["parameters"].values())
-        parts = ", ".join(f"{k} {_format_count(v)}" for k, v in p["parameters"].items())
-        w, h = p["default_size"]
-        print(f"  {name:<8} {_format_count(total):>10}  {w}x{h}  {p['note']}")
-        print(f"           {parts}")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -491,6 +337,7 @@ def _add(subparsers, name: str, func: Callable[[argparse.Namespace], int], help:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `sdxs` parser: this module's subcommands, then those of EXTERNAL_COMMANDS, in `sdxs --help` order."""
     parser = OneLineParser(
         prog="sdxs",
         description="SDXS: a compact text-to-image diffusion model: run it, serve it, train it.",
@@ -499,8 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sdxs {sdxs.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    model, gen = _model_flags(), _generation_flags()
+    model, gen = model_flags(), generation_flags()
+    add_generate_parser(sub, model, gen)
+    add_upscale_parser(sub, model)
+    add_refine_parser(sub, model)
+    add_encode_image_parser(sub, model, gen)
+    add_serve_parser(sub, model)
+    add_info_parser(sub)
+    add_init_parser(sub)
 
+    for module_name in EXTERNAL_COMMANDS:
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def add_generate_parser(sub, model: argparse.ArgumentParser, gen: argparse.ArgumentParser) -> None:
+    """`sdxs generate PROMPT`: text to image."""
     p = _add(
         sub,
         "generate",
@@ -514,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="image.png", help="PNG path; several images get -1, -2, ... suffixes")
     p.add_argument("-i", "--interactive", action="store_true", help="read prompts from stdin until EOF / 'quit'")
 
+
+def add_upscale_parser(sub, model: argparse.ArgumentParser) -> None:
+    """`sdxs upscale IMAGE...`: 2x with the VAE."""
     p = _add(
         sub,
         "upscale",
@@ -534,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU; 0: no limit)",
     )
 
+
+def add_refine_parser(sub, model: argparse.ArgumentParser) -> None:
+    """`sdxs refine PROMPT...`: detailed prompts from short ones."""
     p = _add(
         sub,
         "refine",
@@ -547,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=120)
     p.add_argument("--seed", type=seed_int, help="makes sampling reproducible")
 
+
+def add_encode_image_parser(sub, model: argparse.ArgumentParser, gen: argparse.ArgumentParser) -> None:
+    """`sdxs encode-image IMAGE`: variations of an image."""
     p = _add(
         sub,
         "encode-image",
@@ -561,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-embeds", metavar="FILE", help="also save (prompt_embeds, prompt_attention_mask)")
     p.add_argument("--embeds-only", action="store_true", help="with --save-embeds: save them and generate nothing")
 
+
+def add_serve_parser(sub, model: argparse.ArgumentParser) -> None:
+    """`sdxs serve`: the HTTP API and web page."""
     p = _add(
         sub,
         "serve",
@@ -582,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit (413 above it)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
+
+def add_info_parser(sub) -> None:
+    """`sdxs info`: model and preset summary."""
     p = _add(
         sub,
         "info",
@@ -593,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", action="append", help="only these presets (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def add_init_parser(sub) -> None:
+    """`sdxs init OUT`: assemble a model folder."""
     p = _add(
         sub,
         "init",
@@ -610,10 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, help="the scheduler's noise shift (default: the base's or the preset's)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the saved weights (default: as loaded)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
-
-    for module_name in EXTERNAL_COMMANDS:
-        importlib.import_module(module_name).register(sub)
-    return parser
 
 
 def _one_line(error: BaseException) -> str:

@@ -219,3 +219,59 @@ def swap_component(pipe, name: str, folder: Path, check: bool = True) -> None:
     pipe.register_modules(**load_trained(name, folder))
     if check:
         check_fit(pipe)
+
+
+def summary(model: str | None, presets: list[str] | None = None) -> dict[str, Any]:
+    """`sdxs info`'s facts without loading weights: the version, `describe` of the model folder that
+    `resolve_model(model)` names (or its hub id, or the error saying why there is none) and `describe_preset` of
+    `presets` (default: all)."""
+    import sdxs
+    from sdxs.presets import PRESETS, describe_preset
+    from sdxs.runtime import UserError, resolve_model
+
+    info: dict[str, Any] = {"version": sdxs.__version__}
+    try:
+        folder = resolve_model(model)
+    except UserError as e:
+        folder = None
+        info["model"] = {"error": str(e)}
+    if folder is not None and Path(folder).is_dir():
+        info["model"] = describe(folder)
+    elif folder is not None:
+        info["model"] = {"hub_id": folder, "note": "not downloaded by `info`"}
+    for name in presets or []:
+        if name not in PRESETS:
+            raise UserError(f"--preset {name}: unknown preset; choose one of {', '.join(PRESETS)}")
+    info["presets"] = {name: describe_preset(name) for name in presets or PRESETS}
+    return info
+
+
+def _format_count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def print_info(info: dict[str, Any]) -> None:
+    """Print `sdxs info`'s summary (`describe` of the model folder + `describe_preset` of each preset)."""
+    print(f"sdxs {info['version']}")
+    model = info["model"]
+    if "error" in model:
+        print(f"model: none ({model['error']})")
+    elif "hub_id" in model:
+        print(f"model: {model['hub_id']} (hub id; {model['note']})")
+    else:
+        print(f"model: {model['folder']}")
+        for name, cls in model["components"].items():
+            n = model["parameters"].get(name)
+            print(f"  {name:<17} {cls:<36} {_format_count(n) if n else '-':>10}")
+        total = sum(model["parameters"].values())
+        print(f"  {'total':<17} {'':<36} {_format_count(total):>10}")
+        for key, value in model["settings"].items():
+            if not isinstance(value, dict):
+                print(f"  {key} = {value}")
+    print("presets (random-weight shapes, counted on the meta device):")
+    for name, p in info["presets"].items():
+        total = sum(p["parameters"].values())
+        parts = ", ".join(f"{k} {_format_count(v)}" for k, v in p["parameters"].items())
+        w, h = p["default_size"]
+        print(f"  {name:<8} {_format_count(total):>10}  {w}x{h}  {p['note']}")
+        print(f"           {parts}")
