@@ -5,6 +5,7 @@
         <model>_ema/           the EMA weights in the same format (when EMA is on)
         tokenizer/             (text-encoder runs)
         training_state/        optimizer.pt, lr_scheduler.pt, rank<R>.pt (RNG states + data position per rank)
+                               (lr_scheduler.pt is not read back: a resume rebuilds the schedule from state.json)
         config.json            the resolved config
         state.json             {"trainer", "step", "samples_seen", "final", ...}; written last
 

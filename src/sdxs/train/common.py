@@ -220,8 +220,10 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
     """Train `task.model` for cfg.run.max_steps optimiser steps; returns the final checkpoint folder."""
     run = cfg.run
     accelerator = accelerator or make_accelerator(run, task.find_unused_parameters)
-    loop = _setup(task, cfg, accelerator)  # optimiser, LR schedule, EMA (from the initial weights), noise generator
+    loop = _setup(task, cfg, accelerator)  # optimiser, EMA (from the initial weights), noise generator
     ckpt = _resume(loop, resume) if resume else None  # before wrapping, so all ranks agree
+    # the one LR mechanism, from the step the run starts at (see build_lr_scheduler)
+    loop.scheduler = build_lr_scheduler(loop.optimizer, cfg.optim, run.max_steps, loop.lr_anchor, loop.step)
     if loop.ema is not None:
         loop.ema.model.to(accelerator.device)
     # wrap for the device and distribution (DDP etc.); the LR schedule stays ours (see build_lr_scheduler)
@@ -261,7 +263,7 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
 
 
 def _setup(task: Task, cfg, accelerator) -> _Loop:
-    """Check the config, write RUN/config.json, build the optimiser, LR schedule, EMA and noise generator."""
+    """Check the config, write RUN/config.json, build the optimiser, EMA and noise generator."""
     run, optim = cfg.run, cfg.optim
     run_dir = Path(run.output_dir).resolve()
     if optim.grad_accum < 1:
@@ -275,18 +277,13 @@ def _setup(task: Task, cfg, accelerator) -> _Loop:
     optimizer, opt_name = build_optimizer(model.parameters(), optim, accelerator.device)
     if optim.extend not in EXTEND_MODES:
         raise ValueError(f"`optim.extend` must be one of {EXTEND_MODES}, got {optim.extend!r}.")
-    loop = _Loop(task, cfg, accelerator, run_dir, model, optimizer, opt_name, None, None)
-    # the lambda reads `loop.lr_anchor` when called, so a resume that sets it is seen (the logged lr follows it)
-    loop.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, optim, run.max_steps, loop.lr_anchor)
-    )
-    loop.ema = EMA(model, cfg.ema) if cfg.ema.enabled else None
-    loop.noise_gen = torch.Generator(accelerator.device).manual_seed(run.seed + accelerator.process_index)
-    return loop
+    ema = EMA(model, cfg.ema) if cfg.ema.enabled else None
+    noise_gen = torch.Generator(accelerator.device).manual_seed(run.seed + accelerator.process_index)
+    return _Loop(task, cfg, accelerator, run_dir, model, optimizer, opt_name, ema, noise_gen)
 
 
 def _resume(loop: _Loop, resume: str) -> Path:
-    """Load checkpoint `resume` (a path or "latest"): weights, EMA, optimiser, schedule, step and LR anchor."""
+    """Load checkpoint `resume` (a path or "latest"): weights, EMA, optimiser, step and LR anchor."""
     task, optim, run = loop.task, loop.cfg.optim, loop.cfg.run
     ckpt = find_checkpoint(loop.run_dir, resume)
     state = read_state(ckpt, task.name)
@@ -297,7 +294,6 @@ def _resume(loop: _Loop, resume: str) -> Path:
             raise ValueError(f"`ema.enabled` is true but checkpoint {str(ckpt)!r} has no EMA weights.")
         load_model(task.inner(loop.ema.model), ckpt / f"{task.name}_ema")
     loop.optimizer.load_state_dict(torch.load(ckpt / "training_state" / "optimizer.pt", weights_only=False))
-    loop.scheduler.load_state_dict(torch.load(ckpt / "training_state" / "lr_scheduler.pt", weights_only=False))
     step = loop.step = int(state["step"])
     loop.samples_seen = int(state["samples_seen"])
     old_anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
@@ -347,8 +343,6 @@ def _log_plan(loop: _Loop) -> None:
 def _train_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """One optimiser step of grad_accum micro-batches; returns (mean loss over ranks, grad norm, the loss's info)."""
     task, optim, accelerator, model = loop.task, loop.cfg.optim, loop.accelerator, loop.model
-    for group in loop.optimizer.param_groups:
-        group["lr"] = optim.lr * lr_factor(loop.step, optim, loop.cfg.run.max_steps, loop.lr_anchor)
     loss_sum, info = torch.zeros((), device=accelerator.device), {}
     for micro in range(optim.grad_accum):
         batch = next(task.data)

@@ -71,9 +71,18 @@ def resume_lr_anchor(
     return (step, lr_factor(step, cfg, old_max_steps, anchor))
 
 
-def build_lr_scheduler(optimizer, cfg: OptimConfig, max_steps: int, anchor=None):
-    # Not passed through accelerator.prepare: accelerate would step it once per process, distorting the warmup.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps, anchor))
+def build_lr_scheduler(optimizer, cfg: OptimConfig, max_steps: int, anchor=None, step: int = 0):
+    """The run's one LR mechanism: a LambdaLR that sets every group's lr to cfg.lr * lr_factor(s) at step s.
+
+    Built once the run's first step is known: 0, or the resumed step with its `anchor` (see resume_lr_anchor), so its
+    first lr is already that step's; `scheduler.step()` after each optimiser step moves on to the next. The schedule
+    is a function of (step, config, max_steps, anchor) alone, so a resume rebuilds it rather than loading it.
+    Not passed through accelerator.prepare: accelerate would step it once per process, distorting the warmup."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr  # the lr the factor scales (a resumed optimizer carries the previous start's)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg, max_steps, anchor), last_epoch=step - 1
+    )
 
 
 class EMA:
