@@ -285,7 +285,7 @@ def test_a_kill_during_a_checkpoint_delete_never_leaves_a_partial_checkpoint(tmp
     import shutil
     from types import SimpleNamespace
 
-    import sdxs.train.common as common
+    import sdxs.train.checkpoint as checkpoint
 
     real_rmtree = shutil.rmtree
 
@@ -303,18 +303,18 @@ def test_a_kill_during_a_checkpoint_delete_never_leaves_a_partial_checkpoint(tmp
         real_rmtree(folder)
         _fake_checkpoint(folder, 6, final=True)
 
-    monkeypatch.setattr(common.shutil, "rmtree", dying_rmtree)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dying_rmtree)
     with pytest.raises(Killed):  # the final save of step 6 replaces the periodic step 6
-        common.save_checkpoint(accelerator, tmp_path, 6, write_main, {}, final=True, keep_last=5)
+        checkpoint.save_checkpoint(accelerator, tmp_path, 6, write_main, {}, final=True, keep_last=5)
     for d in checkpoint_dirs(tmp_path):
         assert (d / "unet").is_dir(), f"{d.name} is listed as a checkpoint but has no weights"
     assert find_checkpoint(tmp_path).name == "step-0000006"
 
     with pytest.raises(Killed):  # pruning to the newest periodic checkpoint deletes step 3
-        common.prune_checkpoints(tmp_path, keep_last=0)
+        checkpoint.prune_checkpoints(tmp_path, keep_last=0)
     for d in checkpoint_dirs(tmp_path):
         assert (d / "unet").is_dir(), f"{d.name} is listed as a checkpoint but has no weights"
 
-    monkeypatch.setattr(common.shutil, "rmtree", real_rmtree)
-    common.prune_checkpoints(tmp_path, keep_last=0)  # the next save's prune removes what the kills left
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.prune_checkpoints(tmp_path, keep_last=0)  # the next save's prune removes what the kills left
     assert sorted(p.name for p in root.iterdir()) == ["step-0000006"]

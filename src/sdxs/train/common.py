@@ -1,9 +1,8 @@
-"""What every trainer shares: the training loop (`fit`), checkpoints and resume, RNG, optimiser and LR schedule, EMA,
-metrics (JSONL + loss-curve PNG) and sample grids.
+"""What every trainer shares: the training loop (`fit`), optimiser and LR schedule, EMA, partial loading.
 
-A trainer (unet.py, vae.py, text_encoder.py) builds its model, data and loss, wraps them in a `Task` and calls `fit`.
-`fit` reads top to bottom: prepare -> resume -> for each optimiser step: micro-batches, finite check, clip, step,
-EMA, log, sample, checkpoint -> final checkpoint -> export.
+A trainer (unet.py, vae.py, text_encoder.py, lora.py) builds its model, data and loss, wraps them in a `Task` and calls
+`fit`. `fit` reads top to bottom: setup -> resume -> for each optimiser step: `_train_step` (micro-batches, finite
+check, clip, step, EMA), `_log`, `_write_samples`, `_write_checkpoint` -> final checkpoint -> export.
 
 Run folder:
 
@@ -11,29 +10,18 @@ Run folder:
     RUN/metrics.jsonl          one line per logged step {step, loss, lr, grad_norm, it_s, samples_s, ...}
     RUN/loss.png               loss curve, redrawn at every log and checkpoint
     RUN/samples/step-NNNNNNN.png
-    RUN/checkpoints/step-NNNNNNN/
-        <model>/               diffusers / transformers save_pretrained (safetensors): unet/, vae/, text_encoder/
-        <model>_ema/           the EMA weights in the same format (when EMA is on)
-        tokenizer/             (text-encoder runs)
-        training_state/        optimizer.pt, lr_scheduler.pt, rank<R>.pt (RNG states + data position per rank)
-        config.json            the resolved config
-        state.json             {"trainer", "step", "samples_seen", "final", ...}; written last
+    RUN/checkpoints/step-NNNNNNN/   see checkpoint.py (atomic writes, pruning, RNG / data state)
     RUN/export/                hub layout written at the end (sdxs export)
 
-A checkpoint is written into `checkpoints/.tmp-step-N` and renamed to `step-N` only when complete, so a folder named
-`step-N` is always whole; temp folders are ignored by `--resume latest` and removed by the next save.
+Checkpoint and metrics helpers live in checkpoint.py and metrics.py; their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,12 +32,30 @@ import numpy as np
 import torch
 
 from sdxs.files import write_json
-from sdxs.model_folder.read import CHECKPOINT_PREFIX, checkpoint_dirs, find_checkpoint
-from sdxs.train.config import EMAConfig, OptimConfig, RunConfig, to_dict
+from sdxs.train.checkpoint import (  # noqa: F401  (re-exported: tests and scripts import them from here)
+    CHECKPOINT_PREFIX,
+    TMP_PREFIX,
+    checkpoint_dirs,
+    find_checkpoint,
+    load_rank_state,
+    prune_checkpoints,
+    read_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from sdxs.train.config import RunConfig, to_dict
+from sdxs.train.metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics  # noqa: F401
+from sdxs.train.optim import (  # noqa: F401  (re-exported)
+    EMA,
+    EXTEND_MODES,
+    build_lr_scheduler,
+    build_optimizer,
+    lr_factor,
+    resume_lr_anchor,
+)
 
 logger = logging.getLogger("sdxs.train")
-
-TMP_PREFIX = ".tmp-"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -116,113 +122,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Optimiser, LR schedule, EMA, partial loading
+# Partial loading (optimiser, LR schedule and EMA: optim.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW8bit (bitsandbytes) on CUDA when it loads, else torch AdamW; returns (optimizer, what was chosen and why)."""
-    if cfg.optimizer not in ("auto", "adamw", "adamw8bit"):
-        raise ValueError(f"`optim.optimizer` must be 'auto', 'adamw' or 'adamw8bit', got {cfg.optimizer!r}.")
-    params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
-    reason = "requested"
-    if cfg.optimizer in ("auto", "adamw8bit"):
-        if device.type != "cuda":
-            reason = f"bitsandbytes 8-bit optimisers need CUDA, device is {device.type}"
-        else:
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(params, **kwargs), "AdamW8bit (bitsandbytes)"
-            except Exception as e:  # not installed, or its CUDA library fails to load
-                reason = f"bitsandbytes failed to load: {type(e).__name__}: {e}"
-    return torch.optim.AdamW(params, **kwargs), f"torch AdamW ({reason})"
-
-
-EXTEND_MODES = ("replan", "continue")
-
-
-def lr_factor(step: int, cfg: OptimConfig, max_steps: int, anchor: tuple[int, float] | None = None) -> float:
-    """Multiplier of cfg.lr at optimiser step `step` (0-based): linear warmup, then constant or cosine.
-
-    `anchor` = (step s0, factor f0): from s0 on, a cosine from f0 down to `min_lr_ratio` at `max_steps` (a cosine
-    run extended with `optim.extend = "continue"`, see `resume_lr_anchor`)."""
-    if anchor is not None and cfg.schedule == "cosine" and step >= anchor[0]:
-        s0, f0 = anchor
-        progress = min((step - s0) / max(max_steps - s0, 1), 1.0)
-        return cfg.min_lr_ratio + (f0 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    if cfg.schedule == "cosine":
-        span = max(max_steps - cfg.warmup_steps, 1)
-        progress = min((step - cfg.warmup_steps) / span, 1.0)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"`optim.schedule` must be 'constant' or 'cosine', got {cfg.schedule!r}.")
-
-
-def resume_lr_anchor(
-    step: int, cfg: OptimConfig, old_max_steps: int, new_max_steps: int, anchor: tuple[int, float] | None
-) -> tuple[int, float] | None:
-    """The schedule anchor after resuming at `step` a run planned for `old_max_steps` with `new_max_steps`.
-
-    Same length, or a constant schedule: the checkpoint's anchor unchanged. Otherwise `cfg.extend` decides:
-    "replan" -> None (the schedule of a run planned that long from the start), "continue" -> (step, the factor the
-    old plan had at `step`), so the LR carries on from where it was down to the floor at the new end."""
-    if cfg.extend not in EXTEND_MODES:
-        raise ValueError(f"`optim.extend` must be one of {EXTEND_MODES}, got {cfg.extend!r}.")
-    if old_max_steps == new_max_steps or cfg.schedule != "cosine":
-        return anchor
-    if cfg.extend == "replan":
-        return None
-    return (step, lr_factor(step, cfg, old_max_steps, anchor))
-
-
-def build_lr_scheduler(optimizer, cfg: OptimConfig, max_steps: int, anchor=None):
-    # Not passed through accelerator.prepare: accelerate would step it once per process, distorting the warmup.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps, anchor))
-
-
-class EMA:
-    """Exponential moving average of a model's parameters, kept as a full model so it saves like the model."""
-
-    def __init__(self, model: torch.nn.Module, cfg: EMAConfig):
-        self.decay = cfg.decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, step: int) -> float:
-        """diffusers' EMAModel warm-up: min(decay, (1 + step) / (10 + step)), so early weights fade out fast."""
-        return min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def step(self, model: torch.nn.Module, step: int) -> None:
-        """One EMA update after optimiser step `step` (0-based, restored on resume, so resuming is exact).
-
-        Only trained parameters move: a frozen one (a LoRA run's base UNet) equals its copy at every step."""
-        pairs = [(e, p) for e, p in zip(self.model.parameters(), model.parameters(), strict=True) if p.requires_grad]
-        ema = [e for e, _ in pairs]
-        raw = [p.detach().to(e.dtype) for e, p in pairs]
-        torch._foreach_lerp_(ema, raw, 1.0 - self.decay_at(step))  # ema += (1 - decay) * (raw - ema)
-        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -283,355 +185,277 @@ def load_exact(model: torch.nn.Module, folder: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    accelerator,
-    run_dir: Path,
-    step: int,
-    write_main: Callable[[Path], None],
-    rank_state: dict,
-    final: bool,
-    keep_last: int,
-) -> Path:
-    """Write checkpoint `step` atomically: every rank saves its RNG/data state, the main process the rest, then rename."""
-    root = run_dir / "checkpoints"
-    name = f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp, dst = root / f"{TMP_PREFIX}{name}", root / name
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "training_state").mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rank_state, tmp / "training_state" / f"rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_main(tmp)  # models, optimizer, schedule, config, and state.json last
-        old = root / f"{TMP_PREFIX}old-{name}"
-        if dst.exists():  # the same step saved again (e.g. final == last periodic): replace it
-            # renamed aside first: a kill during the delete must not leave a `step-N` that has state.json but
-            # lacks some weights (it would be resumed from)
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-        prune_checkpoints(run_dir, keep_last)
-    accelerator.wait_for_everyone()
-    return dst
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` checkpoints plus every final one; remove stale temp folders."""
-    dirs = checkpoint_dirs(run_dir)
-    periodic = [d for d in dirs if not json.loads((d / "state.json").read_text()).get("final")]
-    for d in periodic[: max(len(periodic) - keep_last, 0)]:
-        # renamed first, so a kill during the delete leaves a temp folder (never listed), not a checkpoint folder
-        # that still has state.json but lacks some weights
-        gone = d.with_name(f"{TMP_PREFIX}old-{d.name}")
-        if gone.exists():
-            shutil.rmtree(gone)
-        os.replace(d, gone)
-        shutil.rmtree(gone, ignore_errors=True)
-    # temp folders of saves and deletes that a kill interrupted (every rank is past its save when this runs)
-    for d in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics and images
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per logged step; on resume, lines after the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        lines = path.read_text().splitlines() if path.exists() and resume_step > 0 else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    """Loss (and a smoothed curve) against step, log-scale y, written with matplotlib's Agg backend."""
-    records = [r for r in read_metrics(metrics_path) if "loss" in r]
-    if not records:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([r["step"] for r in records])
-    loss = np.array([r["loss"] for r in records])
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
-    if len(loss) >= 5:
-        k = max(len(loss) // 20, 2)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
-    if (loss > 0).all():
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png_path.with_name(png_path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Loop:
+    """What `fit`'s helpers share: the run's objects and the position in it (step, samples seen, LR anchor)."""
+
+    task: Task
+    cfg: Any
+    accelerator: Any
+    run_dir: Path
+    model: torch.nn.Module  # wrapped by accelerator.prepare once resumed
+    optimizer: Any
+    opt_name: str
+    ema: EMA | None
+    noise_gen: torch.Generator
+    scheduler: Any = None
+    step: int = 0
+    samples_seen: int = 0
+    lr_anchor: tuple[int, float] | None = None  # see lr_factor / resume_lr_anchor
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def per_step(self) -> int:  # samples per optimiser step, all ranks together
+        return self.task.batch_size * self.cfg.optim.grad_accum * self.accelerator.num_processes
+
+
 def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
     """Train `task.model` for cfg.run.max_steps optimiser steps; returns the final checkpoint folder."""
-    run, optim = cfg.run, cfg.optim
+    run = cfg.run
     accelerator = accelerator or make_accelerator(run, task.find_unused_parameters)
+    loop = _setup(task, cfg, accelerator)  # optimiser, EMA (from the initial weights), noise generator
+    ckpt = _resume(loop, resume) if resume else None  # before wrapping, so all ranks agree
+    # the one LR mechanism, from the step the run starts at (see build_lr_scheduler)
+    loop.scheduler = build_lr_scheduler(loop.optimizer, cfg.optim, run.max_steps, loop.lr_anchor, loop.step)
+    if loop.ema is not None:
+        loop.ema.model.to(accelerator.device)
+    # wrap for the device and distribution (DDP etc.); the LR schedule stays ours (see build_lr_scheduler)
+    loop.model, loop.optimizer = accelerator.prepare(loop.model, loop.optimizer)
+    if ckpt is not None:
+        _resume_rank(loop, ckpt)
+    _log_plan(loop)
+    metrics = MetricsLog(loop.run_dir / "metrics.jsonl", loop.step, enabled=loop.main)
+    bar = progress_bar(loop.main and run.progress_bar, loop.step, run.max_steps)
+
+    # one iteration = one optimiser step of grad_accum micro-batches
+    loop.model.train()
+    t_last, steps_since = time.perf_counter(), 0
+    while loop.step < run.max_steps:
+        mean_loss, grad_norm, info = _train_step(loop)
+        steps_since += 1
+        if loop.step % run.log_every == 0 or loop.step == run.max_steps:
+            _log(loop, metrics, bar, mean_loss, grad_norm, info, steps_since, t_last)
+            t_last, steps_since = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if run.sample_every and loop.step % run.sample_every == 0 and loop.step < run.max_steps:
+            _write_samples(loop)
+        if run.checkpoint_every and loop.step % run.checkpoint_every == 0 and loop.step < run.max_steps:
+            _write_checkpoint(loop, final=False)
+
+    # the end: statistics the model config records (VAE scaling factor), final checkpoint, samples, export
+    if bar is not None:
+        bar.close()
+    _before_final_save(loop, metrics)
+    final = _write_checkpoint(loop, final=True)
+    _write_samples(loop)
+    if loop.main and run.export_at_end and task.export_fn is not None:
+        task.export_fn(loop.run_dir)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _setup(task: Task, cfg, accelerator) -> _Loop:
+    """Check the config, write RUN/config.json, build the optimiser, EMA and noise generator."""
+    run, optim = cfg.run, cfg.optim
     run_dir = Path(run.output_dir).resolve()
-    main = accelerator.is_main_process
     if optim.grad_accum < 1:
         raise ValueError(f"`optim.grad_accum` must be >= 1, got {optim.grad_accum}.")
-    if main:
+    if accelerator.is_main_process:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", to_dict(cfg))
-
-    # 1. Optimiser, LR schedule, EMA (the EMA starts from the initial weights, before any wrapping)
     model = task.model
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer, opt_name = build_optimizer(model.parameters(), optim, accelerator.device)
     if optim.extend not in EXTEND_MODES:
         raise ValueError(f"`optim.extend` must be one of {EXTEND_MODES}, got {optim.extend!r}.")
-    lr_anchor: tuple[int, float] | None = None  # see lr_factor / resume_lr_anchor
-    # the lambda reads `lr_anchor` when called, so a resume that sets it is seen (the logged lr follows it)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, run.max_steps, lr_anchor))
     ema = EMA(model, cfg.ema) if cfg.ema.enabled else None
-
-    # 2. Resume: weights, optimiser, schedule, EMA, data position, step, RNG — before wrapping, so all ranks agree
-    step, samples_seen = 0, 0
     noise_gen = torch.Generator(accelerator.device).manual_seed(run.seed + accelerator.process_index)
-    ckpt = None
-    if resume:
-        ckpt = find_checkpoint(run_dir, resume)
-        state = json.loads((ckpt / "state.json").read_text())
-        if state.get("trainer") != task.name:
-            raise ValueError(
-                f"checkpoint {str(ckpt)!r} was written by the {state.get('trainer')} trainer, not {task.name}."
-            )
-        load_model = task.load_model or load_exact
-        load_model(task.inner(model), ckpt / task.name)
-        if ema is not None:
-            if not (ckpt / f"{task.name}_ema").is_dir():
-                raise ValueError(f"`ema.enabled` is true but checkpoint {str(ckpt)!r} has no EMA weights.")
-            load_model(task.inner(ema.model), ckpt / f"{task.name}_ema")
-        optimizer.load_state_dict(torch.load(ckpt / "training_state" / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(ckpt / "training_state" / "lr_scheduler.pt", weights_only=False))
-        step, samples_seen = int(state["step"]), int(state["samples_seen"])
-        old_anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
-        old_max = state.get("max_steps") or json.loads((ckpt / "config.json").read_text())["run"]["max_steps"]
-        lr_anchor = resume_lr_anchor(step, optim, int(old_max), run.max_steps, old_anchor)
-        if int(old_max) != run.max_steps and optim.schedule == "cosine" and main:
-            before = lr_factor(step, optim, int(old_max), old_anchor) * optim.lr
-            after = lr_factor(step, optim, run.max_steps, lr_anchor) * optim.lr
-            logger.info(
-                "run.max_steps %d -> %d with optim.extend=%r: lr at step %d %.3g -> %.3g (%s)",
-                int(old_max),
-                run.max_steps,
-                optim.extend,
-                step,
-                before,
-                after,
-                "as if planned this long from the start"
-                if optim.extend == "replan"
-                else "carried on from where it was, down to the floor at the new end",
-            )
-    if ema is not None:
-        ema.model.to(accelerator.device)
+    return _Loop(task, cfg, accelerator, run_dir, model, optimizer, opt_name, ema, noise_gen)
 
-    # 3. Wrap for the device and distribution (DDP etc.); the LR schedule stays ours (see build_lr_scheduler)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None:
-        rank_file = ckpt / "training_state" / f"rank{accelerator.process_index}.pt"
-        if not rank_file.is_file():
-            raise ValueError(
-                f"{str(ckpt)!r} has no state for rank {accelerator.process_index}: resume with as many processes."
-            )
-        rank_state = torch.load(rank_file, weights_only=False)
-        task.data.load_state_dict(rank_state["data"])
-        set_rng_state(rank_state["rng"])
-        noise_gen.set_state(rank_state["noise_gen"].to(noise_gen.get_state().device))
-        logger.info("resumed from %s at step %d", ckpt, step)
 
-    world = accelerator.num_processes
-    per_step = task.batch_size * optim.grad_accum * world
-    if main:
-        logger.info("optimizer: %s", opt_name)
+def _resume(loop: _Loop, resume: str) -> Path:
+    """Load checkpoint `resume` (a path or "latest"): weights, EMA, optimiser, step and LR anchor."""
+    task, optim, run = loop.task, loop.cfg.optim, loop.cfg.run
+    ckpt = find_checkpoint(loop.run_dir, resume)
+    state = read_state(ckpt, task.name)
+    load_model = task.load_model or load_exact
+    load_model(task.inner(loop.model), ckpt / task.name)
+    if loop.ema is not None:
+        if not (ckpt / f"{task.name}_ema").is_dir():
+            raise ValueError(f"`ema.enabled` is true but checkpoint {str(ckpt)!r} has no EMA weights.")
+        load_model(task.inner(loop.ema.model), ckpt / f"{task.name}_ema")
+    loop.optimizer.load_state_dict(torch.load(ckpt / "training_state" / "optimizer.pt", weights_only=False))
+    step = loop.step = int(state["step"])
+    loop.samples_seen = int(state["samples_seen"])
+    old_anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
+    old_max = int(state.get("max_steps") or json.loads((ckpt / "config.json").read_text())["run"]["max_steps"])
+    loop.lr_anchor = resume_lr_anchor(step, optim, old_max, run.max_steps, old_anchor)
+    if old_max != run.max_steps and optim.schedule == "cosine" and loop.main:
         logger.info(
-            "effective batch %d = %d per rank x %d accumulation x %d processes; %d steps, mixed precision %s",
-            per_step,
-            task.batch_size,
-            optim.grad_accum,
-            world,
+            "run.max_steps %d -> %d with optim.extend=%r: lr at step %d %.3g -> %.3g (%s)",
+            old_max,
             run.max_steps,
-            run.mixed_precision,
+            optim.extend,
+            step,
+            lr_factor(step, optim, old_max, old_anchor) * optim.lr,
+            lr_factor(step, optim, run.max_steps, loop.lr_anchor) * optim.lr,
+            "as if planned this long from the start"
+            if optim.extend == "replan"
+            else "carried on from where it was, down to the floor at the new end",
         )
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step, enabled=main)
-    bar = _progress_bar(main and run.progress_bar, step, run.max_steps)
+    return ckpt
 
-    def write_checkpoint(final: bool) -> Path:
-        raw = accelerator.unwrap_model(model)
 
-        def write_main(folder: Path) -> None:
-            task.save_model(task.inner(raw), folder / task.name)
-            if ema is not None:
-                task.save_model(task.inner(ema.model), folder / f"{task.name}_ema")
-            torch.save(optimizer.state_dict(), folder / "training_state" / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "training_state" / "lr_scheduler.pt")
-            write_json(folder / "config.json", to_dict(cfg))
-            write_json(
-                folder / "state.json",
-                {
-                    "trainer": task.name,
-                    "step": step,
-                    "samples_seen": samples_seen,
-                    "final": final,
-                    "world_size": world,
-                    "optimizer": opt_name,
-                    "ema": ema is not None,
-                    "max_steps": run.max_steps,  # the plan the LR schedule was following
-                    "lr_anchor": list(lr_anchor) if lr_anchor is not None else None,
-                    "time": time.time(),
-                },
-            )
+def _resume_rank(loop: _Loop, ckpt: Path) -> None:
+    """This rank's data position, RNG states and noise generator (after wrapping)."""
+    rank_state = load_rank_state(ckpt, loop.accelerator.process_index)
+    loop.task.data.load_state_dict(rank_state["data"])
+    set_rng_state(rank_state["rng"])
+    loop.noise_gen.set_state(rank_state["noise_gen"].to(loop.noise_gen.get_state().device))
+    logger.info("resumed from %s at step %d", ckpt, loop.step)
 
-        # per-tensor sums of this rank's weights: equal on all ranks iff gradients were synchronised (a cheap check)
-        with torch.no_grad():
-            sums = torch.stack([p.detach().double().sum() for p in raw.parameters()]).cpu()
-        rank_state = {
-            "rng": rng_state(),
-            "noise_gen": noise_gen.get_state(),
-            "data": task.data.state_dict(),
-            "param_sums": sums,
-        }
-        path = save_checkpoint(accelerator, run_dir, step, write_main, rank_state, final, run.keep_last)
-        if main:
-            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        return path
 
-    def write_samples() -> None:
-        if main and task.sample_fn is not None:
-            weights = ema.model if ema is not None and cfg.ema.use_for_export else accelerator.unwrap_model(model)
-            with torch.random.fork_rng(devices=[]):  # sampling never moves the training RNG
-                task.sample_fn(weights, run_dir / "samples" / f"step-{step:07d}.png")
-        accelerator.wait_for_everyone()
+def _log_plan(loop: _Loop) -> None:
+    if not loop.main:
+        return
+    run, optim = loop.cfg.run, loop.cfg.optim
+    logger.info("optimizer: %s", loop.opt_name)
+    logger.info(
+        "effective batch %d = %d per rank x %d accumulation x %d processes; %d steps, mixed precision %s",
+        loop.per_step,
+        loop.task.batch_size,
+        optim.grad_accum,
+        loop.accelerator.num_processes,
+        run.max_steps,
+        run.mixed_precision,
+    )
 
-    # 4. The loop: one iteration = one optimiser step of grad_accum micro-batches
-    model.train()
-    t_last, steps_since = time.perf_counter(), 0
-    while step < run.max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = optim.lr * lr_factor(step, optim, run.max_steps, lr_anchor)
-        loss_sum, info = torch.zeros((), device=accelerator.device), {}
-        for micro in range(optim.grad_accum):
-            batch = next(task.data)
-            # gradients are all-reduced only on the last micro-batch (DDP no_sync before it)
-            sync = micro == optim.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                loss, info = task.loss_fn(model, batch, noise_gen)
-                accelerator.backward(loss / optim.grad_accum)
-            loss_sum += loss.detach() / optim.grad_accum
-        mean_loss = accelerator.reduce(loss_sum, reduction="mean")  # every rank sees the same value
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLossError(
-                f"loss is {mean_loss.item()} at step {step + 1}: training stopped, no checkpoint written after step "
-                f"{step}. Lower `optim.lr`, raise `optim.warmup_steps`, try run.mixed_precision=bf16 instead of fp16, "
-                "or check the data; resume from the last checkpoint with --resume latest."
-            )
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(model), step)
-        step += 1
-        samples_seen += per_step
-        steps_since += 1
 
-        if step % run.log_every == 0 or step == run.max_steps:
-            dt = max(time.perf_counter() - t_last, 1e-9)
-            record = {
-                "step": step,
-                "loss": mean_loss.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "it_s": steps_since / dt,
-                "samples_s": steps_since * per_step / dt,
-                "samples_seen": samples_seen,
-                **info,
-            }
-            metrics.write(record)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    it_s=f"{record['it_s']:.2f}",
-                    samples_s=f"{record['samples_s']:.1f}",
-                )
-            t_last, steps_since = time.perf_counter(), 0
-        if bar is not None:
-            bar.update(1)
-        if run.sample_every and step % run.sample_every == 0 and step < run.max_steps:
-            write_samples()
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
-            write_checkpoint(final=False)
+def _train_step(loop: _Loop) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """One optimiser step of grad_accum micro-batches; returns (mean loss over ranks, grad norm, the loss's info)."""
+    task, optim, accelerator, model = loop.task, loop.cfg.optim, loop.accelerator, loop.model
+    loss_sum, info = torch.zeros((), device=accelerator.device), {}
+    for micro in range(optim.grad_accum):
+        batch = next(task.data)
+        # gradients are all-reduced only on the last micro-batch (DDP no_sync before it)
+        sync = micro == optim.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            loss, info = task.loss_fn(model, batch, loop.noise_gen)
+            accelerator.backward(loss / optim.grad_accum)
+        loss_sum += loss.detach() / optim.grad_accum
+    mean_loss = accelerator.reduce(loss_sum, reduction="mean")  # every rank sees the same value
+    if not torch.isfinite(mean_loss):
+        raise NonFiniteLossError(
+            f"loss is {mean_loss.item()} at step {loop.step + 1}: training stopped, no checkpoint written after step "
+            f"{loop.step}. Lower `optim.lr`, raise `optim.warmup_steps`, try run.mixed_precision=bf16 instead of "
+            "fp16, or check the data; resume from the last checkpoint with --resume latest."
+        )
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip > 0 else None
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    if loop.ema is not None:
+        loop.ema.step(accelerator.unwrap_model(model), loop.step)
+    loop.step += 1
+    loop.samples_seen += loop.per_step
+    return mean_loss, grad_norm, info
 
-    # 5. The end: statistics the model config records (VAE scaling factor), final checkpoint, samples, export
+
+def _log(loop: _Loop, metrics: MetricsLog, bar, mean_loss, grad_norm, info: dict, steps: int, t_last: float) -> None:
+    """One metrics.jsonl line (and the progress bar's numbers) for the `steps` steps since `t_last`."""
+    dt = max(time.perf_counter() - t_last, 1e-9)
+    record = {
+        "step": loop.step,
+        "loss": mean_loss.item(),
+        "lr": loop.optimizer.param_groups[0]["lr"],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "it_s": steps / dt,
+        "samples_s": steps * loop.per_step / dt,
+        "samples_seen": loop.samples_seen,
+        **info,
+    }
+    metrics.write(record)
     if bar is not None:
-        bar.close()
-    if task.before_final_save is not None:
-        stats = task.before_final_save(accelerator.unwrap_model(model))
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            it_s=f"{record['it_s']:.2f}",
+            samples_s=f"{record['samples_s']:.1f}",
+        )
+
+
+def _write_samples(loop: _Loop) -> None:
+    """The main process writes RUN/samples/step-N.png (EMA weights when they are the ones exported)."""
+    task, ema = loop.task, loop.ema
+    if loop.main and task.sample_fn is not None:
+        use_ema = ema is not None and loop.cfg.ema.use_for_export
+        weights = ema.model if use_ema else loop.accelerator.unwrap_model(loop.model)
+        with torch.random.fork_rng(devices=[]):  # sampling never moves the training RNG
+            task.sample_fn(weights, loop.run_dir / "samples" / f"step-{loop.step:07d}.png")
+    loop.accelerator.wait_for_everyone()
+
+
+def _before_final_save(loop: _Loop, metrics: MetricsLog) -> None:
+    """The task's last word on the weights (e.g. VAE latent statistics), recorded in metrics.jsonl."""
+    task = loop.task
+    if task.before_final_save is None:
+        return
+    stats = task.before_final_save(loop.accelerator.unwrap_model(loop.model))
+    if loop.ema is not None:
+        task.before_final_save(loop.ema.model)
+    if loop.main and stats:
+        metrics.write({"step": loop.step, **stats})
+
+
+def _write_checkpoint(loop: _Loop, final: bool) -> Path:
+    """Checkpoint the current step (see checkpoint.py for the layout) and redraw the loss curve."""
+    task, cfg, ema, optimizer = loop.task, loop.cfg, loop.ema, loop.optimizer
+    raw = loop.accelerator.unwrap_model(loop.model)
+    step, anchor = loop.step, loop.lr_anchor
+
+    def write_main(folder: Path) -> None:
+        task.save_model(task.inner(raw), folder / task.name)
         if ema is not None:
-            task.before_final_save(ema.model)
-        if main and stats:
-            metrics.write({"step": step, **stats})
-    final = write_checkpoint(final=True)
-    write_samples()
-    if main and run.export_at_end and task.export_fn is not None:
-        task.export_fn(run_dir)
-    accelerator.wait_for_everyone()
-    return final
+            task.save_model(task.inner(ema.model), folder / f"{task.name}_ema")
+        torch.save(optimizer.state_dict(), folder / "training_state" / "optimizer.pt")
+        torch.save(loop.scheduler.state_dict(), folder / "training_state" / "lr_scheduler.pt")
+        write_json(folder / "config.json", to_dict(cfg))
+        state = {
+            "trainer": task.name,
+            "step": step,
+            "samples_seen": loop.samples_seen,
+            "final": final,
+            "world_size": loop.accelerator.num_processes,
+            "optimizer": loop.opt_name,
+            "ema": ema is not None,
+            "max_steps": cfg.run.max_steps,  # the plan the LR schedule was following
+            "lr_anchor": list(anchor) if anchor is not None else None,
+            "time": time.time(),
+        }
+        write_json(folder / "state.json", state)
+
+    # per-tensor sums of this rank's weights: equal on all ranks iff gradients were synchronised (a cheap check)
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in raw.parameters()]).cpu()
+    rank_state = {
+        "rng": rng_state(),
+        "noise_gen": loop.noise_gen.get_state(),
+        "data": loop.task.data.state_dict(),
+        "param_sums": sums,
+    }
+    path = save_checkpoint(loop.accelerator, loop.run_dir, step, write_main, rank_state, final, cfg.run.keep_last)
+    if loop.main:
+        plot_loss_curve(loop.run_dir / "metrics.jsonl", loop.run_dir / "loss.png")
+    return path
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -641,14 +465,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable()
     else:
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
-
-
-def _progress_bar(enabled: bool, start: int, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
 
 class IndexBatches:
