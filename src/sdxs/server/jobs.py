@@ -113,8 +113,9 @@ class Admission:
     """ASGI middleware: refuse from the headers alone, before any body byte is read.
 
     POST without Content-Length -> 411; Content-Length over the upload limit -> 413 (the body is dropped unread,
-    up to DRAIN_LIMIT_BYTES, so the client sees the answer); a job request while the queue is full -> 429 (the place it takes is held until the response has started, so requests reading their
-    bodies count against the queue too). Every response gets `X-Content-Type-Options: nosniff`.
+    up to DRAIN_LIMIT_BYTES, so the client sees the answer); a job request while the queue is full -> 429 (its body is dropped unread the same way; the place an
+    admitted request takes is held until the response has started, so requests reading their bodies count against
+    the queue too). Every response gets `X-Content-Type-Options: nosniff`.
     """
 
     def __init__(self, app, gate: DeviceGate, max_body_bytes: int, limit_text: str):
@@ -141,7 +142,7 @@ class Admission:
         if refuse is not None:
             refuse.headers["X-Content-Type-Options"] = "nosniff"
             refuse.headers["Connection"] = "close"  # the unread body must not be taken for the next request
-            if refuse.status_code == 413:
+            if refuse.status_code in (413, 429):  # drop the unread body, so the client can read its answer
                 await discard_body(receive, DRAIN_LIMIT_BYTES)
             return await refuse(scope, receive, send)
 
