@@ -42,6 +42,20 @@ def _webp(colour) -> bytes:
     return buf.getvalue()
 
 
+def _name_and_keyword_tarballs(cache, names: dict) -> None:
+    """The emoji-names and keywords npm packages in the cache (`names`: emoji -> {"name", "group"})."""
+    licence = b"MIT License"
+    _tarball(
+        cache, NAMES_PACKAGE, {"package/data-by-emoji.json": json.dumps(names).encode(), "package/LICENSE": licence}
+    )
+    keywords = {"\U0001f600": ["grinning_face", "smile", "happy"]}
+    _tarball(
+        cache,
+        KEYWORDS_PACKAGE,
+        {"package/dist/emoji-en-US.json": json.dumps(keywords).encode(), "package/LICENSE": licence},
+    )
+
+
 def test_emoji_dataset_offline_from_cached_tarballs(tmp_path):
     """The command as it runs for real, on tarballs already in the cache (npm is never called)."""
     cache = tmp_path / "npm"
@@ -54,16 +68,7 @@ def test_emoji_dataset_offline_from_cached_tarballs(tmp_path):
         "\U0001f44b": {"name": "waving hand", "group": "People & Body"},
         "\u2764\ufe0f": {"name": "red heart", "group": "Smileys & Emotion"},
     }
-    licence = b"MIT License"
-    _tarball(
-        cache, NAMES_PACKAGE, {"package/data-by-emoji.json": json.dumps(names).encode(), "package/LICENSE": licence}
-    )
-    keywords = {"\U0001f600": ["grinning_face", "smile", "happy"]}
-    _tarball(
-        cache,
-        KEYWORDS_PACKAGE,
-        {"package/dist/emoji-en-US.json": json.dumps(keywords).encode(), "package/LICENSE": licence},
-    )
+    _name_and_keyword_tarballs(cache, names)
     summary = make_emoji_dataset(tmp_path / "emoji", cache_dir=cache, min_images=5)
     assert summary["images"] == 5 and summary["train"] + summary["validation"] == 5
     rows = {r["file_name"].split("/")[1]: r for r in map(json.loads, (tmp_path / "emoji/splits.jsonl").open())}

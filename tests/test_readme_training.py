@@ -52,9 +52,9 @@ def readme_training_commands() -> list[list[str]]:
 
 def fake_npm_cache(cache: Path) -> None:
     """The three npm packages `sdxs data emoji` reads, as `npm pack` would have left them in its cache."""
-    from test_data_emoji import _tarball
+    from test_data_emoji import _name_and_keyword_tarballs, _tarball
 
-    from sdxs.data.emoji import IMAGES_PACKAGE, KEYWORDS_PACKAGE, NAMES_PACKAGE
+    from sdxs.data.emoji import IMAGES_PACKAGE
 
     cache.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -71,16 +71,7 @@ def fake_npm_cache(cache: Path) -> None:
         "".join(chr(int(c, 16)) for c in stem.split("-")): {"name": name, "group": group}
         for stem, name, group, _ in EMOJI
     }
-    licence = b"MIT License"
-    _tarball(
-        cache, NAMES_PACKAGE, {"package/data-by-emoji.json": json.dumps(names).encode(), "package/LICENSE": licence}
-    )
-    keywords = {"\U0001f600": ["grinning_face", "smile", "happy"]}
-    _tarball(
-        cache,
-        KEYWORDS_PACKAGE,
-        {"package/dist/emoji-en-US.json": json.dumps(keywords).encode(), "package/LICENSE": licence},
-    )
+    _name_and_keyword_tarballs(cache, names)
 
 
 def test_readme_training_sequence_runs_as_written(tmp_path, monkeypatch, capsys):
