@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing as mp
 import os
 import socket
 import statistics
@@ -54,12 +55,26 @@ def rss_mb(proc: psutil.Process) -> float:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
+def poll_health(url: str, stop, send) -> None:
+    """In a process of its own: GET /health every 50 ms until `stop`; send back the latencies (inf = failed)."""
+    latencies: list[float] = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                client.get("/health")
+                latencies.append(time.perf_counter() - t)
+            except httpx.HTTPError:
+                latencies.append(float("inf"))
+            time.sleep(0.05)
+    send.send(latencies)
+
+
 async def storm(url: str, server: psutil.Process, args) -> dict:
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
     timeout = httpx.Timeout(args.timeout)
     statuses: Counter = Counter()
     unanswered: list[str] = []
-    latencies: list[float] = []
     rss: list[float] = []
     upload = big_png()
     stop = asyncio.Event()
@@ -82,19 +97,19 @@ async def storm(url: str, server: psutil.Process, args) -> dict:
             except (asyncio.TimeoutError, httpx.HTTPError):
                 statuses[("disconnect", "abandoned")] += 1
 
-        async def poll_health() -> None:
+        async def sample_rss() -> None:
             while not stop.is_set():
-                t = time.perf_counter()
-                try:
-                    await client.get("/health", timeout=10)
-                    latencies.append(time.perf_counter() - t)
-                except httpx.HTTPError:
-                    latencies.append(float("inf"))
                 rss.append(rss_mb(server))
                 await asyncio.sleep(0.05)
 
-        poller = asyncio.create_task(poll_health())
-        await asyncio.sleep(0.5)
+        # /health is polled from its own process: polling from this event loop would also time the client's own
+        # stalls (60 multipart bodies and 110 MB of oversized ones go through it), not only the server's answer.
+        ctx = mp.get_context("spawn")
+        poll_stop, (poll_recv, poll_send) = ctx.Event(), ctx.Pipe(duplex=False)
+        poller_proc = ctx.Process(target=poll_health, args=(url, poll_stop, poll_send), daemon=True)
+        poller_proc.start()
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.sleep(1.0)
         base_rss = min(rss)
         jobs = [call("generate", "POST", "/generate", json={"prompt": f"apple {i}", "steps": 2, "seed": i})
                 for i in range(args.generate)]  # fmt: skip
@@ -119,7 +134,10 @@ async def storm(url: str, server: psutil.Process, args) -> dict:
                 break
             await asyncio.sleep(0.1)
         stop.set()
-        await poller
+        poll_stop.set()
+        await sampler
+        latencies = await asyncio.to_thread(poll_recv.recv)
+        poller_proc.join(timeout=10)
         after = (await client.get("/health")).json()
 
     finite = sorted(x for x in latencies if x != float("inf"))

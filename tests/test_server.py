@@ -476,3 +476,16 @@ def test_image_prompts_are_shrunk_to_what_encode_image_uses(tiny_pipe):
     out = shrink_for_vision(big, tiny_pipe)
     assert out.width * out.height <= want < big.width * big.height
     assert abs(out.width / out.height - 2) < 0.05
+
+
+def test_the_loaded_model_is_kept_out_of_garbage_collections(tiny_pipe):
+    """A full collection walks every object the model and libraries hold (~0.35 s on the shipped model, with the
+    event loop stopped: the one /health stall of the upload storm); the running server freezes them."""
+    import gc
+
+    before = gc.get_freeze_count()  # > 0 while the module's `client` app is running
+    with TestClient(create_app(tiny_pipe, ServerSettings(default_steps=1))) as c:
+        assert gc.get_freeze_count() > max(before, 10_000)  # torch, diffusers, transformers, the pipeline
+        assert c.get("/health").status_code == 200
+    if before == 0:
+        assert gc.get_freeze_count() == 0  # a stopped app leaves the collector as it found it

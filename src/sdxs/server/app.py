@@ -20,6 +20,7 @@ cancellation), `uploads` (reading and decoding uploaded images, PNG output); thi
 # No `from __future__ import annotations` here: FastAPI must see the request models built by request_models
 # (closures over the limits) as real classes, not as strings it would look up in the module's globals.
 import asyncio
+import gc
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -109,8 +110,18 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        gate.shutdown()
+        # The loaded model and libraries are ~500k long-lived objects: a full garbage collection walks them all
+        # (~0.35 s on the shipped model, with the event loop stopped), which a burst of requests triggers. Frozen,
+        # they are left out of every collection (docs/reliability.md).
+        already_frozen = gc.get_freeze_count() > 0  # another app in this process (tests) froze them first
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gate.shutdown()
+            if not already_frozen:
+                gc.unfreeze()
 
     app = FastAPI(
         title="SDXS",
