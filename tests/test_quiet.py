@@ -55,3 +55,25 @@ def test_install_browser_shows_the_output_when_it_fails(tmp_path):
     assert result.returncode == 1
     assert "install-browser: failed:" in result.stderr and "E: broken" in result.stderr
     assert "Unpacking package-120" in result.stderr  # the installer's own output, shown because it failed
+
+
+def test_loading_a_model_folder_for_training_logs_no_warnings(root_model_dir, capfd):
+    """Training, prepare and eval load the model folder in float32: no library warning on a correct folder
+    (diffusers 0.42 logs 'modules that should be kept in float32: []' for every `.to(dtype)` of a model)."""
+    import diffusers
+    import torch
+
+    from sdxs.model_folder import load_local_pipeline
+    from sdxs.model_folder.read import load_component
+
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_warning()  # a fresh process's default (other tests may have quietened it)
+    try:
+        capfd.readouterr()
+        pipe = load_local_pipeline(root_model_dir, dtype=torch.float32)  # fp16 weights
+        load_component(root_model_dir, "vae", torch_dtype=torch.float32)
+        out, err = capfd.readouterr()
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    assert "float32" not in out + err and "warn" not in (out + err).lower(), out + err

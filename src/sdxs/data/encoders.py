@@ -73,7 +73,7 @@ class Encoders:
                 f"`model` {str(folder)!r} has no model_index.json: pass an exported SDXS model folder (hub layout)."
             )
         index = json.loads(index_path.read_text())
-        vae = load_component(folder, "vae", index).to(dtype=torch.float32).eval()
+        vae = load_component(folder, "vae", index, torch_dtype=torch.float32).eval()
         text_encoder = load_component(folder, "text_encoder", index).eval()
         if dtype is not None:
             text_encoder = text_encoder.to(dtype=dtype)

@@ -38,6 +38,17 @@ def load_component(folder: str | os.PathLike, name: str, index: dict | None = No
     return getattr(importlib.import_module(library), class_name).from_pretrained(folder / name, **kwargs)
 
 
+def _dtype_kwargs(entry: list, dtype: torch.dtype | None) -> dict:
+    """`torch_dtype=` for a diffusers model class: loading in the dtype is what diffusers asks for, and a later
+    `.to(dtype)` logs a warning about fp32 modules on every load (diffusers 0.42 warns even when there are none)."""
+    if dtype is None or entry[0] != "diffusers":
+        return {}
+    from diffusers import ModelMixin
+
+    cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+    return {"torch_dtype": dtype} if isinstance(cls, type) and issubclass(cls, ModelMixin) else {}
+
+
 def load_local_pipeline(folder: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load a model folder as this package's `SDXSPipeline`, component by component.
 
@@ -54,9 +65,10 @@ def load_local_pipeline(folder: str | os.PathLike, dtype: torch.dtype | None = N
         if index[name][0] is None or not (Path(folder) / name).is_dir():
             components[name] = None  # an optional component saved as [null, null]
             continue
-        component = load_component(folder, name, index)
+        component = load_component(folder, name, index, **_dtype_kwargs(index[name], dtype))
         if isinstance(component, torch.nn.Module):
-            component = component.to(dtype) if dtype is not None else component
+            if dtype is not None and component.dtype != dtype:
+                component = component.to(dtype)
             component.eval()
         components[name] = component
     return SDXSPipeline(**components, **{k: index[k] for k in PIPELINE_CONFIG_KEYS if k in index})
