@@ -23,14 +23,6 @@ BANDS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 TONED = re.compile(r"-1f3f[b-f]")
 
 
-def unet_folder(path: Path) -> Path:
-    """A UNet weights folder: a checkpoint's EMA first, a model folder's `unet/`, or `path` itself."""
-    for sub in ("unet_ema", "ema", "unet"):
-        if (path / sub / "config.json").is_file():
-            return path / sub
-    return path
-
-
 def band_of(s: float) -> int:
     return next(i for i in range(len(BANDS) - 1) if BANDS[i] <= s < BANDS[i + 1])
 
@@ -87,6 +79,8 @@ def table(res: dict, unets, group: str) -> str:
 def main(argv=None) -> int:
     from diffusers import UNet2DConditionModel
 
+    from sdxs.model_folder.read import resolve_component
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a latent cache made with --image-embeds")
     p.add_argument("--unet", action="append", required=True, metavar="NAME=PATH", help="a UNet, checkpoint or model")
@@ -98,7 +92,7 @@ def main(argv=None) -> int:
         name, sep, path = spec.partition("=")
         if not sep:
             p.error(f"--unet {spec!r}: use NAME=PATH")
-        folder = unet_folder(Path(path))
+        folder = resolve_component(path, "unet")  # a run, checkpoint (EMA first), model or unet folder
         unets[name] = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
     res = measure(unets, args.cache, args.n)
     for group in ("all", "toned people", "the rest"):
