@@ -98,3 +98,27 @@ def _colour_cache(tmp_path, hub):
         root.mkdir(exist_ok=True)
         _CACHES["cache"] = make_colour_cache(root, hub)
     return _CACHES["cache"]
+
+
+def test_a_constant_run_resumed_with_a_cool_down_anneals_from_where_it_is():
+    """Warmup-stable-decay: a constant-LR run stopped at step 600 and resumed with run.max_steps 1,000 and
+    optim.decay_steps 400 keeps its LR up to step 600, then falls linearly to the floor at step 1,000."""
+    run = OptimConfig(schedule="constant", warmup_steps=10)
+    cool = OptimConfig(schedule="constant", warmup_steps=10, decay_steps=400, min_lr_ratio=0.0)
+    anchor = resume_lr_anchor(600, cool, 20_000, 1_000, None)  # a constant schedule carries no anchor
+    curve = [lr_factor(s, run, 20_000) for s in range(600)] + [
+        lr_factor(s, cool, 1_000, anchor) for s in range(600, 1_000)
+    ]
+    assert curve[599] == curve[600] == 1.0  # no jump at the resume step
+    assert all(a > b for a, b in zip(curve[600:], curve[601:], strict=False))  # strictly falling after it
+    assert curve[800] == pytest.approx(0.5) and curve[-1] == pytest.approx(1 / 400)  # the floor (0) at max_steps
+    floor = OptimConfig(schedule="constant", warmup_steps=0, decay_steps=100, min_lr_ratio=0.1)
+    assert lr_factor(99, floor, 100) == pytest.approx(0.1 + 0.9 / 100)  # min_lr_ratio is the floor
+    assert lr_factor(0, floor, 1_000) == 1.0  # outside the last decay_steps: constant
+
+
+def test_a_cool_down_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="optim.decay_steps"):
+        lr_factor(50, OptimConfig(schedule="cosine", decay_steps=10), 100)
+    with pytest.raises(ValueError, match="optim.decay_steps"):
+        lr_factor(50, OptimConfig(schedule="constant", decay_steps=-1), 100)

@@ -299,6 +299,17 @@ def _resume(loop: _Loop, resume: str) -> Path:
     old_anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
     old_max = int(state.get("max_steps") or json.loads((ckpt / "config.json").read_text())["run"]["max_steps"])
     loop.lr_anchor = resume_lr_anchor(step, optim, old_max, run.max_steps, old_anchor)
+    if old_max != run.max_steps and optim.schedule == "constant" and optim.decay_steps and loop.main:
+        logger.info(
+            "run.max_steps %d -> %d: lr %.3g at step %d, cooling down linearly over steps %d-%d to %.3g",
+            old_max,
+            run.max_steps,
+            lr_factor(step, optim, run.max_steps, loop.lr_anchor) * optim.lr,
+            step,
+            max(run.max_steps - optim.decay_steps, step),
+            run.max_steps,
+            optim.min_lr_ratio * optim.lr,
+        )
     if old_max != run.max_steps and optim.schedule == "cosine" and loop.main:
         logger.info(
             "run.max_steps %d -> %d with optim.extend=%r: lr at step %d %.3g -> %.3g (%s)",

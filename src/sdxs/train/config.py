@@ -56,7 +56,11 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     warmup_steps: int = 100  # linear warmup from 0 to lr over this many optimiser steps
     schedule: str = "constant"  # after warmup: "constant" | "cosine" (down to min_lr_ratio * lr at max_steps)
-    min_lr_ratio: float = 0.1  # floor of the cosine schedule, as a fraction of lr
+    min_lr_ratio: float = 0.1  # floor of the cosine schedule (and of decay_steps), as a fraction of lr
+    # constant schedule only: a linear cool-down to min_lr_ratio * lr over the last `decay_steps` steps before
+    # run.max_steps (warmup-stable-decay). A constant run resumed with run.max_steps = step + N and decay_steps = N
+    # anneals from where it is; 0: no cool-down.
+    decay_steps: int = 0
     # `--resume` with another run.max_steps than the checkpoint's plan (cosine only):
     # "replan": the LR is the one of a run planned for the new max_steps from step 0 (exactly that schedule; when a
     #   run is extended the LR jumps up at the resume step to where the longer plan is, then decays);

@@ -35,10 +35,16 @@ EXTEND_MODES = ("replan", "continue")
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int, anchor: tuple[int, float] | None = None) -> float:
-    """Multiplier of cfg.lr at optimiser step `step` (0-based): linear warmup, then constant or cosine.
+    """Multiplier of cfg.lr at optimiser step `step` (0-based): linear warmup, then constant (with an optional linear
+    cool-down over the last `cfg.decay_steps` steps) or cosine.
 
     `anchor` = (step s0, factor f0): from s0 on, a cosine from f0 down to `min_lr_ratio` at `max_steps` (a cosine
     run extended with `optim.extend = "continue"`, see `resume_lr_anchor`)."""
+    if cfg.decay_steps < 0 or (cfg.decay_steps and cfg.schedule != "constant"):
+        raise ValueError(
+            f"`optim.decay_steps` ({cfg.decay_steps}) is a cool-down of the constant schedule: use a number >= 0 with "
+            f"schedule 'constant', or 0 with {cfg.schedule!r}."
+        )
     if anchor is not None and cfg.schedule == "cosine" and step >= anchor[0]:
         s0, f0 = anchor
         progress = min((step - s0) / max(max_steps - s0, 1), 1.0)
@@ -46,6 +52,9 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int, anchor: tuple[int, fl
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
+        left = max_steps - step  # the floor is reached at max_steps, as the cosine's is
+        if cfg.decay_steps and left < cfg.decay_steps:
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * max(left, 0) / cfg.decay_steps
         return 1.0
     if cfg.schedule == "cosine":
         span = max(max_steps - cfg.warmup_steps, 1)
