@@ -5,9 +5,10 @@
         --json runs/v2/strict/step-400.json                                           # one point of a curve
     python scripts/strict_eval.py --model . --per-kind 8 --no-refine --no-image-prompts   # a quick look
 
-`--unet` swaps a UNet folder into the model (a checkpoint's `unet_ema/` when it has one, else its `unet/`), so a run's
-checkpoints can be scored while it trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on
-a fixed batch of that latent cache (the same noise for every model compared).
+`--unet` swaps a UNet folder into the model (a checkpoint's `unet_ema/` when it has one, else its `unet/`; `--weights
+raw` for the raw weights; a run folder means its latest checkpoint), so a run's checkpoints can be scored while it
+trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on a fixed batch of that latent cache
+(the same noise for every model compared).
 Prints a Markdown table; `--json` keeps the numbers, `--grid` writes the labelled bare-name grid.
 """
 
@@ -24,14 +25,7 @@ from sdxs import eval as ev
 from sdxs.eval import strict as es
 from sdxs.grid import make_grid
 from sdxs.model_folder import load_local_pipeline
-
-
-def checkpoint_unet_folder(path: Path) -> Path:
-    """The UNet weights folder of a checkpoint (EMA first), or `path` itself when it is one."""
-    for sub in ("unet_ema", "ema", "unet", "model"):
-        if (path / sub / "config.json").is_file():
-            return path / sub
-    return path
+from sdxs.model_folder.read import resolve_component
 
 
 def loss_bands(pipe, cache: str, bands=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), n: int = 512, seed: int = 0) -> list[dict]:
@@ -70,7 +64,10 @@ def loss_bands(pipe, cache: str, bands=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), n: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=".")
-    parser.add_argument("--unet", type=Path, help="a UNet folder or training checkpoint to swap in")
+    parser.add_argument("--unet", type=Path, help="a UNet folder, training checkpoint or run folder to swap in")
+    parser.add_argument(
+        "--weights", choices=("auto", "ema", "raw"), default="auto", help="a checkpoint's EMA or raw UNet (auto: EMA)"
+    )
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--per-kind", type=int, default=24)
     parser.add_argument("--held-out", type=int, default=60)
@@ -92,7 +89,9 @@ def main() -> None:
     if args.unet is not None:
         from diffusers import UNet2DConditionModel
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(checkpoint_unet_folder(args.unet)).eval()
+        unet_dir = resolve_component(args.unet, "unet", args.weights)
+        print(f"UNet weights: {unet_dir}", flush=True)
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     pipe.set_progress_bar_config(disable=True)
     gen = ev.GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
     renders = es.load_renders(args.data)

@@ -17,16 +17,9 @@ from diffusers import UNet2DConditionModel
 
 from sdxs.grid import make_grid
 from sdxs.model_folder import load_local_pipeline
+from sdxs.model_folder.read import resolve_component
 
 PROMPTS = ["red apple", "penguin", "pizza", "rocket", "green heart", "grinning face", "thumbs up", "flag: Japan"]
-
-
-def checkpoint_unet_folder(path: Path) -> Path:
-    """The UNet weights folder of a checkpoint (EMA first), or `path` itself when it is one."""
-    for sub in ("unet_ema", "unet"):
-        if (path / sub / "config.json").is_file():
-            return path / sub
-    return path
 
 
 def generate(pipe, prompts: list[str], seed: int) -> list:
@@ -49,7 +42,7 @@ def main() -> None:
     labels = [f"v1: {p}" for p in PROMPTS]
     del base
     v2 = load_local_pipeline(str(args.v2_model), dtype=torch.float32)
-    v2.register_modules(unet=UNet2DConditionModel.from_pretrained(checkpoint_unet_folder(args.unet)).eval())
+    v2.register_modules(unet=UNet2DConditionModel.from_pretrained(resolve_component(args.unet, "unet")).eval())
     v2.set_progress_bar_config(disable=True)
     tag = args.label or args.unet.name
     images += generate(v2, PROMPTS, args.seed)
