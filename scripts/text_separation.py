@@ -4,7 +4,9 @@ For every distinct untoned training name ("red apple", "flag: Japan", "grinning 
 name as the pipeline does (`encode_prompt`) and reports, per kind, the cosine of each name to its nearest other name:
 once for the pooled slot (`emb[:, 0]`) and once for the mean of the real tokens. Names the encoder maps onto each
 other (cosine near 1) cannot be told apart by the UNet, whatever it learns; names far apart can, if the UNet learns
-the mapping.
+the mapping. Beside it, the same question for the pictures: the RMS distance (32x32 on white, as the strict eval
+measures) from each training render to the nearest render of another emoji. A kind whose emoji look like each other
+shares what the UNet learns across them; a kind of one-off pictures has to be learnt emoji by emoji.
 
     python scripts/text_separation.py --model . --data /work/runs/data/emoji
 """
@@ -31,6 +33,19 @@ def name_embeddings(pipe, names: list[str], batch: int = 64) -> tuple[torch.Tens
             means.append((e[:, 1:] * real).sum(1) / real.sum(1))
     norm = torch.nn.functional.normalize
     return norm(torch.cat(pooled), dim=-1), norm(torch.cat(means), dim=-1)
+
+
+def nearest_other_emoji(renders) -> np.ndarray:
+    """RMS distance (32x32 on white) from each render to the nearest render with another name (tones excluded)."""
+    import PIL.Image
+
+    x = np.stack([es.thumbnail(PIL.Image.open(r.path)) for r in renders]).reshape(len(renders), -1)
+    x = x.astype(np.float32)
+    sq = (x**2).sum(1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0) / x.shape[1])
+    names = np.array([r.name for r in renders])
+    dist[names[:, None] == names[None]] = np.inf
+    return dist.min(1)
 
 
 def main() -> None:
@@ -62,6 +77,15 @@ def main() -> None:
             v = nearest[label].values[sel].numpy()
             cells.append(f"{np.median(v):.3f} / {100 * np.mean(v > 0.95):.0f}% / {100 * np.mean(v > 0.98):.0f}%")
         print(f"| {kind} | {int(sel.sum())} | {np.median(tokens[kinds == kind]):.0f} | {cells[0]} | {cells[1]} |")
+    every = es.load_renders(args.data)
+    train = np.array([r.split == "train" for r in every])
+    near = nearest_other_emoji(every)
+    render_kinds = np.array([r.kind for r in every])
+    print("\n| kind | training renders | RMS distance to the nearest render of another emoji (median) |")
+    print("|---|---:|---:|")
+    for kind in sorted(set(render_kinds)):
+        sel = (render_kinds == kind) & train
+        print(f"| {kind} | {int(sel.sum())} | {np.median(near[sel]):.3f} |")
     objects = np.flatnonzero(kinds == "objects/animals/food/travel")
     step = max(len(objects) // max(args.examples, 1), 1)
     print("\nobject -> nearest name by pooled slot (cosine):")
