@@ -49,6 +49,8 @@ def lora_dir(lora_pipe, tmp_path_factory):
     return out
 
 
+# the second adapter ("b") is loaded on purpose; peft warns whenever a model gets more than one
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 def test_lora_scale_adapters_fuse_unload(lora_pipe, lora_dir, tmp_path):
     from diffusers import DiffusionPipeline
 
