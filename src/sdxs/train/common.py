@@ -299,31 +299,38 @@ def _resume(loop: _Loop, resume: str) -> Path:
     old_anchor = tuple(state["lr_anchor"]) if state.get("lr_anchor") else None
     old_max = int(state.get("max_steps") or json.loads((ckpt / "config.json").read_text())["run"]["max_steps"])
     loop.lr_anchor = resume_lr_anchor(step, optim, old_max, run.max_steps, old_anchor)
-    if old_max != run.max_steps and optim.schedule == "constant" and optim.decay_steps and loop.main:
-        logger.info(
-            "run.max_steps %d -> %d: lr %.3g at step %d, cooling down linearly over steps %d-%d to %.3g",
-            old_max,
-            run.max_steps,
-            lr_factor(step, optim, run.max_steps, loop.lr_anchor) * optim.lr,
-            step,
-            max(run.max_steps - optim.decay_steps, step),
-            run.max_steps,
-            optim.min_lr_ratio * optim.lr,
-        )
-    if old_max != run.max_steps and optim.schedule == "cosine" and loop.main:
+    if old_max != run.max_steps and loop.main:
+        _log_new_length(step, optim, old_max, run.max_steps, old_anchor, loop.lr_anchor)
+    return ckpt
+
+
+def _log_new_length(step: int, optim, old_max: int, new_max: int, old_anchor, anchor) -> None:
+    """What a resume with another run.max_steps does to the LR: a cosine follows `optim.extend`, a constant
+    schedule with `optim.decay_steps` cools down before the new end (a plain constant one is unchanged)."""
+    if optim.schedule == "cosine":
         logger.info(
             "run.max_steps %d -> %d with optim.extend=%r: lr at step %d %.3g -> %.3g (%s)",
             old_max,
-            run.max_steps,
+            new_max,
             optim.extend,
             step,
             lr_factor(step, optim, old_max, old_anchor) * optim.lr,
-            lr_factor(step, optim, run.max_steps, loop.lr_anchor) * optim.lr,
+            lr_factor(step, optim, new_max, anchor) * optim.lr,
             "as if planned this long from the start"
             if optim.extend == "replan"
             else "carried on from where it was, down to the floor at the new end",
         )
-    return ckpt
+    elif optim.decay_steps:
+        logger.info(
+            "run.max_steps %d -> %d: lr %.3g at step %d, cooling down linearly over steps %d-%d to %.3g",
+            old_max,
+            new_max,
+            lr_factor(step, optim, new_max, anchor) * optim.lr,
+            step,
+            max(new_max - optim.decay_steps, step),
+            new_max,
+            optim.min_lr_ratio * optim.lr,
+        )
 
 
 def _resume_rank(loop: _Loop, ckpt: Path) -> None:
