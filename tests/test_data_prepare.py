@@ -347,6 +347,43 @@ def test_loader_balances_groups_of_images(cache):
         LatentShardLoader(cache, batch_size=1, balance_pattern="x", balance_power=2.0)
 
 
+def test_loader_sample_weights_draw_listed_images_more_often(cache, tmp_path):
+    """`sample_weights`: a file_name,weight table multiplies into the draws; 0 leaves an image out; bad tables are named."""
+    from collections import Counter
+
+    def draws(**kw):
+        loader = LatentShardLoader(cache, batch_size=1, seed=0, **kw)
+        return loader, Counter(k for _ in range(60) for b in loader for k in b["keys"])
+
+    plain_loader, plain = draws()
+    keys = sorted(plain)
+    heavy, dropped = keys[0], keys[1]
+    table = tmp_path / "weights.csv"
+    table.write_text(f"file_name,weight\n{heavy},3\n{dropped},0\n")
+    loader, weighted = draws(sample_weights=table)
+    assert len(loader) == len(plain_loader) and sum(weighted.values()) == sum(plain.values())
+    assert weighted[dropped] == 0 and weighted[heavy] > 1.5 * plain[heavy]
+    jsonl = tmp_path / "weights.jsonl"
+    jsonl.write_text(f'{{"file_name": "{heavy}", "weight": 3}}\n{{"file_name": "{dropped}", "weight": 0}}\n')
+    assert draws(sample_weights=jsonl)[1] == weighted == draws(sample_weights={heavy: 3, dropped: 0})[1]
+    # with a balance pattern the two multiply; a resume with other weights is refused
+    both, _ = draws(sample_weights=table, balance_pattern=r"^\d$")
+    with pytest.raises(ValueError, match="balance"):
+        plain_loader.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="balance"):
+        both.load_state_dict(loader.state_dict())
+    # bad tables: named with the row and the fix
+    with pytest.raises(FileNotFoundError, match="sample_weights"):
+        LatentShardLoader(cache, batch_size=1, sample_weights=tmp_path / "missing.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"file_name,weight\n{heavy},-1\n")
+    with pytest.raises(ValueError, match="row 1.*>= 0"):
+        LatentShardLoader(cache, batch_size=1, sample_weights=bad)
+    bad.write_text("file_name,weight\nnot/in/the/cache.png,2\n")
+    with pytest.raises(ValueError, match="names none of the cache"):
+        LatentShardLoader(cache, batch_size=1, sample_weights=bad)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # A cache that another model or other options made is never touched
 # ------------------------------------------------------------------------------------------------------------

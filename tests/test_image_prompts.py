@@ -54,6 +54,47 @@ def test_use_image_prompts_swaps_that_share_of_samples():
     assert torch.equal(m[used][0], torch.tensor([1, 1, 1, 1, 0]))
 
 
+def test_image_prompt_min_sigma_puts_image_prompts_at_high_noise():
+    """`flow.image_prompt_min_sigma`: image-prompt samples get noise levels in [min, 1]; captions keep [0, 1]."""
+    from types import SimpleNamespace
+
+    from sdxs.train.config import FlowConfig
+    from sdxs.train.unet import flow_matching_loss
+
+    seen = {}
+
+    def unet(x, t, encoder_hidden_states, encoder_attention_mask):
+        seen["sigma"], seen["image"] = t / 1000, encoder_hidden_states[:, 0, 0] == 7
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+    b = 2000
+    batch = {
+        "latents": torch.zeros(b, 4, 2, 2),
+        "embeds": torch.ones(b, 3, 2),
+        "mask": torch.ones(b, 3, dtype=torch.long),
+        "image_embeds": torch.full((b, 3, 2), 7.0),
+        "image_mask": torch.ones(b, 3, dtype=torch.long),
+    }
+    empty = (torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.long))
+
+    def run(min_sigma):
+        flow = FlowConfig(
+            timestep_sampling="uniform",
+            caption_dropout=0.0,
+            image_prompt_fraction=0.5,
+            image_prompt_min_sigma=min_sigma,
+        )
+        flow_matching_loss(unet, batch, empty, flow, 1.0, torch.Generator().manual_seed(0))
+        return seen["sigma"], seen["image"]
+
+    plain, image = run(0.0)
+    high, image_again = run(0.7)
+    assert torch.equal(image, image_again) and 0.4 < float(image.float().mean()) < 0.6  # the same draws
+    assert float(high[image].min()) >= 0.7 - 1e-6 and float(plain[image].min()) < 0.1
+    torch.testing.assert_close(high[~image], plain[~image])  # captions keep their levels
+    torch.testing.assert_close(high[image], 0.7 + 0.3 * plain[image])
+
+
 def test_unet_trains_with_image_prompts_and_refuses_a_cache_without(image_cache, tiny_hub_dir, tmp_path):
     from sdxs.train.config import UNetTrainConfig, load_config
     from sdxs.train.unet import train_unet
@@ -70,6 +111,9 @@ def test_unet_trains_with_image_prompts_and_refuses_a_cache_without(image_cache,
     ]
     cfg = load_config(UNetTrainConfig, None, [*common, f"data.path={cache}", f"run.output_dir={tmp_path / 'run'}"])
     assert (train_unet(cfg) / "unet" / "config.json").is_file()
+    bad = [*common, f"data.path={cache}", f"run.output_dir={tmp_path / 'run3'}", "flow.image_prompt_min_sigma=1.0"]
+    with pytest.raises(ValueError, match="image_prompt_min_sigma"):
+        train_unet(load_config(UNetTrainConfig, None, bad))
 
     from test_train_unet import make_colour_cache
 

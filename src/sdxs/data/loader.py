@@ -20,6 +20,8 @@ same bucket (as `DistributedSampler` pads), so no image is left out and every ba
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 import re
@@ -73,6 +75,11 @@ class LatentShardLoader:
             replacement, within each bucket: buckets keep their share of batches). For emoji, `"-1f3f[b-f]"` makes the five skin tones of one emoji share one emoji's weight.
         balance_power (`float`, defaults to 1.0): a group of n images weighs n ** (1 - balance_power): 1 gives
             every group the same weight, 0 every image (no balancing), 0.5 is in between.
+        sample_weights (`str`, `os.PathLike` or `dict`, *optional*): a weight per image, multiplied into the
+            balance above: a `{key: weight}` dict or a `.csv` / `.jsonl` file with `file_name` and `weight` columns
+            (keys as the cache's `keys`: paths relative to the prepared folder). Images it does not list weigh 1;
+            a weight of 0 leaves an image out. Like the balance, it changes how often each image is drawn, not how
+            many samples an epoch has.
 
     Yields dicts: `latents` (B, C, h, w) float32, `embeds` (B, 1+L, D) float32, `mask` (B, 1+L) long,
     `bucket` (width, height) at output resolution, `keys` (list of source paths relative to the dataset folder)
@@ -94,6 +101,7 @@ class LatentShardLoader:
         max_open_shards: int = 64,
         balance_pattern: str | None = None,
         balance_power: float = 1.0,
+        sample_weights: str | os.PathLike | dict[str, float] | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -118,7 +126,8 @@ class LatentShardLoader:
         for i, shard in enumerate(self._shards):
             self._samples.setdefault(tuple(shard["bucket"]), []).extend((i, r) for r in range(shard["count"]))
         self.balance_pattern, self.balance_power = balance_pattern or None, float(balance_power)
-        self._weights = self._group_weights() if self.balance_pattern else None
+        self.sample_weights = read_sample_weights(sample_weights) if sample_weights else None
+        self._weights = self._sample_weights() if (self.balance_pattern or self.sample_weights) else None
         self.epoch = 0
         self._step = 0  # next batch of the current epoch
         if len(self) == 0:
@@ -196,7 +205,7 @@ class LatentShardLoader:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "num_samples": self.num_samples,
-            "balance": f"{self.balance_pattern}^{self.balance_power}" if self.balance_pattern else "",
+            "balance": self._balance_id(),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -230,22 +239,44 @@ class LatentShardLoader:
         seq = np.random.SeedSequence([self.seed, self.epoch, step, self.rank])
         return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
 
-    def _group_weights(self) -> dict[tuple[int, int], np.ndarray]:
-        """bucket -> sampling probability of each of its samples, from `balance_pattern` (see the class doc)."""
-        try:
-            pattern = re.compile(self.balance_pattern)
-        except re.error as e:
-            raise ValueError(f"`balance_pattern` {self.balance_pattern!r} is not a regular expression: {e}.") from e
-        if not 0.0 <= self.balance_power <= 1.0:
-            raise ValueError(f"`balance_power` must be in [0, 1], got {self.balance_power}.")
+    def _balance_id(self) -> str:
+        """What defines the draw probabilities, for `state_dict` (a resume must draw the same way)."""
+        parts = [f"{self.balance_pattern}^{self.balance_power}"] if self.balance_pattern else []
+        if self.sample_weights:
+            digest = hashlib.sha256(json.dumps(sorted(self.sample_weights.items())).encode()).hexdigest()[:12]
+            parts.append(f"weights:{digest}")
+        return " ".join(parts)
+
+    def _sample_weights(self) -> dict[tuple[int, int], np.ndarray]:
+        """bucket -> sampling probability of each of its samples, from `balance_pattern` and `sample_weights`."""
+        pattern = None
+        if self.balance_pattern:
+            try:
+                pattern = re.compile(self.balance_pattern)
+            except re.error as e:
+                raise ValueError(f"`balance_pattern` {self.balance_pattern!r} is not a regular expression: {e}.") from e
+            if not 0.0 <= self.balance_power <= 1.0:
+                raise ValueError(f"`balance_power` must be in [0, 1], got {self.balance_power}.")
         files = {}
         for i in sorted({i for samples in self._samples.values() for i, _ in samples}):
             files[i] = self._shard(i)[2]["files"]
+        table = self.sample_weights or {}
+        if table and not any(f in table for names in files.values() for f in names):
+            example = next(iter(files.values()))[0]
+            raise ValueError(
+                f"`sample_weights` names none of the cache's {self.num_samples} images (its keys look like "
+                f"{next(iter(table))!r}, the cache's like {example!r}): list paths relative to the prepared folder."
+            )
         weights = {}
         for bucket, samples in self._samples.items():
-            keys = [pattern.sub("", Path(files[i][r]).stem) for i, r in samples]
-            sizes = Counter(keys)
-            w = np.array([sizes[k] ** -self.balance_power for k in keys], dtype=np.float64)
+            names = [files[i][r] for i, r in samples]
+            w = np.array([table.get(n, 1.0) for n in names], dtype=np.float64)
+            if pattern is not None:
+                keys = [pattern.sub("", Path(n).stem) for n in names]
+                sizes = Counter(keys)
+                w *= np.array([sizes[k] ** -self.balance_power for k in keys], dtype=np.float64)
+            if w.sum() <= 0:  # every image of this bucket weighs 0: the bucket keeps its batches, drawn evenly
+                w = np.ones_like(w)
             weights[bucket] = w / w.sum()
         return weights
 
@@ -331,3 +362,43 @@ class LatentShardLoader:
                 ie, im = pad_text(ie, im, int(im.any(0).nonzero().max()) + 1)
             batch["image_embeds"], batch["image_mask"] = ie, im
         return batch
+
+
+def read_sample_weights(source: str | os.PathLike | dict[str, float]) -> dict[str, float]:
+    """`{key: weight}` from a dict or a `.csv` / `.jsonl` file with `file_name` and `weight` columns.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming the row of a bad one (a weight that is
+    not a finite number >= 0, a missing column, a key listed twice)."""
+    if isinstance(source, dict):
+        rows, where = [{"file_name": k, "weight": v} for k, v in source.items()], "`sample_weights`"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"`sample_weights` file {str(path)!r} does not exist; pass a .csv or .jsonl with file_name,weight."
+            )
+        where = str(path)
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                rows = list(csv.DictReader(f))
+            elif path.suffix.lower() == ".jsonl":
+                rows = [json.loads(line) for line in f if line.strip()]
+            else:
+                raise ValueError(f"`sample_weights` {where!r} must be a .csv or .jsonl file with file_name,weight.")
+    table: dict[str, float] = {}
+    for n, row in enumerate(rows, start=1):
+        if "file_name" not in row or "weight" not in row:
+            raise ValueError(f"{where}, row {n}: needs `file_name` and `weight` columns, has {sorted(row)}.")
+        key = str(row["file_name"])
+        try:
+            weight = float(row["weight"])
+        except (TypeError, ValueError):
+            weight = float("nan")
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"{where}, row {n} ({key!r}): weight must be a number >= 0, got {row['weight']!r}.")
+        if key in table:
+            raise ValueError(f"{where}, row {n}: {key!r} is listed twice.")
+        table[key] = weight
+    if not table:
+        raise ValueError(f"{where} lists no image: give one file_name,weight row per image to reweight.")
+    return table

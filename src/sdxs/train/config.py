@@ -119,6 +119,8 @@ class LatentDataConfig:
     # deleted are one group ("-1f3f[b-f]": an emoji's skin tones); "" samples every image equally
     balance_pattern: str = ""
     balance_power: float = 1.0  # a group of n images weighs n ** (1 - power): 1 groups equal, 0 images equal
+    # a .csv / .jsonl with file_name,weight: how often each image is drawn, times the balance (unlisted: 1)
+    sample_weights: str = ""
 
 
 @dataclass
@@ -133,6 +135,9 @@ class FlowConfig:
     # fraction of samples conditioned on encode_image of their own image instead of a caption (image prompts);
     # needs a cache made with `sdxs prepare --image-embeds`. Drawn before caption dropout.
     image_prompt_fraction: float = 0.0
+    # image-prompt samples draw their noise level from [this, 1] instead of [0, 1] (the sampled level mapped
+    # linearly): a prompt decides the picture only at high noise (scripts/cond_gap.py), so spend them there
+    image_prompt_min_sigma: float = 0.0
 
 
 @dataclass

@@ -51,18 +51,23 @@ def drop_captions(embeds, mask, empty_embeds, empty_mask, p: float, generator: t
     """Replace each sample's text by the cached empty prompt with probability p (what CFG's unconditional branch sees)."""
     # batches are trimmed to their longest caption: bring both to the same token count (zero padding is masked)
     n = max(embeds.shape[1], int(empty_mask.sum()))
-    return _replace_text(embeds, mask, empty_embeds, empty_mask, n, p, generator)
+    return _replace_text(embeds, mask, empty_embeds, empty_mask, n, p, generator)[:2]
 
 
-def use_image_prompts(embeds, mask, image_embeds, image_mask, p: float, generator: torch.Generator):
-    """Replace each sample's caption embedding by its image's encode_image embedding with probability p."""
+def use_image_prompts(
+    embeds, mask, image_embeds, image_mask, p: float, generator: torch.Generator, return_pick: bool = False
+):
+    """Replace each sample's caption embedding by its image's encode_image embedding with probability p.
+
+    Returns `(embeds, mask)`, and with `return_pick=True` also the (B,) bool of the samples that were swapped."""
     n = max(embeds.shape[1], image_embeds.shape[1])
-    return _replace_text(embeds, mask, image_embeds, image_mask, n, p, generator)
+    embeds, mask, pick = _replace_text(embeds, mask, image_embeds, image_mask, n, p, generator)
+    return (embeds, mask, pick) if return_pick else (embeds, mask)
 
 
 def _replace_text(embeds, mask, other_embeds, other_mask, n: int, p: float, generator: torch.Generator):
     """Both brought to `n` tokens (zero padding is masked), then each sample's text replaced by `other` with
-    probability p. embeds (B, L, D), mask (B, L); other (1 or B, L', D)."""
+    probability p. embeds (B, L, D), mask (B, L); other (1 or B, L', D). Returns embeds, mask and the (B,) pick."""
     from sdxs.data.loader import pad_text
 
     embeds, mask = pad_text(embeds, mask, n)
@@ -70,7 +75,7 @@ def _replace_text(embeds, mask, other_embeds, other_mask, n: int, p: float, gene
     pick = torch.rand(embeds.shape[0], generator=generator, device=embeds.device) < p  # (B,)
     embeds = torch.where(pick[:, None, None], other_embeds.to(embeds), embeds)
     mask = torch.where(pick[:, None], other_mask.to(mask), mask)
-    return embeds, mask
+    return embeds, mask, pick
 
 
 def flow_matching_loss(
@@ -85,23 +90,29 @@ def flow_matching_loss(
     device = generator.device
     latents = batch["latents"].to(device, torch.float32)
     embeds, mask = batch["embeds"].to(device), batch["mask"].to(device)
+    image_pick = None
     if flow.image_prompt_fraction > 0:  # no extra random draw otherwise: older runs resume bit-identically
         if "image_embeds" not in batch:
             raise ValueError(
                 "`flow.image_prompt_fraction` > 0 needs a latent cache made with `sdxs prepare --image-embeds`."
             )
-        embeds, mask = use_image_prompts(
+        embeds, mask, image_pick = use_image_prompts(
             embeds,
             mask,
             batch["image_embeds"].to(device),
             batch["image_mask"].to(device),
             flow.image_prompt_fraction,
             generator,
+            return_pick=True,
         )
     embeds, mask = drop_captions(
         embeds, mask, empty[0].to(device), empty[1].to(device), flow.caption_dropout, generator
     )
     sigmas = sample_sigmas(latents.shape[0], flow, shift, generator, device)  # (B,)
+    if image_pick is not None and flow.image_prompt_min_sigma > 0:
+        # image prompts only where a prompt decides the picture: [0, 1] mapped onto [min, 1] (no extra random draw)
+        m = flow.image_prompt_min_sigma
+        sigmas = torch.where(image_pick, m + (1 - m) * sigmas, sigmas)
     noise = torch.randn(latents.shape, generator=generator, device=device)
     noisy, target = flow_matching_pair(latents, noise, sigmas)
     pred = unet(noisy, sigma_to_timestep(sigmas), encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
@@ -241,9 +252,15 @@ def unet_task(cfg, base, unet, accelerator) -> Task:
         pad_to_max_length=False,  # trim each batch to its longest caption: same result under the mask, less compute
         balance_pattern=cfg.data.balance_pattern,
         balance_power=cfg.data.balance_power,
+        sample_weights=cfg.data.sample_weights or None,
     )
     loader.check_fingerprint(base)  # latents and embeddings must come from this VAE / text encoder / recipe
     empty = loader.empty_prompt()  # (1, 1+L, D), (1, 1+L)
+    if not 0.0 <= cfg.flow.image_prompt_min_sigma < 1.0:
+        raise ValueError(
+            f"`flow.image_prompt_min_sigma` must be in [0, 1), got {cfg.flow.image_prompt_min_sigma}: image-prompt "
+            "samples draw their noise level from [min, 1] (0: the same levels as captions)."
+        )
     if cfg.flow.image_prompt_fraction > 0 and not loader.has_image_embeds:
         raise ValueError(
             f"`flow.image_prompt_fraction` is {cfg.flow.image_prompt_fraction} but the latent cache {cfg.data.path!r} "
@@ -252,14 +269,25 @@ def unet_task(cfg, base, unet, accelerator) -> Task:
     shift = cfg.flow.shift or float(base.scheduler.config.shift)
     if accelerator.is_main_process:
         logger.info(
-            "flow matching: %s sigmas, shift %.3g, caption dropout %.0f%%, image prompts %.0f%%; %d samples in %d bucket(s)",
+            "flow matching: %s sigmas, shift %.3g, caption dropout %.0f%%, image prompts %.0f%% (sigma >= %g); "
+            "%d samples in %d bucket(s)",
             cfg.flow.timestep_sampling,
             shift,
             100 * cfg.flow.caption_dropout,
             100 * cfg.flow.image_prompt_fraction,
+            cfg.flow.image_prompt_min_sigma,
             loader.num_samples,
             len(loader.buckets),
         )
+        if loader.sample_weights:
+            w = loader.sample_weights
+            logger.info(
+                "sample weights from %s: %d images listed, weights %g-%g (unlisted images weigh 1)",
+                cfg.data.sample_weights,
+                len(w),
+                min(w.values()),
+                max(w.values()),
+            )
 
     def loss_fn(model, batch, generator):
         return flow_matching_loss(model, batch, empty, cfg.flow, shift, generator)
