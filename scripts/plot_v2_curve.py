@@ -1,0 +1,134 @@
+"""The v2 curve (issue 16): each strict metric against training samples since v1, per kind, one line per recipe.
+
+The numbers live in docs/v2-curve.csv (one row per scored checkpoint; every row came from
+`python scripts/strict_eval.py --model MODEL --unet CKPT --data DATA --per-kind 12 --held-out 0 --no-refine
+--json OUT.json`, see docs/training-emoji.md). `--add` appends the row of one such JSON, then the figure is drawn
+with the issue's targets as dotted lines.
+
+    python scripts/plot_v2_curve.py                                            # media/v2-curve.png from the CSV
+    python scripts/plot_v2_curve.py --add E "E step 400" 25600 runs/e/strict/step-400.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+KINDS = {  # CSV column suffix -> the strict eval's kind
+    "all": "all",
+    "toned": "toned people",
+    "other": "other people",
+    "objects": "objects/animals/food/travel",
+    "smileys": "smileys",
+    "symbols": "symbols",
+    "flags": "flags",
+}
+TARGETS = {  # issue 16, top-5 %: (bare names, exact captions)
+    "toned": (90, None),
+    "objects": (70, 85),
+    "smileys": (60, None),
+    "symbols": (60, None),
+    "flags": (30, None),
+}
+CSV = Path(__file__).resolve().parents[1] / "docs" / "v2-curve.csv"
+
+
+def row_from_json(line: str, point: str, samples: int, path: Path, header: list[str]) -> list[str]:
+    """One CSV row from a strict_eval.py JSON (bare names, exact captions, image prompts, nearest/edge of bare)."""
+    rows = json.loads(path.read_text())["rows"]
+    by = {(r["group"], r["kind"]): r for r in rows}
+
+    def top5(group: str, kind: str) -> str:
+        r = by.get((group, kind))
+        return "" if r is None else f"{r['top5']:.0f}"
+
+    values = {"line": line, "point": point, "samples": str(samples)}
+    for short, kind in KINDS.items():
+        values[f"bare_{short}"] = top5("training, bare name", kind)
+        values[f"exact_{short}"] = top5("training, exact caption", kind)
+    for short in ("all", "toned", "objects"):
+        values[f"image_{short}"] = top5("image prompts, training images", KINDS[short])
+    bare = by[("training, bare name", "all")]
+    values["nearest_bare"], values["edge_bare"] = f"{bare['nearest']:.3f}", f"{bare['edge']:.2f}"
+    return [values[h] for h in header]
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v1 = next(r for r in rows if r["point"] == "v1")
+    lines = sorted({r["line"] for r in rows}, key=lambda n: (n != "A-D", n))
+    colours = dict(zip(lines, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=False))
+    fig, axes = plt.subplots(3, 3, figsize=(15, 11), sharex=True)
+    panels = [*KINDS, "image", "nearest"]
+    for ax, panel in zip(axes.flat, panels, strict=True):
+        for line in lines:
+            pts = [v1] + [r for r in rows if r["line"] == line and r is not v1]
+            x = [int(r["samples"]) / 1000 for r in pts]
+            if panel == "nearest":
+                ax.plot(x, [float(r["nearest_bare"]) for r in pts], "o-", ms=3, color=colours[line], label=line)
+                continue
+            if panel == "image":
+                ys = [(x_, float(r["image_all"])) for x_, r in zip(x, pts, strict=True) if r["image_all"]]
+                ax.plot(*zip(*ys, strict=True), "o-", ms=3, color=colours[line], label=f"{line}, all kinds")
+                continue
+            for kind_of_prompt, style in (("bare", "o-"), ("exact", "s--")):
+                ys = [float(r[f"{kind_of_prompt}_{panel}"]) for r in pts]
+                ax.plot(x, ys, style, ms=3, color=colours[line], label=f"{line}, {kind_of_prompt}")
+        if panel == "nearest":
+            ax.axhline(0.06, ls=":", color="k")
+            ax.set_title("nearest-render distance, bare names (target <= 0.06)")
+            ax.set_ylim(0, 0.2)
+        elif panel == "image":
+            ax.axhline(50, ls=":", color="k")
+            ax.axhline(float(v1["image_all"]), ls=":", color="grey")
+            ax.set_title("image prompts top-5 % (target 50; v1 grey)")
+            ax.set_ylim(-3, 103)
+        else:
+            bare, exact = TARGETS.get(panel, (None, None))
+            for t in (bare, exact):
+                if t is not None:
+                    ax.axhline(t, ls=":", color="k")
+            ax.set_title(f"{KINDS[panel]} top-5 % (targets dotted)")
+            ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    for ax in axes[2]:
+        ax.set_xlabel("training samples since v1 (thousands)")
+    axes[0, 0].legend(fontsize=8)
+    axes[2, 1].legend(fontsize=8)
+    fig.suptitle(
+        "sdxs-emoji v2: strict top-5 per kind, 12 training emoji per kind (one image = 8 points), bare names (o-) "
+        "and exact captions (s--)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=70)
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--csv", type=Path, default=CSV)
+    ap.add_argument("--add", nargs=4, metavar=("LINE", "POINT", "SAMPLES", "JSON"), action="append", default=[])
+    ap.add_argument("--out", type=Path, default=CSV.parents[1] / "media" / "v2-curve.png")
+    args = ap.parse_args()
+    with open(args.csv, newline="") as f:
+        table = list(csv.reader(f))
+    header = table[0]
+    for line, point, samples, path in args.add:
+        table = [r for r in table if not (r[0] == line and r[1] == point)]  # re-scoring a point replaces it
+        table.append(row_from_json(line, point, int(samples), Path(path), header))
+    if args.add:
+        with open(args.csv, "w", newline="") as f:
+            csv.writer(f).writerows(table)
+    plot([dict(zip(header, r, strict=True)) for r in table[1:]], args.out)
+
+
+if __name__ == "__main__":
+    main()
