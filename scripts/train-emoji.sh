@@ -20,9 +20,12 @@
 # V2=1 (issue 16): instead of stages 1-5 from scratch, start from the model in BASE (default: the repo root, v1):
 #   2v2 model   sdxs init RUN/model-v2 --base BASE --shift 1     the v1 model with the v2 noise shift
 #   4v2 prepare sdxs prepare DATA RUN/cache-v2 (the v2 dataset: bare-name caption lines) --image-embeds
-#   5v2 unet    sdxs train unet --config configs/emoji/unet-v2.toml (balanced by emoji, shift 1, constant lr + EMA)
+#   4v2 weights python scripts/kind_weights.py DATA/.. RUN/kind-weights.csv   objects 2x, flags/smileys/symbols 1.5x,
+#               toned people 0.7x (recipe E of docs/training-emoji.md)
+#   5v2 unet    sdxs train unet --config configs/emoji/unet-v2e.toml (shift 1, uniform sigmas, tones balanced,
+#               weighted by kind, image prompts at sigma >= 0.5, constant lr + EMA)
 #   6v2 export  sdxs export RUN/unet-v2 OUT --dtype fp16
-# UNET_STEPS sets how far the v2 run goes (default 20,000: stop it any time; rerunning resumes it).
+# UNET_STEPS sets how far the v2 run goes (default 3,600: the shipped v2; more resumes the same run).
 #
 # Environment: RUN (runs/emoji), DATA (data/emoji/train), OUT (RUN/export); TE_STEPS, VAE_STEPS, DECODER_STEPS,
 # UNET_STEPS (default: the recipes'); TE_ARGS, VAE_ARGS (both VAE stages), UNET_ARGS, PREPARE_ARGS: extra overrides or
@@ -72,11 +75,23 @@ if [[ "${V2:-0}" != 0 ]]; then
     sdxs prepare "$DATA" "$RUN/cache-v2" --model "$RUN/model-v2" --image-embeds $PREPARE_ARGS
     mark prepare-v2
   fi
+  weights=()
+  if [[ -f "$(dirname "$DATA")/splits.jsonl" ]]; then  # an `sdxs data emoji` folder: weight the draws by kind
+    if ! done_stage weights-v2; then
+      log "3b/4 (v2) sampling weights by kind"
+      python scripts/kind_weights.py "$(dirname "$DATA")" "$RUN/kind-weights.csv" --split "$(basename "$DATA")" \
+        --weight objects=2 --weight flags=1.5 --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7 --power 0.5
+      mark weights-v2
+    fi
+    weights=(data.sample_weights="$RUN/kind-weights.csv")
+  else
+    log "no $(dirname "$DATA")/splits.jsonl (not an \`sdxs data emoji\` folder): no weights by kind"
+  fi
   if ! done_stage unet-v2; then
     log "4/4 (v2) UNet fine-tune"
     # shellcheck disable=SC2086
-    train unet configs/emoji/unet-v2.toml "$RUN/unet-v2" model.pretrained="$RUN/model-v2" data.path="$RUN/cache-v2" \
-      $(steps "${UNET_STEPS:-}") $UNET_ARGS
+    train unet configs/emoji/unet-v2e.toml "$RUN/unet-v2" model.pretrained="$RUN/model-v2" data.path="$RUN/cache-v2" \
+      "${weights[@]}" $(steps "${UNET_STEPS:-3600}") $UNET_ARGS
     mark unet-v2
   fi
   if ! done_stage export-v2; then
