@@ -17,7 +17,8 @@
 # Resumable: an interrupted training stage continues from its latest checkpoint (--resume latest), prepare skips
 # finished shards, init/export are rewritten whole. Delete RUN/.done-STAGE to redo a stage (and the ones after it).
 #
-# V2=1 (issue 16): instead of stages 1-5 from scratch, start from the model in BASE (default: the repo root, v1):
+# V2=1 (issue 16): instead of stages 1-5 from scratch, start from the model in BASE (default: the repo root, which
+# is v2 itself since 2026-12-02; BASE=a v1 folder from `git archive 0bed702 ...` reproduces the shipped v2):
 #   2v2 model   sdxs init RUN/model-v2 --base BASE --shift 1     the v1 model with the v2 noise shift
 #   4v2 prepare sdxs prepare DATA RUN/cache-v2 (the v2 dataset: bare-name caption lines) --image-embeds
 #   4v2 weights python scripts/kind_weights.py DATA/.. RUN/kind-weights.csv   objects 2x, flags/smileys/symbols 1.5x,
