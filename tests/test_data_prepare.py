@@ -382,6 +382,8 @@ def test_loader_sample_weights_draw_listed_images_more_often(cache, tmp_path):
     bad.write_text("file_name,weight\nnot/in/the/cache.png,2\n")
     with pytest.raises(ValueError, match="names none of the cache"):
         LatentShardLoader(cache, batch_size=1, sample_weights=bad)
+    with pytest.raises(ValueError, match="every image of bucket"):  # a bucket cannot be weighted away
+        LatentShardLoader(cache, batch_size=1, sample_weights=dict.fromkeys(keys, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------------------

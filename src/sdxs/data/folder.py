@@ -117,7 +117,7 @@ def _read_metadata(root: Path, metadata_files: list[Path], column: str) -> dict[
     """{image path: captions} from all metadata files; a deeper metadata file wins over a shallower one."""
     out: dict[Path, list[str]] = {}
     for meta in sorted(metadata_files, key=lambda p: len(p.relative_to(root).parts)):
-        rows = _read_jsonl(meta) if meta.suffix == ".jsonl" else _read_csv(meta)
+        rows = read_rows(meta)
         for i, row in enumerate(rows):
             if "file_name" not in row or column not in row:
                 raise ValueError(
@@ -127,6 +127,11 @@ def _read_metadata(root: Path, metadata_files: list[Path], column: str) -> dict[
             out[(meta.parent / str(row["file_name"])).resolve().absolute()] = _captions_from_value(row[column])
     # keys are resolved paths; map them back onto the walked (unresolved) paths
     return {p: out[p.resolve().absolute()] for p in _walk(root) if p.resolve().absolute() in out}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a `.jsonl` (one JSON object per line) or `.csv` (with a header) table, as dicts."""
+    return _read_jsonl(path) if path.suffix.lower() == ".jsonl" else _read_csv(path)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -20,7 +20,6 @@ same bucket (as `DistributedSampler` pads), so no image is left out and every ba
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from sdxs.data.fingerprint import compare_fingerprints, model_fingerprint
+from sdxs.data.folder import read_rows
 from sdxs.data.shards import EMPTY_PROMPT_NAME, load_manifest
 
 
@@ -275,8 +275,11 @@ class LatentShardLoader:
                 keys = [pattern.sub("", Path(n).stem) for n in names]
                 sizes = Counter(keys)
                 w *= np.array([sizes[k] ** -self.balance_power for k in keys], dtype=np.float64)
-            if w.sum() <= 0:  # every image of this bucket weighs 0: the bucket keeps its batches, drawn evenly
-                w = np.ones_like(w)
+            if w.sum() <= 0:
+                raise ValueError(
+                    f"`sample_weights` gives every image of bucket {bucket[0]}x{bucket[1]} weight 0, but a bucket "
+                    "keeps its share of batches: give one of its images a weight > 0, or leave it out of the cache."
+                )
             weights[bucket] = w / w.sum()
         return weights
 
@@ -378,13 +381,9 @@ def read_sample_weights(source: str | os.PathLike | dict[str, float]) -> dict[st
                 f"`sample_weights` file {str(path)!r} does not exist; pass a .csv or .jsonl with file_name,weight."
             )
         where = str(path)
-        with open(path, encoding="utf-8", newline="") as f:
-            if path.suffix.lower() == ".csv":
-                rows = list(csv.DictReader(f))
-            elif path.suffix.lower() == ".jsonl":
-                rows = [json.loads(line) for line in f if line.strip()]
-            else:
-                raise ValueError(f"`sample_weights` {where!r} must be a .csv or .jsonl file with file_name,weight.")
+        if path.suffix.lower() not in (".csv", ".jsonl"):
+            raise ValueError(f"`sample_weights` {where!r} must be a .csv or .jsonl file with file_name,weight.")
+        rows = read_rows(path)
     table: dict[str, float] = {}
     for n, row in enumerate(rows, start=1):
         if "file_name" not in row or "weight" not in row:
