@@ -175,7 +175,7 @@ def colour_cache(tmp_path_factory, tiny_hub_dir):
     return make_colour_cache(tmp_path_factory.mktemp("cache"), tiny_hub_dir)
 
 
-def train_args(run_dir, hub, cache) -> list[str]:
+def train_args(run_dir, hub, cache, **extra) -> list[str]:
     values = {
         "run.output_dir": run_dir,
         "model.pretrained": hub,
@@ -195,6 +195,7 @@ def train_args(run_dir, hub, cache) -> list[str]:
         "data.batch_size": 2,
         "data.sample_posterior": "true",  # the noise and posterior draws must continue exactly, too
         "sample.prompts": "[]",
+        **extra,
     }
     return ["train", "unet", "--config", "configs/tiny/unet.toml", *(f"{k}={v}" for k, v in values.items())]
 
@@ -252,6 +253,73 @@ def test_train_killed_at_random_points_resumes_to_identical_weights(tmp_path, ti
     # keep_last = 2 periodic checkpoints (+ the final one); no temp folder of an interrupted save or delete is left
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
     assert [d.name for d in checkpoint_dirs(run)] == [d.name for d in checkpoint_dirs(ref)]
+
+
+def _logged_step(run: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r), default=0)
+    except (OSError, ValueError):  # not written yet, or a line half-written
+        return 0
+
+
+def stop_with(cmd, run: Path, sig: int, after_step: int, timeout: float = 600) -> tuple[int, str]:
+    """Start `cmd`, send `sig` once `run` has logged `after_step`, wait for it to end by itself: (exit code, stderr)."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and _logged_step(run) < after_step:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{signal.Signals(sig).name}: step {after_step} was not reached in {timeout} s")
+                time.sleep(0.002)
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        return proc.returncode, err.read().decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_train_stopped_by_sigterm_or_ctrl_c_checkpoints_the_step_it_reached(tmp_path, tiny_hub_dir, colour_cache):
+    """SIGTERM (a scheduler, `kill PID`) and SIGINT (Ctrl-C) end training after the current step with a checkpoint of
+    that step, exit 143 / 130 and say how to resume; resumed, the run ends bit-identical to an uninterrupted one.
+    No periodic checkpoints here, so every checkpoint comes from a stop."""
+    from sdxs.train.cli import main
+
+    no_periodic = {"run.checkpoint_every": 0}
+    ref = tmp_path / "ref"
+    with one_thread():
+        assert main(train_args(ref, tiny_hub_dir, colour_cache, **no_periodic)) == 0
+
+    run = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "sdxs", *train_args(run, tiny_hub_dir, colour_cache, **no_periodic)]
+    stops = []
+    for i, sig in enumerate([signal.SIGTERM, signal.SIGINT]):
+        after = 5 if i == 0 else stops[-1] + 5
+        code, log = stop_with(cmd + (["--resume", "latest"] if i else []), run, sig, after)
+        name = signal.Signals(sig).name
+        assert code == 128 + sig, f"{name}: exit {code} (the shell's code for it is {128 + sig}): {log[-2000:]}"
+        assert f"stopped by {name} at step" in log and "--resume latest" in log, log[-2000:]
+        dirs = checkpoint_dirs(run)
+        state = json.loads((dirs[-1] / "state.json").read_text())
+        assert after <= state["step"] < MAX_STEPS and state["final"] is False
+        stops.append(state["step"])
+        assert [d.name for d in dirs] == [f"step-{s:07d}" for s in stops][-2:]  # keep_last 2, nothing else
+        assert {"unet", "unet_ema", "training_state", "config.json"} <= {p.name for p in dirs[-1].iterdir()}
+    with one_thread():
+        assert main([*train_args(run, tiny_hub_dir, colour_cache, **no_periodic), "--resume", "latest"]) == 0
+    fa, fb = find_checkpoint(ref), find_checkpoint(run)
+    assert fa.name == fb.name == f"step-{MAX_STEPS:07d}"
+    for folder in ("unet", "unet_ema"):
+        wa, wb = read_weights(fa / folder), read_weights(fb / folder)
+        differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert not differ, f"{folder}: {len(differ)} tensors differ after stops at steps {stops}"
+    la = {r["step"]: r["loss"] for r in read_metrics(ref / "metrics.jsonl") if "loss" in r}
+    lb = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert lb == la
 
 
 def _latest_step(run: Path) -> int:

@@ -54,7 +54,7 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from sdxs.train.common import NonFiniteLossError
+    from sdxs.train.common import NonFiniteLossError, TrainingStopped
     from sdxs.train.config import (
         LoRATrainConfig,
         TextEncoderTrainConfig,
@@ -86,6 +86,9 @@ def cmd_train(args) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:  # Ctrl-C / SIGTERM: a checkpoint of the step reached was written (stop.py)
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     logging.getLogger("sdxs.train").info("final checkpoint: %s", final)
     return 0
 

@@ -54,6 +54,7 @@ from sdxs.train.optim import (  # noqa: F401  (re-exported)
     lr_factor,
     resume_lr_anchor,
 )
+from sdxs.train.stop import StopOnSignal, TrainingStopped
 
 logger = logging.getLogger("sdxs.train")
 
@@ -234,21 +235,29 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
     metrics = MetricsLog(loop.run_dir / "metrics.jsonl", loop.step, enabled=loop.main)
     bar = progress_bar(loop.main and run.progress_bar, loop.step, run.max_steps)
 
-    # one iteration = one optimiser step of grad_accum micro-batches
+    # one iteration = one optimiser step of grad_accum micro-batches; Ctrl-C / SIGTERM stop after a step (stop.py)
     loop.model.train()
     t_last, steps_since = time.perf_counter(), 0
-    while loop.step < run.max_steps:
-        mean_loss, grad_norm, info = _train_step(loop)
-        steps_since += 1
-        if loop.step % run.log_every == 0 or loop.step == run.max_steps:
-            _log(loop, metrics, bar, mean_loss, grad_norm, info, steps_since, t_last)
-            t_last, steps_since = time.perf_counter(), 0
-        if bar is not None:
-            bar.update(1)
-        if run.sample_every and loop.step % run.sample_every == 0 and loop.step < run.max_steps:
-            _write_samples(loop)
-        if run.checkpoint_every and loop.step % run.checkpoint_every == 0 and loop.step < run.max_steps:
-            _write_checkpoint(loop, final=False)
+    with StopOnSignal() as stop:
+        while loop.step < run.max_steps:
+            mean_loss, grad_norm, info = _train_step(loop)
+            steps_since += 1
+            if loop.step % run.log_every == 0 or loop.step == run.max_steps:
+                _log(loop, metrics, bar, mean_loss, grad_norm, info, steps_since, t_last)
+                t_last, steps_since = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            if run.sample_every and loop.step % run.sample_every == 0 and loop.step < run.max_steps:
+                _write_samples(loop)
+            periodic = run.checkpoint_every and loop.step % run.checkpoint_every == 0
+            if periodic and loop.step < run.max_steps:
+                ckpt = _write_checkpoint(loop, final=False)
+            if stop.requested(accelerator) and loop.step < run.max_steps:
+                if bar is not None:
+                    bar.close()
+                if not periodic:
+                    ckpt = _write_checkpoint(loop, final=False)
+                raise TrainingStopped(stop.signum, loop.step, ckpt)
 
     # the end: statistics the model config records (VAE scaling factor), final checkpoint, samples, export
     if bar is not None:
