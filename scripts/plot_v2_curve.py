@@ -7,6 +7,13 @@ with the issue's targets as dotted lines.
 
     python scripts/plot_v2_curve.py                                            # media/v2-curve.png from the CSV
     python scripts/plot_v2_curve.py --add E "E step 400" 25600 runs/e/strict/step-400.json
+    python scripts/plot_v2_curve.py --fit --since 250000 --rate 17.5 --rate 57    # compute the targets need
+
+`--fit` answers "how much more compute do the targets need" from the curve itself: for each target it fits a straight
+line (least squares) to each recipe line's points at or past `--since` samples (the rising part of its curve) and
+prints the slope, where the line meets the target, and the hours that takes at each `--rate` (samples/s). A
+straight line through a curve that bends is a rough yardstick, so the table also says how far the points scatter
+around it; it is a reading of the curve, not a promise.
 """
 
 from __future__ import annotations
@@ -53,6 +60,45 @@ def row_from_json(line: str, point: str, samples: int, path: Path, header: list[
     bare = by[("training, bare name", "all")]
     values["nearest_bare"], values["edge_bare"] = f"{bare['nearest']:.3f}", f"{bare['edge']:.2f}"
     return [values[h] for h in header]
+
+
+def fit_targets(rows: list[dict], since: int, rates: list[float]) -> str:
+    """Markdown table: per target, the straight line through the points at >= `since` samples and where it meets the
+    target (see the module docstring)."""
+    import numpy as np
+
+    goals = [(f"bare_{k}", b) for k, (b, _) in TARGETS.items() if b] + [
+        (f"exact_{k}", e) for k, (_, e) in TARGETS.items() if e
+    ]
+    goals.append(("image_all", 50))
+    head = "| metric | target | points | last | slope per 100k samples | scatter (rms) | meets the target at | more samples |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    out[0] += "".join(f" hours at {r:g}/s |" for r in rates)
+    out[1] += "---|" * len(rates)
+    last_x = max(int(r["samples"]) for r in rows)
+    for col, target in goals:
+        pts = [(int(r["samples"]), float(r[col])) for r in rows if r[col] and int(r["samples"]) >= since]
+        if len(pts) < 3:
+            out.append(f"| {col} | {target} | {len(pts)} | | too few points to fit | | | |" + " |" * len(rates))
+            continue
+        x, y = np.array(pts, dtype=float).T
+        slope, icpt = np.polyfit(x, y, 1)
+        rms = float(np.sqrt(np.mean((y - (slope * x + icpt)) ** 2)))
+        now = slope * last_x + icpt
+        if now >= target:
+            at, more = "reached", 0.0
+        elif slope <= 0:
+            at, more = "never (flat or falling)", float("inf")
+        else:
+            x_hit = (target - icpt) / slope
+            at, more = f"{x_hit / 1e6:.2f}M samples", x_hit - last_x
+        hours = "".join(f" {more / r / 3600:.1f} |" if np.isfinite(more) else " - |" for r in rates)
+        more_txt = f"{more / 1e6:.2f}M" if np.isfinite(more) else "-"
+        out.append(
+            f"| {col} | {target} | {len(pts)} | {y[np.argmax(x)]:.0f} | {slope * 1e5:+.1f} | {rms:.1f} | {at} | "
+            f"{more_txt} |{hours}"
+        )
+    return "\n".join(out)
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -117,6 +163,9 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=CSV)
     ap.add_argument("--add", nargs=4, metavar=("LINE", "POINT", "SAMPLES", "JSON"), action="append", default=[])
     ap.add_argument("--out", type=Path, default=CSV.parents[1] / "media" / "v2-curve.png")
+    ap.add_argument("--fit", action="store_true", help="print the compute each target needs at the curve's rate")
+    ap.add_argument("--since", type=int, default=250_000, help="--fit uses the points at >= this many samples")
+    ap.add_argument("--rate", type=float, action="append", default=[], help="samples/s for --fit's hours column")
     args = ap.parse_args()
     with open(args.csv, newline="") as f:
         table = list(csv.reader(f))
@@ -127,7 +176,13 @@ def main() -> None:
     if args.add:
         with open(args.csv, "w", newline="") as f:
             csv.writer(f).writerows(table)
-    plot([dict(zip(header, r, strict=True)) for r in table[1:]], args.out)
+    rows = [dict(zip(header, r, strict=True)) for r in table[1:]]
+    if args.fit:
+        for line in sorted({r["line"] for r in rows}):
+            print(f"\n{line} (points at >= {args.since:,} samples):\n")
+            print(fit_targets([r for r in rows if r["line"] == line], args.since, args.rate or [17.5]))
+        return
+    plot(rows, args.out)
 
 
 if __name__ == "__main__":
