@@ -52,27 +52,31 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def run_until_killed(cmd, trigger, delay: float, what: str, timeout: float = 600) -> None:
-    """Start `cmd`, wait until `trigger()` is true, sleep `delay` s, SIGKILL it; fail if it ended by itself."""
+def signal_when(cmd, trigger, sig: int, delay: float, what: str, timeout: float = 600) -> tuple[int, str]:
+    """Start `cmd`, wait until `trigger()` is true, sleep `delay` s, send `sig`, wait for the end: (exit code, stderr)."""
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout
         try:
             while proc.poll() is None and not trigger():
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{what}: the kill point was not reached in {timeout} s")
+                    pytest.fail(f"{what}: the signal point was not reached in {timeout} s")
                 time.sleep(0.002)
             time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
-            proc.wait()
+                proc.wait()
         err.seek(0)
-        log = err.read().decode(errors="replace")[-2000:]
-    assert proc.returncode == -signal.SIGKILL, (
-        f"{what}: the run ended (exit {proc.returncode}) before it was killed: {log}"
-    )
+        return proc.returncode, err.read().decode(errors="replace")
+
+
+def run_until_killed(cmd, trigger, delay: float, what: str, timeout: float = 600) -> None:
+    """Start `cmd`, wait until `trigger()` is true, sleep `delay` s, SIGKILL it; fail if it ended by itself."""
+    code, log = signal_when(cmd, trigger, signal.SIGKILL, delay, what, timeout)
+    assert code == -signal.SIGKILL, f"{what}: the run ended (exit {code}) before it was killed: {log[-2000:]}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,26 +266,6 @@ def _logged_step(run: Path) -> int:
         return 0
 
 
-def stop_with(cmd, run: Path, sig: int, after_step: int, timeout: float = 600) -> tuple[int, str]:
-    """Start `cmd`, send `sig` once `run` has logged `after_step`, wait for it to end by itself: (exit code, stderr)."""
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + timeout
-        try:
-            while proc.poll() is None and _logged_step(run) < after_step:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{signal.Signals(sig).name}: step {after_step} was not reached in {timeout} s")
-                time.sleep(0.002)
-            proc.send_signal(sig)
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        err.seek(0)
-        return proc.returncode, err.read().decode(errors="replace")
-
-
 @pytest.mark.slow
 def test_train_stopped_by_sigterm_or_ctrl_c_checkpoints_the_step_it_reached(tmp_path, tiny_hub_dir, colour_cache):
     """SIGTERM (a scheduler, `kill PID`) and SIGINT (Ctrl-C) end training after the current step with a checkpoint of
@@ -299,8 +283,9 @@ def test_train_stopped_by_sigterm_or_ctrl_c_checkpoints_the_step_it_reached(tmp_
     stops = []
     for i, sig in enumerate([signal.SIGTERM, signal.SIGINT]):
         after = 5 if i == 0 else stops[-1] + 5
-        code, log = stop_with(cmd + (["--resume", "latest"] if i else []), run, sig, after)
         name = signal.Signals(sig).name
+        resume = ["--resume", "latest"] if i else []
+        code, log = signal_when(cmd + resume, lambda n=after: _logged_step(run) >= n, sig, 0, name)
         assert code == 128 + sig, f"{name}: exit {code} (the shell's code for it is {128 + sig}): {log[-2000:]}"
         assert f"stopped by {name} at step" in log and "--resume latest" in log, log[-2000:]
         dirs = checkpoint_dirs(run)
