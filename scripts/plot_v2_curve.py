@@ -2,8 +2,10 @@
 
 The numbers live in docs/v2-curve.csv (one row per scored checkpoint; every row came from
 `python scripts/strict_eval.py --model MODEL --unet CKPT --data DATA --per-kind 12 --held-out 0 --no-refine
---json OUT.json`, see docs/training-emoji.md). `--add` appends the row of one such JSON, then the figure is drawn
-with the issue's targets as dotted lines.
+--json OUT.json`, see docs/training-emoji.md, unless its point name says otherwise). `--add` appends the row of one
+such JSON, then the figure is drawn with the issue's targets as dotted lines. The held-out columns are filled only for
+the points that had a full eval (`strict_eval.py` with its default 60 held-out emoji and 60 held-out skin tones): the
+curve checks skip them for time, and held-out emoji are what falls when training emoji are fitted.
 
     python scripts/plot_v2_curve.py                                            # media/v2-curve.png from the CSV
     python scripts/plot_v2_curve.py --add E "E step 400" 25600 runs/e/strict/step-400.json
@@ -40,6 +42,7 @@ TARGETS = {  # issue 16, top-5 %: (bare names, exact captions)
     "flags": (30, None),
 }
 CSV = Path(__file__).resolve().parents[1] / "docs" / "v2-curve.csv"
+BRANCHES = {"F": ("E", "E step 3600")}  # a line that continues another's point (F: E resumed from the shipped v2)
 
 
 def row_from_json(line: str, point: str, samples: int, path: Path, header: list[str]) -> list[str]:
@@ -59,7 +62,9 @@ def row_from_json(line: str, point: str, samples: int, path: Path, header: list[
         values[f"image_{short}"] = top5("image prompts, training images", KINDS[short])
     bare = by[("training, bare name", "all")]
     values["nearest_bare"], values["edge_bare"] = f"{bare['nearest']:.3f}", f"{bare['edge']:.2f}"
-    return [values[h] for h in header]
+    values["heldout_emoji"] = top5("held-out emoji, bare name", "all")  # blank unless scored with --held-out N
+    values["heldout_tones"] = top5("held-out skin tones, bare name", "all")
+    return [values.get(h, "") for h in header]
 
 
 def fit_targets(rows: list[dict], since: int, rates: list[float]) -> str:
@@ -110,11 +115,14 @@ def plot(rows: list[dict], out: Path) -> None:
     v1 = next(r for r in rows if r["point"] == "v1")
     lines = sorted({r["line"] for r in rows}, key=lambda n: (n != "A-D", n))
     colours = dict(zip(lines, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=False))
-    fig, axes = plt.subplots(3, 3, figsize=(15, 11), sharex=True)
-    panels = [*KINDS, "image", "nearest"]
+    fig, axes = plt.subplots(2, 5, figsize=(24, 8.5), sharex=True)
+    panels = [*KINDS, "image", "heldout", "nearest"]
     for ax, panel in zip(axes.flat, panels, strict=True):
         for line in lines:
-            pts = [v1] + [r for r in rows if r["line"] == line and r is not v1]
+            start = BRANCHES.get(line, ("A-D", "v1"))
+            first = next(r for r in rows if (r["line"], r["point"]) == start)
+            own = sorted((r for r in rows if r["line"] == line and r is not first), key=lambda r: int(r["samples"]))
+            pts = [first, *own]
             x = [int(r["samples"]) / 1000 for r in pts]
             if panel == "nearest":
                 ax.plot(x, [float(r["nearest_bare"]) for r in pts], "o-", ms=3, color=colours[line], label=line)
@@ -123,6 +131,12 @@ def plot(rows: list[dict], out: Path) -> None:
                 ys = [(x_, float(r["image_all"])) for x_, r in zip(x, pts, strict=True) if r["image_all"]]
                 ax.plot(*zip(*ys, strict=True), "o-", ms=3, color=colours[line], label=f"{line}, all kinds")
                 continue
+            if panel == "heldout":  # only the points scored with held-out prompts (the full evals)
+                for col, style, what in (("heldout_emoji", "o-", "emoji"), ("heldout_tones", "s--", "tones")):
+                    ys = [(x_, float(r[col])) for x_, r in zip(x, pts, strict=True) if r.get(col)]
+                    if ys:
+                        ax.plot(*zip(*ys, strict=True), style, ms=4, color=colours[line], label=f"{line}, {what}")
+                continue
             for kind_of_prompt, style in (("bare", "o-"), ("exact", "s--")):
                 ys = [float(r[f"{kind_of_prompt}_{panel}"]) for r in pts]
                 ax.plot(x, ys, style, ms=3, color=colours[line], label=f"{line}, {kind_of_prompt}")
@@ -130,6 +144,11 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.axhline(0.06, ls=":", color="k")
             ax.set_title("nearest-render distance, bare names (target <= 0.06)")
             ax.set_ylim(0, 0.2)
+        elif panel == "heldout":
+            ax.axhline(20, ls=":", color="k")
+            ax.set_title("held-out emoji (o-) / skin tones (s--), 60 each,\nbare names top-5 % (full evals only)")
+            ax.set_ylim(-3, 103)
+            ax.legend(fontsize=7)
         elif panel == "image":
             ax.axhline(50, ls=":", color="k")
             ax.axhline(float(v1["image_all"]), ls=":", color="grey")
@@ -143,10 +162,10 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.set_title(f"{KINDS[panel]} top-5 % (targets dotted)")
             ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
-    for ax in axes[2]:
+    for ax in axes[-1]:
         ax.set_xlabel("training samples since v1 (thousands)")
     axes[0, 0].legend(fontsize=8)
-    axes[2, 1].legend(fontsize=8)
+    axes[1, 1].legend(fontsize=8)
     fig.suptitle(
         "sdxs-emoji v2: strict top-5 per kind, 12 training emoji per kind (one image = 8 points), bare names (o-) "
         "and exact captions (s--)",

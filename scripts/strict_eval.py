@@ -9,7 +9,8 @@
 raw` for the raw weights; a run folder means its latest checkpoint), so a run's checkpoints can be scored while it
 trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on a fixed batch of that latent cache
 (the same noise for every model compared).
-Prints a Markdown table; `--json` keeps the numbers, `--grid` writes the labelled bare-name grid.
+Prints a Markdown table; `--json` keeps the numbers (per group and kind, and per prompt: `scripts/compare_strict.py`
+compares two such files prompt by prompt), `--grid` writes the labelled bare-name grid.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
             "steps": args.steps,
             "guidance": args.guidance,
             "rows": [row for s in result.scores for row in s.rows()],
+            "prompts": {s.label: s.per_prompt() for s in result.scores},  # for scripts/compare_strict.py
             "refine_kept": result.refine_kept,
             "refine_examples": result.refine_examples,
             "loss_bands": bands,

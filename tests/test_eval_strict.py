@@ -110,3 +110,24 @@ def test_strict_eval_groups_and_refine_check(data):
     assert not es.names_the_emoji("waving hand", renders[5]) and es.names_the_emoji(
         "waving hand, light skin tone, 3d render", renders[5]
     )
+
+
+def test_paired_changes_counts_prompts_gained_and_lost_and_tests_them(data):
+    renders = es.load_renders(data)
+    gallery = es.PixelGallery(renders)
+    copies = [Image.open(r.path).convert("RGBA") for r in renders]
+    blank = Image.new("RGB", (64, 64), "white")
+    good = es.score_images(gallery, copies, renders, "g")
+    worse = es.score_images(gallery, [blank, blank, *copies[2:]], renders, "g")  # loses the two apples at top-1
+    records = good.per_prompt()
+    assert [r["prompt"] for r in records] == [r.bare for r in renders] and records[0]["rank"] == 0
+    rows = {r["kind"]: r for r in es.paired_changes({"g": records}, {"g": worse.per_prompt()}, k=1)}
+    assert rows["all"]["n"] == len(renders) and (rows["all"]["gained"], rows["all"]["lost"]) == (0, 2)
+    assert rows["all"]["before"] == 100.0 and rows["all"]["after"] == 75.0
+    assert rows["all"]["p"] == 0.5  # two prompts lost is what chance gives half the time
+    assert rows["flags"]["lost"] == 0 and rows["flags"]["p"] == 1.0
+    # eight of eight lost is not chance (p = 2 / 2**8); the same records against themselves change nothing
+    many = [dict(r, prompt=f"{r['prompt']} {i}") for i in range(4) for r in records[:2]]
+    lost = [dict(r, rank=99) for r in many]
+    assert es.paired_changes({"g": many}, {"g": lost}, k=1)[0]["p"] == pytest.approx(2 / 2**8, abs=1e-3)
+    assert all(r["p"] == 1.0 for r in es.paired_changes({"g": records}, {"g": records}))

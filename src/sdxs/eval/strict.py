@@ -165,6 +165,7 @@ class StrictScores:
     kinds: list[str]
     gallery_size: int
     extra: dict = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)  # what each generation was asked for (bare name of its target)
 
     @property
     def count(self) -> int:
@@ -205,6 +206,54 @@ class StrictScores:
             )
         return out
 
+    def per_prompt(self) -> list[dict]:
+        """One dict per generation (target, kind, rank, nearest, edge): what `paired_changes` compares."""
+        return [
+            {"prompt": p, "kind": k, "rank": int(r), "nearest": round(float(n), 4), "edge": round(float(e), 3)}
+            for p, k, r, n, e in zip(self.prompts, self.kinds, self.ranks, self.nearest, self.edge_ratio, strict=True)
+        ]
+
+
+def paired_changes(before: dict[str, list[dict]], after: dict[str, list[dict]], k: int = 5) -> list[dict]:
+    """What: which prompts two models' strict evals disagree on, per group and kind, and whether the change is more
+    than chance: gained = hits at top-`k` only `after` has, lost = only `before`; `p` is the two-sided exact sign
+    test (McNemar) on those discordant prompts.
+
+    On: the `per_prompt()` records of both evals, group label -> records (the `prompts` of a `strict_eval.py
+    --json`); only prompts present in both, so both evals must use the same emoji (same --per-kind, --held-out,
+    seed).
+
+    Chance level: with no real difference, gained and lost are equally likely; p < 0.05 says the change is unlikely
+    to be that. A difference of a few prompts in a group of 24 or 60 is usually not.
+    """
+    from math import comb
+
+    out = []
+    for label, rows_a in before.items():
+        rows_b = {r["prompt"]: r for r in after.get(label, [])}
+        pairs = [(a, rows_b[a["prompt"]]) for a in rows_a if a["prompt"] in rows_b]
+        if not pairs:
+            continue
+        for kind in [None, *[kd for kd in KINDS if any(a["kind"] == kd for a, _ in pairs)]]:
+            sel = [(a["rank"] < k, b["rank"] < k) for a, b in pairs if kind is None or a["kind"] == kind]
+            gained = sum(1 for a, b in sel if b and not a)
+            lost = sum(1 for a, b in sel if a and not b)
+            m = gained + lost
+            tail = sum(comb(m, i) for i in range(min(gained, lost) + 1)) / 2**m if m else 1.0
+            out.append(
+                {
+                    "group": label,
+                    "kind": kind or "all",
+                    "n": len(sel),
+                    "before": round(100.0 * sum(a for a, _ in sel) / len(sel), 1),
+                    "after": round(100.0 * sum(b for _, b in sel) / len(sel), 1),
+                    "gained": gained,
+                    "lost": lost,
+                    "p": round(min(1.0, 2 * tail), 3),
+                }
+            )
+    return out
+
 
 def score_images(gallery: PixelGallery, images: Sequence, targets: Sequence[Render], label: str) -> StrictScores:
     """What: strict retrieval of generated `images`: the rank of `targets[i]` (what image i was asked to show) among
@@ -227,7 +276,8 @@ def score_images(gallery: PixelGallery, images: Sequence, targets: Sequence[Rend
     for im, j in zip(images, nearest_i, strict=True):
         ref = gallery.edge_energy(int(j), im.size)
         edges.append(sobel_energy(im) / max(ref, 1e-6))
-    return StrictScores(label, ranks, nearest, np.array(edges), [t.kind for t in targets], len(gallery))
+    kinds = [t.kind for t in targets]
+    return StrictScores(label, ranks, nearest, np.array(edges), kinds, len(gallery), prompts=[t.bare for t in targets])
 
 
 def pick_per_kind(renders: Sequence[Render], per_kind: int, seed: int) -> list[Render]:
