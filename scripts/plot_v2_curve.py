@@ -167,8 +167,8 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[0, 0].legend(fontsize=8)
     axes[1, 1].legend(fontsize=8)
     fig.suptitle(
-        "sdxs-emoji v2: strict top-5 per kind, 12 training emoji per kind (one image = 8 points), bare names (o-) "
-        "and exact captions (s--)",
+        "sdxs-emoji v2: strict top-5 per kind, 12 training emoji per kind (one image = 8 points; 24 at the points named "
+        "'full eval'), bare names (o-) and exact captions (s--)",
         fontsize=11,
     )
     fig.tight_layout()
