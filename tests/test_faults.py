@@ -97,6 +97,22 @@ def make_images(folder: Path) -> Path:
     return folder
 
 
+# `sdxs prepare` with every shard taking >= 0.1 s longer before it is saved. A tiny image encodes in a few ms, so
+# the >= 5 shards left after a kill point took less than the test's 0-50 ms delay on a busy machine and the run
+# ended by itself before the kill (a flake seen in CI); with 0.5 s left the kill lands inside the run.
+SLOW_SHARDS = """
+import sys, time
+import sdxs.data.prepare as p
+save = p.atomic_save
+def slow_save(*args, **kwargs):
+    time.sleep(0.1)
+    return save(*args, **kwargs)
+p.atomic_save = slow_save
+from sdxs.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
 def _files(folder: Path) -> dict[str, Path]:
     return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -117,7 +133,7 @@ def test_prepare_killed_at_random_points_resumes_to_identical_shards(tmp_path, t
     # killed three times, after k shards exist (k drawn without replacement) plus a random delay of up to 50 ms:
     # while a shard is encoded or written
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "sdxs", "prepare", args[0], str(out), *args[1:]]
+    cmd = [sys.executable, "-c", SLOW_SHARDS, "prepare", args[0], str(out), *args[1:]]
     rng = random.Random(SEED)
     points = sorted(rng.sample(range(1, N_IMAGES - 4), 3))
     kept: dict[str, int] = {}  # shard -> mtime_ns: a finished shard is never made again
