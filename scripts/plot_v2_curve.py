@@ -42,7 +42,8 @@ TARGETS = {  # issue 16, top-5 %: (bare names, exact captions)
     "flags": (30, None),
 }
 CSV = Path(__file__).resolve().parents[1] / "docs" / "v2-curve.csv"
-BRANCHES = {"F": ("E", "E step 3600")}  # a line that continues another's point (F: E resumed from the shipped v2)
+# a line that continues another's point: F = E resumed from the shipped v2.0, G = F resumed from the shipped v2
+BRANCHES = {"F": ("E", "E step 3600"), "G": ("F", "F step 2000 (full eval, 24 per kind)")}
 
 
 def row_from_json(line: str, point: str, samples: int, path: Path, header: list[str]) -> list[str]:
