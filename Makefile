@@ -1,8 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
-#   make image PROMPT="a red apple, 3d render"   -> writes image.png with the model at the repo root
-#   make test                                    -> lint + the test suite (what .ci/run calls)
+#   make image PROMPT="red apple"   -> writes image.png with the model at the repo root
+#   make test                       -> lint + the test suite (what .ci/run calls)
 PYTHON ?= python3
-PROMPT ?= a smiling face with heart eyes, 3d render
+PROMPT ?= smiling face with heart-eyes
 OUT ?= image.png
 TORCH ?= torch==2.13.0
 

@@ -296,7 +296,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 EPILOG = """\
 examples:
-  sdxs generate "a smiling face with heart eyes, 3d render" -o face.png
+  sdxs generate "smiling face with heart-eyes" -o face.png
   sdxs generate "a red apple" --steps 20 --seed 7 --num-images 4 -o apples.png
   sdxs generate -i --steps 20                 # interactive prompt loop, model stays loaded
   sdxs upscale face.png                        # -> face-2x.png
