@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -54,6 +55,9 @@ DEFAULT_REFINE_INSTRUCTION = (
 # An image argument: diffusers' own `PipelineImageInput` (PIL, array, tensor, or a list of them) or file path(s).
 ImageInput = PipelineImageInput | str | os.PathLike | list[str | os.PathLike]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# a skin-tone tag as the emoji captions write it ("medium-light skin tone"): a tone makes another emoji, so
+# `refine_prompts` drops one the prompt did not ask for
+SKIN_TONE_TAG = re.compile(r"^(light|medium-light|medium|medium-dark|dark) skin tone$", re.IGNORECASE)
 
 # A hub repository with custom code names its pipeline class as [module file, class] in model_index.json.
 HUB_CLASS_NAME = ["pipeline", "SDXSPipeline"]
@@ -709,6 +713,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         seed: int | None = None,
         keep_prompt: bool = True,
         generator: torch.Generator | None = None,
+        add_skin_tone: bool = False,
     ) -> list[str]:
         r"""
         Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
@@ -719,11 +724,15 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             max_new_tokens (`int`): length limit of each refined prompt in tokens.
             do_sample, temperature, top_p: sampling settings passed to `generate`.
             seed (`int`, *optional*): makes sampling reproducible.
-            keep_prompt (`bool`, defaults to `True`): the answer starts with the prompt itself and the model only
-                adds to it, so the refinement keeps what the user named (a small LM left free may answer "cat"
-                with another subject). `False`: the model writes the whole answer.
+            keep_prompt (`bool`, defaults to `True`): the answer starts with the prompt itself, closed by a comma,
+                and the model only adds tags after it, so the refinement keeps what the user named (a small LM left
+                free may answer "cat" with another subject, and one that may go on with the last word turns "rock"
+                into "rocket"). `False`: the model writes the whole answer.
             generator (`torch.Generator`, *optional*): diffusers-style randomness instead of `seed` (one seed for
                 the sampling is drawn from it, so the same generator state gives the same text).
+            add_skin_tone (`bool`, defaults to `False`): keep a skin-tone tag ("medium skin tone") that the model
+                adds to a prompt naming none. By default it is dropped: a tone makes another emoji ("woman cook" is
+                the yellow one), so it is the user's choice, not the refiner's.
 
         Returns:
             `list[str]`: one refined prompt per input prompt.
@@ -750,7 +759,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 tokenize=False,
                 add_generation_prompt=True,
             )
-            + (p.strip() if keep_prompt else "")
+            + (_opening(p) if keep_prompt else "")
             for p in prompts
         ]
         # left padding so every row's generation starts right after its own prompt
@@ -768,9 +777,10 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             )
         self.maybe_free_model_hooks()
         new = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        # with keep_prompt the prompt opened the answer: put it back in front of what the model added (byte-level
-        # tokens keep their leading spaces, so "cat" + ", animal" and "cat" + "s" both join as the model meant)
-        return [((p.strip() if keep_prompt else "") + t).strip() for p, t in zip(prompts, new, strict=True)]
+        # with keep_prompt the prompt (and its closing comma) opened the answer: put it back in front of what the
+        # model added (byte-level tokens keep their leading spaces, so "cat," + " animal" joins as the model meant)
+        answers = [(_opening(p) if keep_prompt else "") + t for p, t in zip(prompts, new, strict=True)]
+        return [_tidy_refined(a, p, add_skin_tone) for a, p in zip(answers, prompts, strict=True)]
 
     def _check_refine_inputs(self, prompt, max_new_tokens: int):
         """`refine_prompts`' checks: prompts, a text encoder that can generate, a tokenizer with a chat template.
@@ -1617,3 +1627,17 @@ def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
         if fade_out:
             w[-overlap:] = ramp.flip(0)
     return w
+
+
+def _opening(prompt: str) -> str:
+    """How a refined answer opens with `keep_prompt`: the prompt closed by a comma, so the model adds tags after
+    the name instead of going on with its last word."""
+    return prompt.strip().rstrip(",").rstrip() + ","
+
+
+def _tidy_refined(answer: str, prompt: str, add_skin_tone: bool) -> str:
+    """A refined answer as comma-separated tags: empty tags gone, and (unless `add_skin_tone` or the prompt names
+    one) no skin-tone tag."""
+    tags = [t.strip() for t in answer.split(",")]
+    asked = any(SKIN_TONE_TAG.match(t.strip()) for t in prompt.split(","))
+    return ", ".join(t for t in tags if t and (add_skin_tone or asked or not SKIN_TONE_TAG.match(t)))

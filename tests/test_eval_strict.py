@@ -89,12 +89,14 @@ def test_strict_eval_groups_and_refine_check(data):
 
     def generate(prompts):  # a perfect model: draws exactly the named emoji (a blank for anything else)
         blank = Image.new("RGB", (64, 64), "white")
-        return [Image.open(by_prompt[p.split(" +")[0]].path) if p in by_prompt or " +" in p else blank for p in prompts]
+        return [
+            Image.open(by_prompt[p.split(", +")[0]].path) if p in by_prompt or ", +" in p else blank for p in prompts
+        ]
 
     def refine(prompts):  # keeps the first, loses the second
         return [p if i % 2 == 0 else "something else" for i, p in enumerate(prompts)]
 
-    result = es.strict_eval(renders, generate, refine=lambda ps: [p + " +" for p in ps], per_kind=2, seed=0)
+    result = es.strict_eval(renders, generate, refine=lambda ps: [p + ", +" for p in ps], per_kind=2, seed=0)
     labels = [s.label for s in result.scores]
     assert labels[:4] == [
         "training, bare name",
@@ -110,6 +112,10 @@ def test_strict_eval_groups_and_refine_check(data):
     assert not es.names_the_emoji("waving hand", renders[5]) and es.names_the_emoji(
         "waving hand, light skin tone, 3d render", renders[5]
     )
+    # a longer name that contains the asked one, or an added skin tone, is another emoji
+    assert es.names_the_emoji("red apple, fruit, 3d render", renders[0])
+    assert not es.names_the_emoji("red apple tree, 3d render", renders[0])
+    assert not es.names_the_emoji("red apple, medium skin tone, 3d render", renders[0])
 
 
 def test_paired_changes_counts_prompts_gained_and_lost_and_tests_them(data):

@@ -31,6 +31,19 @@ def test_refine_prompts_keeps_what_the_user_named(pipe):
     assert not free[0].startswith("penguin")
 
 
+def test_refine_prompts_closes_the_name_and_adds_no_skin_tone(pipe):
+    from sdxs.pipeline import _tidy_refined
+
+    # the name is closed by a comma before the model writes: "rock" cannot grow into "rocket"
+    rock, girl = pipe.refine_prompts(["rock", "girl, medium skin tone,"], max_new_tokens=8, seed=0)
+    assert rock.split(",")[0] == "rock" and girl.startswith("girl, medium skin tone")
+    # a tone the prompt did not name would make another emoji: dropped unless asked for
+    answer = "woman cook, medium-light skin tone, chef, , 3d render"
+    assert _tidy_refined(answer, "woman cook", add_skin_tone=False) == "woman cook, chef, 3d render"
+    assert _tidy_refined(answer, "woman cook", add_skin_tone=True).startswith("woman cook, medium-light skin tone")
+    assert _tidy_refined("woman cook, dark skin tone, chef", "woman cook, dark skin tone", False).count("tone") == 1
+
+
 def test_refine_prompts_errors(pipe):
     with pytest.raises(ValueError, match="empty list"):
         pipe.refine_prompts([])

@@ -186,7 +186,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
     """Expand short prompts into detailed ones with the text encoder's language-model head; one line each."""
     pipe = load_pipeline(args)
     refined = pipe.refine_prompts(
-        list(args.prompts), instruction=args.instruction, max_new_tokens=args.max_new_tokens, seed=args.seed
+        list(args.prompts),
+        instruction=args.instruction,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        add_skin_tone=args.add_skin_tone,
     )
     for text in refined:
         print(" ".join(text.split()))  # one line per prompt, so the output can be piped
@@ -413,6 +417,11 @@ def add_refine_parser(sub, model: argparse.ArgumentParser) -> None:
     p.add_argument("--instruction", help="system instruction (default: the model's)")
     p.add_argument("--max-new-tokens", type=positive_int, default=120)
     p.add_argument("--seed", type=seed_int, help="makes sampling reproducible")
+    p.add_argument(
+        "--add-skin-tone",
+        action="store_true",
+        help="keep a skin tone the model adds to a prompt naming none (default: dropped; a tone is another emoji)",
+    )
 
 
 def add_encode_image_parser(sub, model: argparse.ArgumentParser, gen: argparse.ArgumentParser) -> None:

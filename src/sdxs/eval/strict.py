@@ -291,9 +291,12 @@ def pick_per_kind(renders: Sequence[Render], per_kind: int, seed: int) -> list[R
 
 
 def names_the_emoji(refined: str, render: Render) -> bool:
-    """Does a refined prompt name the emoji it was asked to refine (its name, and its skin tone if any)?"""
-    text = refined.lower()
-    return render.name.lower() in text and all(t.lower() in text for t in render.skin_tones)
+    """Does a refined prompt name the emoji it was asked to refine: its name as the first tag (not a longer name
+    that contains it: "rock" -> "rocket", "skull" -> "skull and crossbones" do not count) and exactly its skin tones
+    (an added tone names another emoji: "woman cook" -> "woman cook, medium skin tone" does not count)?"""
+    tags = [t.strip().lower() for t in refined.split(",")]
+    tones = {t for t in tags if t.endswith("skin tone")}
+    return tags[0] == render.name.lower() and tones == {t.lower() for t in render.skin_tones}
 
 
 def markdown_table(scores: Sequence[StrictScores]) -> str:
