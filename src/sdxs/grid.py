@@ -13,8 +13,8 @@ import PIL.ImageFont
 
 def make_grid(images: Sequence, labels: Sequence[str], columns: int = 4, cell: int = 128) -> PIL.Image.Image:
     """Images in rows of `columns`, each `cell` px square with its (wrapped) label underneath, on white."""
-    font = PIL.ImageFont.load_default()
-    wrap = max(8, cell // 7)  # characters per line of the default bitmap-like font
+    font = _label_font()
+    wrap = max(8, cell // 7)  # characters per line of a 10 px font
     lines = [textwrap.wrap(label, wrap)[:3] or [""] for label in labels]
     line_h = 12
     label_h = 4 + line_h * max(len(ls) for ls in lines)
@@ -28,3 +28,12 @@ def make_grid(images: Sequence, labels: Sequence[str], columns: int = 4, cell: i
         for j, line in enumerate(text):
             draw.text((x + 3, y + cell + 2 + j * line_h), line, fill="black", font=font)
     return grid
+
+
+def _label_font(size: int = 10) -> PIL.ImageFont.ImageFont | PIL.ImageFont.FreeTypeFont:
+    """DejaVu Sans where the system has it (it has the accents of "flag of Curaçao", "São Tomé"; Pillow's built-in
+    Aileron draws them as boxes), else Pillow's default font."""
+    try:
+        return PIL.ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return PIL.ImageFont.load_default()
