@@ -63,3 +63,43 @@ def test_text_encoder_trains_and_saves(tmp_path):
     with pytest.raises(ValueError, match="fp16"):
         train_text_encoder(load_config(TextEncoderTrainConfig, None, [f"data.path={data}", "model.dtype=fp16"]))
     assert torch.isfinite(torch.tensor(losses)).all()
+
+    # a refine fine-tune of that model: only the last decoder layer trains, on first line -> other line pairs; the
+    # hidden states the UNet reads (the layer before the last) stay exactly as they were
+    for i, caption in enumerate(CAPTIONS):
+        name = caption.split(",")[0]
+        (data / f"{i}.txt").write_text(f"{name}\n{name}, 3d render\n{caption}\n")
+    tuned = train_text_encoder(
+        load_config(
+            TextEncoderTrainConfig,
+            None,
+            [
+                f"run.output_dir={tmp_path / 'refine'}",
+                f"data.path={data}",
+                f"model.pretrained={final}",
+                "model.train_layers=1",
+                "data.short_prompt=first_line",
+                "data.instruction_fraction=1",
+                "data.image_fraction=0",
+                "data.batch_size=4",
+                "run.max_steps=15",
+                "run.log_every=1",
+                "run.checkpoint_every=0",
+                "run.progress_bar=false",
+                "optim.lr=3e-3",
+                "optim.warmup_steps=1",
+            ],
+        )
+    )
+    after = Qwen3_5ForConditionalGeneration.from_pretrained(tuned / "text_encoder")
+    with torch.no_grad():
+        h0 = model(**ids, output_hidden_states=True).hidden_states
+        h1 = after(**ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(h0[-2], h1[-2], rtol=0, atol=0)
+    assert not torch.equal(h0[-1], h1[-1])
+    refine_losses = [json.loads(ln)["loss"] for ln in (tmp_path / "refine" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(refine_losses[-3:]) / 3 < sum(refine_losses[:3]) / 3, refine_losses
+    with pytest.raises(ValueError, match="train_layers"):
+        train_text_encoder(load_config(TextEncoderTrainConfig, None, [f"data.path={data}", "model.train_layers=9"]))
+    with pytest.raises(ValueError, match="short_prompt"):
+        train_text_encoder(load_config(TextEncoderTrainConfig, None, [f"data.path={data}", "data.short_prompt=x"]))

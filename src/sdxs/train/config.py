@@ -248,6 +248,10 @@ class TextModelConfig:
     preset: str = "tiny"  # otherwise: Qwen3.5 shape of this preset, from scratch
     vocab_size: int = 0  # tokenizer vocabulary trained on the captions (0: the preset's)
     dtype: str = "fp32"  # "fp32" | "bf16" (fp16 is refused: Qwen3.5's linear attention overflows in it)
+    # 0: train everything. N > 0: only the language model's last N decoder layers and its final norm (embeddings, the
+    # tied LM head and the vision tower stay frozen). 1 keeps the hidden states the UNet reads (the layer before the
+    # last) exactly as they were: a `refine_prompts` fine-tune of a shipped model that leaves its images unchanged
+    train_layers: int = 0
 
 
 @dataclass
@@ -259,6 +263,10 @@ class TextDataConfig:
     image_fraction: float = 0.3  # share of image -> caption pairs through the vision tower (for encode_image)
     image_size: int = 64  # side of the images fed to the vision tower
     short_words: int = 3  # a "short prompt" is the caption's first comma-separated tags, at most this many words
+    # what the user says in an instruction pair: "words" (the caption's first tags, `short_words` words) or
+    # "first_line" (the item's first caption line, answered with one of its other lines: `sdxs data emoji` writes the
+    # bare name and tones first, so "woman cook" is answered with a caption of the yellow woman cook, never a toned one)
+    short_prompt: str = "words"
 
 
 @dataclass

@@ -42,6 +42,8 @@ class TextBatches:
         from sdxs.pipeline import DEFAULT_REFINE_INSTRUCTION
 
         self.items, self.tok, self.processor, self.config, self.cfg = items, tokenizer, processor, config, cfg
+        if cfg.short_prompt not in ("words", "first_line"):
+            raise ValueError(f"`data.short_prompt` must be 'words' or 'first_line', got {cfg.short_prompt!r}.")
         self.seed, self.rank, self.instruction = seed, rank, DEFAULT_REFINE_INSTRUCTION
         self.index = IndexBatches(len(items), cfg.batch_size, seed, rank, world)
 
@@ -72,10 +74,12 @@ class TextBatches:
                 pixels.append(vis["pixel_values"])
                 grids.append(vis["image_grid_thw"])
             elif kind < self.cfg.image_fraction + self.cfg.instruction_fraction:
-                messages = [
-                    {"role": "system", "content": self.instruction},
-                    {"role": "user", "content": short_prompt(caption, self.cfg.short_words)},
-                ]
+                if self.cfg.short_prompt == "first_line":
+                    user, answers = item.captions[0], item.captions[1:] or item.captions
+                    caption = answers[int(rng.integers(len(answers)))]
+                else:
+                    user = short_prompt(caption, self.cfg.short_words)
+                messages = [{"role": "system", "content": self.instruction}, {"role": "user", "content": user}]
                 x, y = self._chat(messages, caption)
             else:
                 x = self.tok(caption + "<|im_end|>", add_special_tokens=False)["input_ids"]
@@ -132,6 +136,23 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
     return model.train(), tokenizer, processor
 
 
+def freeze_all_but_last_layers(model, n: int) -> str:
+    """`model.train_layers`: with n > 0 only the language model's last n decoder layers and its final norm train.
+    Returns what trains, for the log."""
+    if n == 0:
+        return "all trained"
+    lm = model.model.language_model
+    if not 0 < n <= len(lm.layers):
+        raise ValueError(
+            f"`model.train_layers` must be 0 (everything) or 1-{len(lm.layers)} (the last decoder layers), got {n}."
+        )
+    model.requires_grad_(False)
+    for module in (*lm.layers[-n:], lm.norm):
+        module.requires_grad_(True)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{count / 1e6:.2f}M trained: the last {n} decoder layer(s) and the final norm"
+
+
 def train_text_encoder(cfg: TextEncoderTrainConfig, resume: str | None = None) -> Path:
     """Train a small Qwen3.5 text encoder on the captions (and images) of `cfg.data.path`."""
     from sdxs.data.folder import scan_folder
@@ -145,6 +166,7 @@ def train_text_encoder(cfg: TextEncoderTrainConfig, resume: str | None = None) -
     if not items:
         raise ValueError(f"`data.path` {cfg.data.path!r} has no captioned images ({len(skipped)} files skipped).")
     model, tokenizer, processor = build_text_model(cfg, [c for it in items for c in it.captions])
+    trained = freeze_all_but_last_layers(model, cfg.model.train_layers)
     data = TextBatches(
         items,
         tokenizer,
@@ -157,8 +179,9 @@ def train_text_encoder(cfg: TextEncoderTrainConfig, resume: str | None = None) -
     )
     if accelerator.is_main_process:
         logger.info(
-            "text encoder: %.2fM parameters, vocabulary %d, %d captioned images",
+            "text encoder: %.2fM parameters (%s), vocabulary %d, %d captioned images",
             sum(p.numel() for p in model.parameters()) / 1e6,
+            trained,
             len(tokenizer),
             len(items),
         )
