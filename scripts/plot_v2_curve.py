@@ -43,7 +43,11 @@ TARGETS = {  # issue 16, top-5 %: (bare names, exact captions)
 }
 CSV = Path(__file__).resolve().parents[1] / "docs" / "v2-curve.csv"
 # a line that continues another's point: F = E resumed from the shipped v2.0, G = F resumed from the shipped v2
-BRANCHES = {"F": ("E", "E step 3600"), "G": ("F", "F step 2000 (full eval, 24 per kind)")}
+BRANCHES = {
+    "F": ("E", "E step 3600"),
+    "G": ("F", "F step 2000 (full eval, 24 per kind)"),
+    "H": ("G", "G step 11239 (full eval, 24 per kind)"),
+}
 
 
 def row_from_json(line: str, point: str, samples: int, path: Path, header: list[str]) -> list[str]:
@@ -115,7 +119,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
     v1 = next(r for r in rows if r["point"] == "v1")
     lines = sorted({r["line"] for r in rows}, key=lambda n: (n != "A-D", n))
-    colours = dict(zip(lines, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=False))
+    colours = dict(zip(lines, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"], strict=False))
     fig, axes = plt.subplots(2, 5, figsize=(24, 8.5), sharex=True)
     panels = [*KINDS, "image", "heldout", "nearest"]
     for ax, panel in zip(axes.flat, panels, strict=True):
