@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--image-prompts", type=int, default=48)
     parser.add_argument("--refine-per-kind", type=int, default=8)
     parser.add_argument("--no-refine", action="store_true")
+    parser.add_argument(
+        "--min-token-prob", type=float, help="refine_prompts' min_token_prob (default: the pipeline's; 0: no filter)"
+    )
     parser.add_argument("--no-image-prompts", action="store_true")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.0, help="the pipeline's default: 4")
@@ -94,13 +97,14 @@ def main() -> None:
         print(f"UNet weights: {unet_dir}", flush=True)
         pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     pipe.set_progress_bar_config(disable=True)
+    refine_kwargs = {} if args.min_token_prob is None else {"min_token_prob": args.min_token_prob}
     gen = ev.GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
     renders = es.load_renders(args.data)
     result = es.strict_eval(
         renders,
         lambda prompts: ev.generate_from_prompts(pipe, prompts, gen),
         None if args.no_image_prompts else (lambda paths: ev.generate_from_images(pipe, paths, gen)),
-        None if args.no_refine else (lambda prompts: pipe.refine_prompts(prompts, seed=args.seed)),
+        None if args.no_refine else (lambda prompts: pipe.refine_prompts(prompts, seed=args.seed, **refine_kwargs)),
         per_kind=args.per_kind,
         held_out=args.held_out,
         image_prompts=0 if args.no_image_prompts else args.image_prompts,

@@ -157,6 +157,10 @@ def test_upscale_refine_encode_image(tiny_hub_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'in-2x.png'}  48x32  ")
     assert run_cli("refine", "a cat", "a dog", "--model", tiny_hub_dir, "--max-new-tokens", "4", "--seed", "0") == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+    assert run_cli("refine", "cat", "--model", tiny_hub_dir, "--max-new-tokens", "4", "--min-token-prob", "0") == 0
+    assert capsys.readouterr().out.startswith("cat")
+    assert run_cli("refine", "cat", "--model", tiny_hub_dir, "--min-token-prob", "1") == 2
+    assert "--min-token-prob" in capsys.readouterr().err
     code = run_cli(
         "encode-image", src, "--model", tiny_hub_dir, "--steps", "1", "--width", "32", "--height", "32",
         "-o", tmp_path / "var.png", "--save-embeds", tmp_path / "e.safetensors",

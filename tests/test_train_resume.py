@@ -156,6 +156,32 @@ def test_nan_loss_stops_without_a_checkpoint(tmp_path, tiny_hub_dir, colour_cach
     assert checkpoint_dirs(run) == []
 
 
+def test_checkpoint_every_minutes_checkpoints_by_wall_time(tmp_path, tiny_hub_dir, colour_cache):
+    """A run whose steps are slower than the clock checkpoints after every step, with no step interval at all."""
+    from sdxs.train.cli import main
+
+    run = tmp_path / "timed"
+    extra = {"run.max_steps": 4, "run.checkpoint_every": 0, "run.checkpoint_every_minutes": 1e-9, "optim.grad_accum": 1}
+    assert (
+        main(["train", "unet", "--config", TINY_UNET_CONFIG, *overrides(run, tiny_hub_dir, colour_cache, **extra)]) == 0
+    )
+    assert [int(p.name.split("-")[1]) for p in checkpoint_dirs(run)] == [1, 2, 3, 4]
+    # off (0) and the step interval off: only the final checkpoint
+    run = tmp_path / "untimed"
+    extra["run.checkpoint_every_minutes"] = 0
+    assert (
+        main(["train", "unet", "--config", TINY_UNET_CONFIG, *overrides(run, tiny_hub_dir, colour_cache, **extra)]) == 0
+    )
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-0000004"]
+
+
+def test_checkpoint_clock_rejects_negative_minutes():
+    from sdxs.train.stop import CheckpointClock
+
+    with pytest.raises(ValueError, match="checkpoint_every_minutes"):
+        CheckpointClock(-1)
+
+
 def test_two_cpu_ranks_stay_identical(tmp_path, tiny_hub_dir, colour_cache):
     """accelerate launch --num_processes 2 (gloo): after every step both ranks hold the same weights."""
     if shutil.which("accelerate") is None:

@@ -44,6 +44,40 @@ def test_refine_prompts_closes_the_name_and_adds_no_skin_tone(pipe):
     assert _tidy_refined("woman cook, dark skin tone, chef", "woman cook, dark skin tone", False).count("tone") == 1
 
 
+class ByteTokenizer:
+    """Byte-level pieces like Qwen's: a character can be split over two tokens (decodes as U+FFFD until whole)."""
+
+    pieces = {1: b" red", 2: b",", 3: b" b", 4: b"ordan", 5: b", 3d render", 6: b" caf\xc3", 7: b"\xa9", 0: b""}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_refine_marks_the_tags_the_model_barely_believed_in():
+    import math
+
+    from sdxs.pipeline import _scored_pieces
+
+    tok, floor = ByteTokenizer(), math.log(0.05)
+    # " b" + "ordan" is one tag: its unlikely second token marks it; the trailing pad (0) adds nothing
+    ids, lps = [1, 2, 3, 4, 5, 0], [-0.1, -0.1, -0.2, -4.0, -0.1, -9.0]
+    assert _scored_pieces(ids, lps, tok, floor) == [(" red", True), (" bordan", False), (" 3d render", True)]
+    assert all(ok for _, ok in _scored_pieces(ids, lps, tok, -math.inf))
+    # a character split over two tokens is whole in the text and carries the lower log-prob of the two
+    assert _scored_pieces([6, 7, 5], [-0.1, -0.2, -0.1], tok, floor) == [(" café", True), (" 3d render", True)]
+    assert _scored_pieces([6, 7, 5], [-0.1, -5.0, -0.1], tok, floor)[0] == (" café", False)
+
+
+def test_refine_prompts_min_token_prob_only_removes_tags(pipe):
+    # the same seed samples the same tokens: the floor can only take tags away
+    loose = pipe.refine_prompts(["cat", "rock"], max_new_tokens=12, seed=3, min_token_prob=0)
+    strict = pipe.refine_prompts(["cat", "rock"], max_new_tokens=12, seed=3, min_token_prob=0.5)
+    for a, b, name in zip(loose, strict, ["cat", "rock"], strict=True):
+        assert b.split(", ")[0] == name and set(b.split(", ")) <= set(a.split(", "))
+    with pytest.raises(ValueError, match="min_token_prob"):
+        pipe.refine_prompts("cat", min_token_prob=1.0)
+
+
 def test_refine_prompts_errors(pipe):
     with pytest.raises(ValueError, match="empty list"):
         pipe.refine_prompts([])

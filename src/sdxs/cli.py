@@ -21,7 +21,15 @@ from typing import Any
 
 import sdxs
 from sdxs import runtime
-from sdxs.cli_types import EXIT_USER_ERROR, OneLineParser, generation_flags, model_flags, positive_int, seed_int
+from sdxs.cli_types import (
+    EXIT_USER_ERROR,
+    OneLineParser,
+    generation_flags,
+    model_flags,
+    positive_int,
+    probability,
+    seed_int,
+)
 from sdxs.files import (
     check_image_inputs,
     check_output,
@@ -191,6 +199,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         add_skin_tone=args.add_skin_tone,
+        min_token_prob=args.min_token_prob,
     )
     for text in refined:
         print(" ".join(text.split()))  # one line per prompt, so the output can be piped
@@ -421,6 +430,12 @@ def add_refine_parser(sub, model: argparse.ArgumentParser) -> None:
         "--add-skin-tone",
         action="store_true",
         help="keep a skin tone the model adds to a prompt naming none (default: dropped; a tone is another emoji)",
+    )
+    p.add_argument(
+        "--min-token-prob",
+        type=probability,
+        default=0.05,
+        help="drop an added tag with a token the model gave less than this probability (default 0.05; 0 keeps all)",
     )
 
 

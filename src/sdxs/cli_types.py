@@ -30,6 +30,17 @@ def seed_int(text: str) -> int:
     return value
 
 
+def probability(text: str) -> float:
+    """A probability a filter can use: in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors as one line (`sdxs generate: error: ... (see --help)`) with exit code 2."""
 

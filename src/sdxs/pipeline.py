@@ -714,6 +714,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         keep_prompt: bool = True,
         generator: torch.Generator | None = None,
         add_skin_tone: bool = False,
+        min_token_prob: float = 0.05,
+        **generate_kwargs,
     ) -> list[str]:
         r"""
         Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
@@ -733,6 +735,11 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             add_skin_tone (`bool`, defaults to `False`): keep a skin-tone tag ("medium skin tone") that the model
                 adds to a prompt naming none. By default it is dropped: a tone makes another emoji ("woman cook" is
                 the yellow one), so it is the user's choice, not the refiner's.
+            min_token_prob (`float`, defaults to 0.05): an added tag is dropped when the model gave one of its tokens
+                less than this probability (its own distribution, before temperature and top-p). Sampling now and then
+                picks a token the model barely believes in, and the tag it starts is noise ("flag of Haiti, ...,
+                bordan") or another emoji's keyword (see `docs/eval.md`, "refine_prompts' tags"). `0` keeps every tag.
+            **generate_kwargs: further arguments of the text encoder's `generate` (`min_p`, `repetition_penalty`, ...).
 
         Returns:
             `list[str]`: one refined prompt per input prompt.
@@ -750,19 +757,22 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 generator = generator[0]
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
         prompts, tok = self._check_refine_inputs(prompt, max_new_tokens)
-        te = self.text_encoder
-        device = self._execution_device
+        if not 0.0 <= min_token_prob < 1.0:
+            raise ValueError(f"`min_token_prob` must be in [0, 1), got {min_token_prob}; 0 keeps every tag.")
         instruction = self.config.refine_instruction if instruction is None else instruction
-        texts = [
+        chats = [
             tok.apply_chat_template(
                 [{"role": "system", "content": instruction}, {"role": "user", "content": p}],
                 tokenize=False,
                 add_generation_prompt=True,
             )
-            + (_opening(p) if keep_prompt else "")
             for p in prompts
         ]
+        # with keep_prompt the answer opens with the prompt, closed by a comma, and the model adds tags after it
+        openings = [_opening(p) if keep_prompt else "" for p in prompts]
+        te, device = self.text_encoder, self._execution_device
         # left padding so every row's generation starts right after its own prompt
+        texts = [c + o for c, o in zip(chats, openings, strict=True)]
         enc = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(device)
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             if seed is not None:
@@ -774,12 +784,23 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 temperature=temperature if do_sample else None,
                 top_p=top_p if do_sample else None,
                 pad_token_id=tok.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **generate_kwargs,
             )
         self.maybe_free_model_hooks()
-        new = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        # with keep_prompt the prompt (and its closing comma) opened the answer: put it back in front of what the
-        # model added (byte-level tokens keep their leading spaces, so "cat," + " animal" joins as the model meant)
-        answers = [(_opening(p) if keep_prompt else "") + t for p, t in zip(prompts, new, strict=True)]
+        new_ids = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
+        # log-probability of each chosen token under the model's own (unwarped) distribution
+        logprobs = te.compute_transition_scores(
+            out.sequences, out.logits, getattr(out, "beam_indices", None), normalize_logits=True
+        )
+        logprobs = logprobs.float().cpu()
+        floor = math.log(min_token_prob) if min_token_prob > 0 else -math.inf
+        # byte-level tokens keep their leading spaces, so "cat," + " animal" joins as the model meant
+        answers = [
+            o + ",".join(text if ok else "" for text, ok in _scored_pieces(ids, lp, tok, floor))
+            for o, ids, lp in zip(openings, new_ids, logprobs.tolist(), strict=True)
+        ]
         return [_tidy_refined(a, p, add_skin_tone) for a, p in zip(answers, prompts, strict=True)]
 
     def _check_refine_inputs(self, prompt, max_new_tokens: int):
@@ -1633,6 +1654,25 @@ def _opening(prompt: str) -> str:
     """How a refined answer opens with `keep_prompt`: the prompt closed by a comma, so the model adds tags after
     the name instead of going on with its last word."""
     return prompt.strip().rstrip(",").rstrip() + ","
+
+
+def _scored_pieces(ids: list[int], logprobs: list[float], tok, floor: float) -> list[tuple[str, bool]]:
+    """The text of generated token `ids` split at its commas, each piece with whether every token behind it had a
+    log-probability >= `floor`."""
+    text, char_lp = "", []  # the decoded text so far and, per character, the lowest log-prob of the tokens behind it
+    for k, lp in enumerate(logprobs):
+        # decode the growing prefix: a character split over byte-level tokens comes out whole once its last byte is in
+        now = tok.decode(ids[: k + 1], skip_special_tokens=True)
+        same = len(os.path.commonprefix([text, now]))
+        redone = min(char_lp[same:], default=0.0)  # a half-decoded character replaced now: it keeps its first bytes' lp
+        char_lp = char_lp[:same] + [min(lp, redone)] * (len(now) - same)
+        text = now
+    pieces, start = [], 0
+    for piece in text.split(","):
+        end = start + len(piece)
+        pieces.append((piece, min(char_lp[start:end], default=0.0) >= floor))
+        start = end + 1
+    return pieces
 
 
 def _tidy_refined(answer: str, prompt: str, add_skin_tone: bool) -> str:

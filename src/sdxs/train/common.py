@@ -54,7 +54,7 @@ from sdxs.train.optim import (  # noqa: F401  (re-exported)
     lr_factor,
     resume_lr_anchor,
 )
-from sdxs.train.stop import StopOnSignal, TrainingStopped
+from sdxs.train.stop import CheckpointClock, StopOnSignal, TrainingStopped
 
 logger = logging.getLogger("sdxs.train")
 
@@ -238,6 +238,7 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
     # one iteration = one optimiser step of grad_accum micro-batches; Ctrl-C / SIGTERM stop after a step (stop.py)
     loop.model.train()
     t_last, steps_since = time.perf_counter(), 0
+    clock = CheckpointClock(run.checkpoint_every_minutes)
     with StopOnSignal() as stop:
         while loop.step < run.max_steps:
             mean_loss, grad_norm, info = _train_step(loop)
@@ -249,9 +250,11 @@ def fit(task: Task, cfg, resume: str | None = None, accelerator=None) -> Path:
                 bar.update(1)
             if run.sample_every and loop.step % run.sample_every == 0 and loop.step < run.max_steps:
                 _write_samples(loop)
-            periodic = run.checkpoint_every and loop.step % run.checkpoint_every == 0
+            timed = clock.due(accelerator)  # on every rank, every step (the ranks agree)
+            periodic = timed or (run.checkpoint_every and loop.step % run.checkpoint_every == 0)
             if periodic and loop.step < run.max_steps:
                 ckpt = _write_checkpoint(loop, final=False)
+                clock.reset()
             if stop.requested(accelerator) and loop.step < run.max_steps:
                 if bar is not None:
                     bar.close()

@@ -37,6 +37,9 @@ class RunConfig:
     gradient_checkpointing: bool = False  # trade ~30% compute for activation memory
     log_every: int = 10  # steps between metrics.jsonl lines and progress-bar updates
     checkpoint_every: int = 500  # steps between checkpoints (0: only the final one)
+    # also checkpoint once this many minutes have passed since the last one (0: off): bounds what a hard stop (a
+    # session ending, a killed machine) loses when steps are slow, whatever checkpoint_every is
+    checkpoint_every_minutes: float = 0.0
     keep_last: int = 3  # periodic checkpoints kept besides the final one
     sample_every: int = 0  # steps between validation grids (0: none during training; one at the end if prompts)
     export_at_end: bool = True  # write output_dir/export (hub layout) after the final checkpoint

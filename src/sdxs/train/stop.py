@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -81,3 +82,31 @@ class StopOnSignal:
         if got and self.signum is None:
             self.signum = int(signal.SIGTERM)  # another rank's signal: report it as a termination
         return bool(got)
+
+
+class CheckpointClock:
+    """`run.checkpoint_every_minutes`: is a checkpoint due because that much wall time has passed since the last one?
+
+    A signal lets a run stop cleanly; a hard stop (SIGKILL, a machine taken away) does not, and loses everything since
+    the last checkpoint. A step count bounds that loss in steps, this clock in time. Under `accelerate launch` the
+    ranks agree (any rank's clock running out means a checkpoint on all ranks), so `due` must be called on every
+    rank at every step.
+    """
+
+    def __init__(self, minutes: float) -> None:
+        if minutes < 0:
+            raise ValueError(f"`run.checkpoint_every_minutes` must be >= 0 (0: off), got {minutes}.")
+        self.seconds = 60.0 * minutes
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.monotonic()
+
+    def due(self, accelerator) -> bool:
+        if not self.seconds:
+            return False
+        late = time.monotonic() - self.start >= self.seconds
+        if accelerator.num_processes == 1:
+            return late
+        flag = torch.tensor([float(late)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
