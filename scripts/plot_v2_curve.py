@@ -47,6 +47,7 @@ BRANCHES = {
     "F": ("E", "E step 3600"),
     "G": ("F", "F step 2000 (full eval, 24 per kind)"),
     "H": ("G", "G step 11239 (full eval, 24 per kind)"),
+    "I": ("H", "H step 13239 (full eval, 24 per kind)"),
 }
 
 
@@ -119,7 +120,9 @@ def plot(rows: list[dict], out: Path) -> None:
 
     v1 = next(r for r in rows if r["point"] == "v1")
     lines = sorted({r["line"] for r in rows}, key=lambda n: (n != "A-D", n))
-    colours = dict(zip(lines, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"], strict=False))
+    colours = dict(
+        zip(lines, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"], strict=False)
+    )
     fig, axes = plt.subplots(2, 5, figsize=(24, 8.5), sharex=True)
     panels = [*KINDS, "image", "heldout", "nearest"]
     for ax, panel in zip(axes.flat, panels, strict=True):
