@@ -78,6 +78,11 @@ def main() -> None:
     parser.add_argument(
         "--min-token-prob", type=float, help="refine_prompts' min_token_prob (default: the pipeline's; 0: no filter)"
     )
+    parser.add_argument(
+        "--cut-after-unlikely",
+        action=argparse.BooleanOptionalAction,
+        help="refine_prompts' cut_after_unlikely (default: the pipeline's)",
+    )
     parser.add_argument("--no-image-prompts", action="store_true")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--guidance", type=float, default=4.0, help="the pipeline's default: 4")
@@ -98,6 +103,8 @@ def main() -> None:
         pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
     pipe.set_progress_bar_config(disable=True)
     refine_kwargs = {} if args.min_token_prob is None else {"min_token_prob": args.min_token_prob}
+    if args.cut_after_unlikely is not None:
+        refine_kwargs["cut_after_unlikely"] = args.cut_after_unlikely
     gen = ev.GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
     renders = es.load_renders(args.data)
     result = es.strict_eval(

@@ -159,6 +159,8 @@ def test_upscale_refine_encode_image(tiny_hub_dir, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert run_cli("refine", "cat", "--model", tiny_hub_dir, "--max-new-tokens", "4", "--min-token-prob", "0") == 0
     assert capsys.readouterr().out.startswith("cat")
+    assert run_cli("refine", "cat", "--model", tiny_hub_dir, "--max-new-tokens", "4", "--no-cut-after-unlikely") == 0
+    assert capsys.readouterr().out.startswith("cat")
     assert run_cli("refine", "cat", "--model", tiny_hub_dir, "--min-token-prob", "1") == 2
     assert "--min-token-prob" in capsys.readouterr().err
     code = run_cli(

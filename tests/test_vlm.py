@@ -68,12 +68,26 @@ def test_refine_marks_the_tags_the_model_barely_believed_in():
     assert _scored_pieces([6, 7, 5], [-0.1, -5.0, -0.1], tok, floor)[0] == (" café", False)
 
 
+def test_refine_cut_after_unlikely_drops_the_tags_written_after_it():
+    from sdxs.pipeline import _kept_tags
+
+    pieces = [(" space", False), (" rocket", True), (" 3d render", True)]
+    assert _kept_tags(pieces, cut_after_unlikely=False) == ["", " rocket", " 3d render"]
+    assert _kept_tags(pieces, cut_after_unlikely=True) == []
+    assert _kept_tags([(" chef", True), (" moon", False), (" cook", True)], True) == [" chef"]
+
+
 def test_refine_prompts_min_token_prob_only_removes_tags(pipe):
     # the same seed samples the same tokens: the floor can only take tags away
     loose = pipe.refine_prompts(["cat", "rock"], max_new_tokens=12, seed=3, min_token_prob=0)
-    strict = pipe.refine_prompts(["cat", "rock"], max_new_tokens=12, seed=3, min_token_prob=0.5)
+    strict = pipe.refine_prompts(
+        ["cat", "rock"], max_new_tokens=12, seed=3, min_token_prob=0.5, cut_after_unlikely=False
+    )
     for a, b, name in zip(loose, strict, ["cat", "rock"], strict=True):
         assert b.split(", ")[0] == name and set(b.split(", ")) <= set(a.split(", "))
+    cut = pipe.refine_prompts(["cat", "rock"], max_new_tokens=12, seed=3, min_token_prob=0.5, cut_after_unlikely=True)
+    for a, b in zip(strict, cut, strict=True):  # a cut keeps a leading run of the filtered tags
+        assert a.split(", ")[: len(b.split(", "))] == b.split(", ")
     with pytest.raises(ValueError, match="min_token_prob"):
         pipe.refine_prompts("cat", min_token_prob=1.0)
 

@@ -200,6 +200,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         seed=args.seed,
         add_skin_tone=args.add_skin_tone,
         min_token_prob=args.min_token_prob,
+        cut_after_unlikely=args.cut_after_unlikely,
     )
     for text in refined:
         print(" ".join(text.split()))  # one line per prompt, so the output can be piped
@@ -436,6 +437,12 @@ def add_refine_parser(sub, model: argparse.ArgumentParser) -> None:
         type=probability,
         default=0.05,
         help="drop an added tag with a token the model gave less than this probability (default 0.05; 0 keeps all)",
+    )
+    p.add_argument(
+        "--cut-after-unlikely",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also drop the tags written after the first unlikely one (default; --no-cut-after-unlikely keeps them)",
     )
 
 

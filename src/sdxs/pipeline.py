@@ -715,6 +715,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         generator: torch.Generator | None = None,
         add_skin_tone: bool = False,
         min_token_prob: float = 0.05,
+        cut_after_unlikely: bool = True,
         **generate_kwargs,
     ) -> list[str]:
         r"""
@@ -739,6 +740,9 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 less than this probability (its own distribution, before temperature and top-p). Sampling now and then
                 picks a token the model barely believes in, and the tag it starts is noise ("flag of Haiti, ...,
                 bordan") or another emoji's keyword (see `docs/eval.md`, "refine_prompts' tags"). `0` keeps every tag.
+            cut_after_unlikely (`bool`, defaults to `True`): also drop every tag after the first unlikely one: the
+                model wrote them with that tag in view ("flag of Wales, gy, nation, country, banner" ends at the name;
+                see `docs/eval.md`). `False` drops only the unlikely tags themselves.
             **generate_kwargs: further arguments of the text encoder's `generate` (`min_p`, `repetition_penalty`, ...).
 
         Returns:
@@ -798,7 +802,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         floor = math.log(min_token_prob) if min_token_prob > 0 else -math.inf
         # byte-level tokens keep their leading spaces, so "cat," + " animal" joins as the model meant
         answers = [
-            o + ",".join(text if ok else "" for text, ok in _scored_pieces(ids, lp, tok, floor))
+            o + ",".join(_kept_tags(_scored_pieces(ids, lp, tok, floor), cut_after_unlikely))
             for o, ids, lp in zip(openings, new_ids, logprobs.tolist(), strict=True)
         ]
         return [_tidy_refined(a, p, add_skin_tone) for a, p in zip(answers, prompts, strict=True)]
@@ -1673,6 +1677,17 @@ def _scored_pieces(ids: list[int], logprobs: list[float], tok, floor: float) -> 
         pieces.append((piece, min(char_lp[start:end], default=0.0) >= floor))
         start = end + 1
     return pieces
+
+
+def _kept_tags(pieces: list[tuple[str, bool]], cut_after_unlikely: bool) -> list[str]:
+    """The texts of `_scored_pieces` with the unlikely ones emptied; with `cut_after_unlikely` every piece after the
+    first unlikely one too."""
+    kept = []
+    for text, ok in pieces:
+        if not ok and cut_after_unlikely:
+            break
+        kept.append(text if ok else "")
+    return kept
 
 
 def _tidy_refined(answer: str, prompt: str, add_skin_tone: bool) -> str:
