@@ -4,6 +4,7 @@
     python scripts/strict_eval.py --model runs/v2/model --unet runs/v2/unet/checkpoints/step-000400 \\
         --json runs/v2/strict/step-400.json                                           # one point of a curve
     python scripts/strict_eval.py --model . --per-kind 8 --no-refine --no-image-prompts   # a quick look
+    python scripts/strict_eval.py --model . --robust-only --steps 8                   # prompts as people type them
 
 `--unet` swaps a UNet folder into the model (a checkpoint's `unet_ema/` when it has one, else its `unet/`; `--weights
 raw` for the raw weights; a run folder means its latest checkpoint), so a run's checkpoints can be scored while it
@@ -62,6 +63,19 @@ def loss_bands(pipe, cache: str, bands=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), n: i
     ]
 
 
+def robust_payload(args, robust) -> dict:
+    return {
+        "model": args.model,
+        "unet": str(args.unet) if args.unet else None,
+        "steps": args.steps,
+        "robust_rows": [row for s in robust.scores for row in s.rows()],
+        "robust_summary": robust.summary(),
+        "robust_prompts": {
+            s.label: [{**r, "text": t} for r, t in zip(s.per_prompt(), s.prompts, strict=True)] for s in robust.scores
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=".")
@@ -84,7 +98,17 @@ def main() -> None:
         help="refine_prompts' cut_after_unlikely (default: the pipeline's)",
     )
     parser.add_argument("--no-image-prompts", action="store_true")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--robust-per-kind",
+        type=int,
+        default=8,
+        help="training emoji per kind and robustness class (0: no robust rows)",
+    )
+    parser.add_argument("--robust-only", action="store_true", help="only the robustness classes (sdxs.eval.robust)")
+    parser.add_argument(
+        "--holdout-tags", type=float, default=0.25, help="the training run's captions.holdout_tags (everyday words)"
+    )
+    parser.add_argument("--steps", type=int, help="Euler steps (default: the model's default_num_inference_steps)")
     parser.add_argument("--guidance", type=float, default=4.0, help="the pipeline's default: 4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=24)
@@ -105,11 +129,35 @@ def main() -> None:
     refine_kwargs = {} if args.min_token_prob is None else {"min_token_prob": args.min_token_prob}
     if args.cut_after_unlikely is not None:
         refine_kwargs["cut_after_unlikely"] = args.cut_after_unlikely
+    args.steps = args.steps or int(pipe.config.get("default_num_inference_steps") or 40)
     gen = ev.GenerationSettings(steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
     renders = es.load_renders(args.data)
+    generate = lambda prompts: ev.generate_from_prompts(pipe, prompts, gen)  # noqa: E731
+    robust = None
+    if args.robust_per_kind > 0:
+        from sdxs.eval import robust as er
+
+        robust = er.robust_eval(
+            renders,
+            es.load_caption_lines(args.data),
+            generate,
+            per_kind=args.robust_per_kind,
+            holdout_share=args.holdout_tags,
+            seed=args.seed,
+        )
+    if args.robust_only:
+        print(
+            f"model {args.model}" + (f", UNet {args.unet}" if args.unet else "") + f", {args.steps} steps, "
+            f"{time.time() - t0:.0f} s\n"
+        )
+        print(er.markdown_table(robust))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(robust_payload(args, robust), indent=1))
+        return
     result = es.strict_eval(
         renders,
-        lambda prompts: ev.generate_from_prompts(pipe, prompts, gen),
+        generate,
         None if args.no_image_prompts else (lambda paths: ev.generate_from_images(pipe, paths, gen)),
         None if args.no_refine else (lambda prompts: pipe.refine_prompts(prompts, seed=args.seed, **refine_kwargs)),
         per_kind=args.per_kind,
@@ -123,6 +171,9 @@ def main() -> None:
         f"guidance {args.guidance}, {len(renders)} renders in the gallery, {time.time() - t0:.0f} s\n"
     )
     print(es.markdown_table(result.scores))
+    if robust is not None:
+        print("\nPrompts as people type them (eval-only templates and words, `sdxs.eval.robust`):\n")
+        print(er.markdown_table(robust))
     if result.refine_kept is not None:
         print(f"\nrefine_prompts keeps the named emoji in {result.refine_kept:.1f}% of bare names")
         for a, b in result.refine_examples[:8]:
@@ -144,6 +195,7 @@ def main() -> None:
             "refine_kept": result.refine_kept,
             "refine_examples": result.refine_examples,
             "loss_bands": bands,
+            **(robust_payload(args, robust) if robust is not None else {}),
         }
         args.json.write_text(json.dumps(payload, indent=1))
     if args.grid and result.grid:

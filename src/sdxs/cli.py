@@ -299,6 +299,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         dtype=torch_dtype(args.dtype) if args.dtype else None,
         verify=not args.no_verify,
         shift=args.shift,
+        text_normalization=None if args.text_normalization is None else _names(args.text_normalization),
     )
     print(out)
     return 0
@@ -476,7 +477,7 @@ def add_serve_parser(sub, model: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--steps", type=positive_int, default=40, help="default steps shown on the page")
+    p.add_argument("--steps", type=positive_int, help="default steps shown on the page (default: the model's)")
     p.add_argument("--guidance", type=float, default=4.0, help="default guidance shown on the page")
     p.add_argument("--max-steps", type=positive_int, default=100)
     p.add_argument("--max-images", type=positive_int, default=4, help="images per request")
@@ -519,7 +520,17 @@ def add_init_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh (random) components")
     p.add_argument("--shift", type=float, help="the scheduler's noise shift (default: the base's or the preset's)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the saved weights (default: as loaded)")
+    p.add_argument(
+        "--text-normalization",
+        metavar="LIST",
+        help="how the tokenizer reads text: comma list of nfkc, lowercase, prefix-space ('' for none); our own "
+        "byte-level tokenizers only (default: as the base's or the preset's)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _one_line(error: BaseException) -> str:

@@ -74,7 +74,9 @@ def generation_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("generation")
     g.add_argument("--negative", default=None, metavar="TEXT", help="negative prompt: what to steer away from")
-    g.add_argument("--steps", type=positive_int, default=40, help="denoising steps (default: 40)")
+    g.add_argument(
+        "--steps", type=positive_int, help="denoising steps (default: the model's, from its model_index.json)"
+    )
     g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance; 1 disables (default: 4)")
     g.add_argument("--width", type=positive_int, help="pixels, a multiple of the model's size step (default: model's)")
     g.add_argument("--height", type=positive_int, help="pixels, a multiple of the model's size step")

@@ -12,6 +12,7 @@ Random weights are for tests, benchmarks and as the starting point of training â
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ class Preset:
     vision_processor: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 3.0})
     tokenizer_vocab: int = 512
+    # how a tokenizer trained for this preset reads text (`TEXT_NORMALIZATIONS`): one token form per word wherever
+    # it stands, whatever its case. A published tokenizer (sdxs-1b's Qwen) is used exactly as published.
+    tokenizer_normalization: tuple[str, ...] = ("nfkc", "lowercase", "prefix-space")
     default_size: tuple[int, int] = (256, 256)  # (width, height) of __call__ when none is given
     note: str = ""
 
@@ -226,6 +230,7 @@ PRESETS: dict[str, Preset] = {
         # the signal is decided at high noise (shift 1 on 16x16 latents: the emoji preset). Not published; tune it.
         scheduler={"shift": 3.0},
         tokenizer_vocab=248320,
+        tokenizer_normalization=(),  # stands in for Qwen's published tokenizer, which has no lowercasing
         default_size=(1024, 1408),
         note="the SDXS-1B shape, random weights: for benchmarks and as a training start",
     ),
@@ -238,13 +243,66 @@ def get_preset(name: str) -> Preset:
     return copy.deepcopy(PRESETS[name])
 
 
-def train_tokenizer(corpus, vocab_size: int = 512):
-    """Train a byte-level BPE tokenizer with the Qwen special tokens and chat template (offline, `tokenizers`)."""
+TEXT_NORMALIZATIONS = {
+    "nfkc": "Unicode NFKC: full-width letters, ligatures and odd spaces read as their plain forms",
+    "lowercase": "lower-case everything: 'Rocket', 'ROCKET' and 'rocket' are one token sequence",
+    "prefix-space": "a space before the text and runs of spaces as one: a word is the same tokens first or later",
+}
+
+
+def tokenizer_pipeline(normalization: Sequence[str]):
+    """(normalizer, pre_tokenizer) of a byte-level BPE tokenizer for `normalization` (names of
+    `TEXT_NORMALIZATIONS`); they live in tokenizer.json, so they travel with the model."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    unknown = [n for n in normalization if n not in TEXT_NORMALIZATIONS]
+    if unknown:
+        raise ValueError(f"unknown text normalization(s) {unknown}; choose from {', '.join(TEXT_NORMALIZATIONS)}.")
+    steps = []
+    if "nfkc" in normalization:
+        steps.append(normalizers.NFKC())
+    if "lowercase" in normalization:
+        steps.append(normalizers.Lowercase())
+    if "prefix-space" in normalization:
+        steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    normalizer = normalizers.Sequence(steps) if steps else None
+    return normalizer, pre_tokenizers.ByteLevel(add_prefix_space="prefix-space" in normalization)
+
+
+def normalize_tokenizer(tokenizer, normalization: Sequence[str]):
+    """Set `normalization` on a byte-level BPE tokenizer of our own (in place; returns it). The vocabulary is kept:
+    every string still tokenizes (bytes), but some tokens (capitals, a first word without its space) are no longer
+    produced, so a text encoder trained with the old reading needs fine-tuning to the new one."""
+    backend = tokenizer.backend_tokenizer
+    if type(backend.pre_tokenizer).__name__ != "ByteLevel":
+        raise ValueError(
+            "text normalization is set on byte-level BPE tokenizers trained by sdxs; this tokenizer's pre-tokenizer "
+            f"is {type(backend.pre_tokenizer).__name__}: a published tokenizer is used as published."
+        )
+    backend.normalizer, backend.pre_tokenizer = tokenizer_pipeline(normalization)
+    return tokenizer
+
+
+def tokenizer_normalization(tokenizer) -> list[str]:
+    """The `TEXT_NORMALIZATIONS` a tokenizer applies (read back from its tokenizer.json)."""
+    import json
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    found = json.dumps(spec.get("normalizer"))
+    names = [n for n, key in (("nfkc", '"NFKC"'), ("lowercase", '"Lowercase"')) if key in found]
+    if (spec.get("pre_tokenizer") or {}).get("add_prefix_space"):
+        names.append("prefix-space")
+    return names
+
+
+def train_tokenizer(corpus, vocab_size: int = 512, normalization: Sequence[str] = ()):
+    """Train a byte-level BPE tokenizer with the Qwen special tokens and chat template (offline, `tokenizers`), on
+    text read through `normalization` (see `TEXT_NORMALIZATIONS`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer, tok.pre_tokenizer = tokenizer_pipeline(normalization)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -354,7 +412,7 @@ def build_pipeline(
     if unknown:
         raise TypeError(f"build_pipeline() got unknown component(s) {sorted(unknown)}.")
     if tokenizer is None:
-        tokenizer = train_tokenizer(corpus or BUILTIN_CORPUS, preset.tokenizer_vocab)
+        tokenizer = train_tokenizer(corpus or BUILTIN_CORPUS, preset.tokenizer_vocab, preset.tokenizer_normalization)
     te, vae, unet = (components.get(k) for k in ("text_encoder", "vae", "unet"))
     if te is None:
         te = fresh_component(preset, "text_encoder", seed, tokenizer, dtype=dtype)

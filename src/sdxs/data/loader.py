@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdxs.data.captions import CaptionAugmentConfig, CaptionAugmenter
 from sdxs.data.fingerprint import compare_fingerprints, model_fingerprint
 from sdxs.data.folder import read_rows
 from sdxs.data.shards import EMPTY_PROMPT_NAME, load_manifest
@@ -75,6 +77,9 @@ class LatentShardLoader:
             replacement, within each bucket: buckets keep their share of batches). For emoji, `"-1f3f[b-f]"` makes the five skin tones of one emoji share one emoji's weight.
         balance_power (`float`, defaults to 1.0): a group of n images weighs n ** (1 - balance_power): 1 gives
             every group the same weight, 0 every image (no balancing), 0.5 is in between.
+        caption_augment (`CaptionAugmentConfig`, *optional*): rewrite a share of the captions into the forms people
+            type (`sdxs.data.captions`); batches then carry `prompts`, the text to encode on the fly. Seeded per
+            (seed, epoch, step, rank) apart from the other draws, so turning it on or off changes nothing else.
         sample_weights (`str`, `os.PathLike` or `dict`, *optional*): a weight per image, multiplied into the
             balance above: a `{key: weight}` dict or a `.csv` / `.jsonl` file with `file_name` and `weight` columns
             (keys as the cache's `keys`: paths relative to the prepared folder). Images it does not list weigh 1;
@@ -84,7 +89,8 @@ class LatentShardLoader:
     Yields dicts: `latents` (B, C, h, w) float32, `embeds` (B, 1+L, D) float32, `mask` (B, 1+L) long,
     `bucket` (width, height) at output resolution, `keys` (list of source paths relative to the dataset folder)
     and `captions` (the caption chosen for each sample); from a cache made with `image_embeds=True` also
-    `image_embeds` (B, 1+L', D) float32 and `image_mask` (B, 1+L') long, the `encode_image` of each sample's image.
+    `image_embeds` (B, 1+L', D) float32 and `image_mask` (B, 1+L') long, the `encode_image` of each sample's image;
+    with `caption_augment` also `prompts` (the caption or its rewrite, one str per sample).
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class LatentShardLoader:
         balance_pattern: str | None = None,
         balance_power: float = 1.0,
         sample_weights: str | os.PathLike | dict[str, float] | None = None,
+        caption_augment: CaptionAugmentConfig | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
@@ -128,6 +135,9 @@ class LatentShardLoader:
         self.balance_pattern, self.balance_power = balance_pattern or None, float(balance_power)
         self.sample_weights = read_sample_weights(sample_weights) if sample_weights else None
         self._weights = self._sample_weights() if (self.balance_pattern or self.sample_weights) else None
+        self.augmenter = None
+        if caption_augment is not None and caption_augment.probability > 0:
+            self.augmenter = CaptionAugmenter(caption_augment, self.caption_lines())
         self.epoch = 0
         self._step = 0  # next batch of the current epoch
         if len(self) == 0:
@@ -144,6 +154,10 @@ class LatentShardLoader:
     def has_image_embeds(self) -> bool:
         """True when the cache was made with `prepare(..., image_embeds=True)`: batches carry `image_embeds`."""
         return bool(self.manifest.get("options", {}).get("image_embeds", False))
+
+    def caption_lines(self) -> list[list[str]]:
+        """The caption lines of every sample, in manifest order (one list per image)."""
+        return [lines for i in range(len(self._shards)) for lines in self._shard(i)[2]["captions"]]
 
     @property
     def num_samples(self) -> int:
@@ -231,13 +245,23 @@ class LatentShardLoader:
             bucket, global_batch = plan[step]
             rows = global_batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             self._step = step + 1  # advance first: state_dict() taken after this batch resumes at the next one
-            yield self._make_batch(bucket, rows, self._generator(step))
+            batch = self._make_batch(bucket, rows, self._generator(step))
+            if self.augmenter is not None:
+                rng = random.Random(self._seed_state(step, 1))  # its own stream: the other draws stay as they were
+                lines = batch.pop("caption_lines")
+                batch["prompts"] = [self.augmenter(ls, c, rng) for ls, c in zip(lines, batch["captions"], strict=True)]
+            else:
+                batch.pop("caption_lines")
+            yield batch
         self.epoch, self._step = self.epoch + 1, 0
 
     def _generator(self, step: int) -> torch.Generator:
         # one generator per (seed, epoch, step, rank): caption choice and noise do not depend on where we resumed
-        seq = np.random.SeedSequence([self.seed, self.epoch, step, self.rank])
-        return torch.Generator().manual_seed(int(seq.generate_state(1, dtype=np.uint64)[0] >> 1))
+        return torch.Generator().manual_seed(self._seed_state(step))
+
+    def _seed_state(self, step: int, stream: int = 0) -> int:
+        key = [self.seed, self.epoch, step, self.rank] + ([stream] if stream else [])
+        return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     def _balance_id(self) -> str:
         """What defines the draw probabilities, for `state_dict` (a resume must draw the same way)."""
@@ -322,7 +346,7 @@ class LatentShardLoader:
         return entry
 
     def _make_batch(self, bucket: tuple[int, int], rows: list[tuple[int, int]], gen: torch.Generator) -> dict:
-        means, logvars, embeds, masks, keys, captions = [], [], [], [], [], []
+        means, logvars, embeds, masks, keys, captions, lines = [], [], [], [], [], [], []
         img_embeds, img_masks = [], []
         for shard_i, row in rows:
             handle, offsets, meta = self._shard(shard_i)
@@ -342,6 +366,7 @@ class LatentShardLoader:
                 img_masks.append(im)
             keys.append(meta["files"][row])
             captions.append(meta["captions"][row][k - first])
+            lines.append(meta["captions"][row])
         mean = torch.cat(means).float()  # (B, C, h, w)
         latents = mean
         if self.sample_posterior:
@@ -358,6 +383,7 @@ class LatentShardLoader:
             "bucket": bucket,
             "keys": keys,
             "captions": captions,
+            "caption_lines": lines,
         }
         if img_embeds:  # encode_image of each sample's own image, same layout as `embeds` (image prompts)
             ie, im = torch.cat(img_embeds), torch.cat(img_masks)

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--grid", default="media/eval-grid.png", help="sample grid PNG (default: media/eval-grid.png)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda, then mps, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="default: bf16/fp16 on GPUs, fp32 on cpu")
-    p.add_argument("--steps", type=positive_int, default=40, help="denoising steps (default: 40)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default: 4)")
     p.add_argument("--seed", type=seed_int, default=0, help="subset choice and generation seeds (default: 0)")
     p.add_argument("--width", type=positive_int, help="generated width (default: the model's)")

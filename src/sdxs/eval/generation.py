@@ -14,7 +14,7 @@ from pathlib import Path
 class GenerationSettings:
     """Sampling settings shared by every generated image (recorded in the report)."""
 
-    steps: int = 40
+    steps: int | None = None  # None: the model's default_num_inference_steps
     guidance: float = 4.0
     seed: int = 0
     width: int | None = None

@@ -103,6 +103,18 @@ def load_renders(data_dir: str | os.PathLike) -> list[Render]:
     return renders
 
 
+def load_caption_lines(data_dir: str | os.PathLike, split: str = "train") -> list[list[str]]:
+    """The caption lines of every image of `split` (splits.jsonl's `text`), in file order."""
+    import json
+
+    rows = (
+        json.loads(line)
+        for line in (Path(data_dir) / "splits.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    )
+    return [list(r["text"]) for r in rows if r.get("split", "train") == split]
+
+
 def to_white(image: PIL.Image.Image) -> PIL.Image.Image:
     """RGB on white (transparent pixels become white), as the pipeline's `load_rgb_image`."""
     if image.mode in ("RGBA", "LA", "P"):

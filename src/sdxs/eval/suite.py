@@ -106,7 +106,7 @@ def evaluate(
     data_dir: str | os.PathLike,
     out_md: str | os.PathLike = "docs/eval.md",
     grid_path: str | os.PathLike | None = "media/eval-grid.png",
-    steps: int = 40,
+    steps: int | None = None,
     guidance: float = 4.0,
     seed: int = 0,
     width: int | None = None,
@@ -152,10 +152,11 @@ def evaluate(
     Returns:
         [`EvalResult`]: every number in the report.
     """
-    if steps < 1 or batch_size < 1:
+    if (steps is not None and steps < 1) or batch_size < 1:
         raise ValueError(f"`steps` and `batch_size` must be >= 1, got steps={steps}, batch_size={batch_size}")
     items = load_emoji_dataset(data_dir)
     pipe, model_name = load_eval_pipeline(model, device, dtype, progress and sys.stderr.isatty())
+    steps = steps or int(pipe.config.get("default_num_inference_steps") or 40)  # the model's own default
     gen = GenerationSettings(steps, guidance, seed, width, height, batch_size)
     plan = plan_subsets(items, seed, train_captions, vae_train_images, image_prompts, limit)
     bar = _progress_bar(plan.total, progress)

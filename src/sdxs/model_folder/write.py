@@ -52,6 +52,7 @@ def assemble(
     dtype: torch.dtype | None = None,
     verify: bool = True,
     shift: float | None = None,
+    text_normalization: list[str] | None = None,
 ) -> Path:
     """Write a model folder to `out` from `base` (or fresh `preset` components) with the given components swapped in.
 
@@ -59,11 +60,13 @@ def assemble(
     folder itself (`resolve_component`; EMA weights when present). Returns `out`. The text encoder's hidden size
     must match the UNet's cross-attention width; when the UNet is not given and the base's does not fit, a fresh one
     is built to fit. `shift` sets the scheduler's noise shift (training reads it from the model folder, so it must
-    be set before a UNet is trained for it).
+    be set before a UNet is trained for it). `text_normalization` sets how the tokenizer reads text
+    (`sdxs.presets.TEXT_NORMALIZATIONS`; our own byte-level tokenizers only): the text encoder and the UNet then
+    need fine-tuning to the new token forms.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from sdxs.presets import PRESETS, build_pipeline, fresh_component, get_preset
+    from sdxs.presets import PRESETS, build_pipeline, fresh_component, get_preset, normalize_tokenizer
 
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}.")
@@ -106,6 +109,9 @@ def assemble(
     if shift is not None:
         pipe.register_modules(scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift))
         sources["scheduler"] += f" (shift {shift:g})"
+    if text_normalization is not None:
+        normalize_tokenizer(pipe.tokenizer, text_normalization)
+        sources["tokenizer"] += f" (normalization: {', '.join(text_normalization) or 'none'})"
     extra = {"assembled_by": "sdxs init", "preset": preset, "base": str(base) if base else None, "sources": sources}
     out = save_hub_layout(pipe, out, dtype=dtype, extra_config=extra, verify=verify)
     for name in COMPONENT_FOLDERS:

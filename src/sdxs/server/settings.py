@@ -14,7 +14,7 @@ REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 class ServerSettings:
     """What the server allows; every limit protects the one device from a single request hogging it."""
 
-    default_steps: int = 40  # steps the page starts with
+    default_steps: int | None = None  # steps the page starts with (None: the model's default_num_inference_steps)
     default_guidance: float = 4.0
     max_steps: int = 100
     max_guidance: float = 30.0
@@ -30,7 +30,7 @@ class ServerSettings:
     model_name: str = "sdxs"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.default_steps <= self.max_steps:
+        if self.default_steps is not None and not 1 <= self.default_steps <= self.max_steps:
             raise ValueError(f"`default_steps` must be in [1, max_steps={self.max_steps}], got {self.default_steps}.")
         if self.max_queue < 0:
             raise ValueError(f"`max_queue` must be >= 0, got {self.max_queue}.")
@@ -67,6 +67,7 @@ class Limits:
         max_side = settings.max_side or 2 * max(dw, dh)
         max_side = max(step, max_side // step * step)
         max_pixels = settings.max_pixels or max_side * max_side
+        model_steps = int(pipe.config.get("default_num_inference_steps") or 40)
         sizes = list(range(step, max_side + 1, step))
         stride = math.ceil(len(sizes) / 48)  # keep the selects short for models with a small step
         sizes = sorted({s for i, s in enumerate(sizes) if i % stride == stride - 1} | {dw, dh} & set(sizes))
@@ -77,7 +78,7 @@ class Limits:
             min_side=step,
             max_side=max_side,
             max_pixels=max_pixels,
-            default_steps=settings.default_steps,
+            default_steps=min(settings.max_steps, settings.default_steps or model_steps),
             max_steps=settings.max_steps,
             default_guidance=settings.default_guidance,
             max_guidance=settings.max_guidance,

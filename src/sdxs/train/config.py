@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdxs.data.captions import CaptionAugmentConfig
+
 # ----------------------------------------------------------------------------------------------------------------
 # Concerns shared by all trainers
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,6 +126,9 @@ class LatentDataConfig:
     balance_power: float = 1.0  # a group of n images weighs n ** (1 - power): 1 groups equal, 0 images equal
     # a .csv / .jsonl with file_name,weight: how often each image is drawn, times the balance (unlisted: 1)
     sample_weights: str = ""
+    # encode each batch's captions in the training loop with the model's (frozen) text encoder instead of reading
+    # the cached embeddings: no text in the cache needed at scale; always on when `captions.probability` > 0
+    text_on_the_fly: bool = False
 
 
 @dataclass
@@ -149,6 +154,7 @@ class UNetTrainConfig:
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     data: LatentDataConfig = field(default_factory=LatentDataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    captions: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

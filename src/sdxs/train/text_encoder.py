@@ -131,7 +131,7 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
         if (root / "vision_processor").is_dir():
             processor = Qwen2VLImageProcessorPil.from_pretrained(root / "vision_processor")
     else:
-        tokenizer = train_tokenizer(captions, m.vocab_size or preset.tokenizer_vocab)
+        tokenizer = train_tokenizer(captions, m.vocab_size or preset.tokenizer_vocab, preset.tokenizer_normalization)
         model = fresh_component(preset, "text_encoder", cfg.run.seed, tokenizer, dtype=dtype)
     return model.train(), tokenizer, processor
 

@@ -186,6 +186,23 @@ class Endless:
         self._it = None
 
 
+def text_encoder_fn(base, device):
+    """fn(prompts) -> (embeds (B, 1+T, D), mask (B, 1+T)) from the base pipeline's frozen text encoder, trimmed to
+    the batch's longest prompt (what the cache-reading loader yields with `pad_to_max_length=False`)."""
+    from sdxs.data.loader import pad_text
+    from sdxs.pipeline import encode_text
+
+    te = base.text_encoder.to(device).eval().requires_grad_(False)
+    recipe = base.config.text_recipe
+
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = encode_text(te, base.tokenizer, list(prompts), recipe, device=device, dtype=torch.float32)
+        return pad_text(embeds, mask, int(mask.any(0).nonzero().max()) + 1)
+
+    return encode
+
+
 def make_sampler(base, sample: SampleConfig, device):
     """fn(unet, png_path): the fixed prompts and seeds through the real SDXSPipeline, pasted into one grid."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -253,9 +270,15 @@ def unet_task(cfg, base, unet, accelerator) -> Task:
         balance_pattern=cfg.data.balance_pattern,
         balance_power=cfg.data.balance_power,
         sample_weights=cfg.data.sample_weights or None,
+        caption_augment=getattr(cfg, "captions", None),
     )
     loader.check_fingerprint(base)  # latents and embeddings must come from this VAE / text encoder / recipe
-    empty = loader.empty_prompt()  # (1, 1+L, D), (1, 1+L)
+    encode = None
+    if loader.augmenter is not None or getattr(cfg.data, "text_on_the_fly", False):
+        encode = text_encoder_fn(base, accelerator.device)
+        empty = encode([""])
+    else:
+        empty = loader.empty_prompt()  # (1, 1+L, D), (1, 1+L)
     if not 0.0 <= cfg.flow.image_prompt_min_sigma < 1.0:
         raise ValueError(
             f"`flow.image_prompt_min_sigma` must be in [0, 1), got {cfg.flow.image_prompt_min_sigma}: image-prompt "
@@ -290,6 +313,9 @@ def unet_task(cfg, base, unet, accelerator) -> Task:
             )
 
     def loss_fn(model, batch, generator):
+        if encode is not None:  # the captions (or their rewrites) through the frozen text encoder, now
+            batch = {**batch}
+            batch["embeds"], batch["mask"] = encode(batch.get("prompts", batch["captions"]))
         return flow_matching_loss(model, batch, empty, cfg.flow, shift, generator)
 
     return Task(

@@ -1,0 +1,294 @@
+"""Caption augmentation: prompts as people type them, made from an image's own captions at training time.
+
+A dataset's captions are written one way ("red apple, 3d render"); people type "an apple", "Red Apples!",
+"apple icon", "fruit". Trained only on the caption strings, a small model becomes a lookup table keyed by the exact
+string. `CaptionAugmenter` rewrites a share of the training captions into such forms, so the model learns the
+subject, not the string. It knows nothing of emoji: it reads the structure every `sdxs prepare` caption file has.
+
+    lines = ["red apple", "red apple, 3d render", "red apple, fruit, food, 3d render"]   # one image's captions
+    subject "red apple"      the shortest caption line that the others start with (else the first line)
+    tags    fruit, food      the comma-separated parts the longer lines add, minus `style_tags`
+    style   3d render        a `style_tags` part the captions carry (kept, moved or dropped as a whole)
+
+What a rewrite can do (each with its own probability in `CaptionAugmentConfig`):
+
+    form        the subject | a tag that names this subject alone ("gherkin") | the name's head word when at
+                most `max_subjects` subjects share it and it is not itself a subject ("apple" for the two apples)
+    plural      "red apples", "women surfing" (inflect), optionally after a quantity word ("several red apples")
+    adjective   "cute red apple"
+    template    "a {}", "a picture of {}", "{} icon" ... (a/an chosen for the word that follows)
+    tags        a few of the image's tags after the subject, or one before it ("fruit, red apple")
+    style       the style tag kept at the end, moved to the front, or dropped
+    case        lower / Title / UPPER / first letter capitalised
+    punctuation a trailing "." or "!", commas dropped, hyphens as spaces
+
+Qualifiers after the subject's first comma ("woman surfing, medium skin tone") stay with every form: they are part
+of what the image shows. Every choice comes from the `random.Random` the caller passes, so a loader that seeds it
+per (seed, epoch, step, rank) resumes bit-identically. The templates and words here are for *training*; evaluation
+uses its own disjoint lists (`sdxs.eval.robust`), so a robustness score is never measured on a trained phrasing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+TRAIN_TEMPLATES = [
+    "a {}",
+    "the {}",
+    "a picture of {}",
+    "an image of {}",
+    "a drawing of {}",
+    "draw {}",
+    "{} emoji",
+    "{} icon",
+    "{} sticker",
+    "an emoji of {}",
+    "{}, emoji",
+    "{} on a white background",
+]
+TRAIN_ADJECTIVES = ["cute", "little", "big", "small", "simple", "nice", "funny", "pretty", "cool", "shiny", "3d"]
+TRAIN_QUANTITIES = ["some", "several", "many", "a group of", "a pair of"]
+
+
+@dataclass
+class CaptionAugmentConfig:
+    """How training captions are rewritten into the forms people type (`sdxs.data.captions`); off by default."""
+
+    probability: float = 0.0  # share of samples whose caption is rewritten (0: off; the cached caption as it is)
+    # tags that name the dataset's style rather than the subject ("3d render"): never a subject on their own
+    style_tags: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: list(TRAIN_TEMPLATES))  # "{}" is the subject
+    adjectives: list[str] = field(default_factory=lambda: list(TRAIN_ADJECTIVES))
+    quantities: list[str] = field(default_factory=lambda: list(TRAIN_QUANTITIES))  # before a plural
+    # a tag stands for its subject alone only when it is unambiguous: at most this many subjects carry it
+    max_subjects: int = 1
+    # a name's head word ("apple" of "red apple") stands for it when at most this many subjects share the head
+    # and no subject is named by the head word alone ("cat" stays the cat)
+    max_head_subjects: int = 3
+    # share of the unambiguous tags that never stand alone in training (picked by `is_holdout_tag`, a hash of the
+    # tag): evaluation types them alone to measure whether a word seen only inside captions is understood alone
+    holdout_tags: float = 0.0
+    tag_form: float = 0.15  # the subject replaced by one of its unambiguous tags ("gherkin")
+    head_form: float = 0.1  # the subject replaced by its head word
+    plural: float = 0.15  # plural of the subject (half of them after a quantity word)
+    adjective: float = 0.15
+    template: float = 0.5
+    add_tags: float = 0.25  # 1-3 of the image's tags after the subject
+    tag_first: float = 0.1  # one tag before the subject ("fruit, red apple")
+    keep_style: float = 0.5  # the style tag stays at the end (else: moved to the front 1 in 5, or dropped)
+    case: float = 0.5  # a case change (lower / Title / UPPER / capitalised)
+    punctuation: float = 0.3  # a punctuation change
+
+
+def is_holdout_tag(tag: str, share: float) -> bool:
+    """Is `tag` one of the `share` of tags kept out of tag-only training prompts? A fixed hash of the lower-cased
+    tag, so training and evaluation agree without sharing state."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"holdout-tag:{tag.strip().lower()}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a caption file's structure
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def split_parts(caption: str) -> list[str]:
+    """The comma-separated parts of a caption, stripped, empty ones dropped."""
+    return [p.strip() for p in caption.split(",") if p.strip()]
+
+
+def subject_of(lines: Sequence[str]) -> str:
+    """The shortest line that every other line starts with (the bare name); else the first line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    if not lines:
+        return ""
+    shortest = min(lines, key=len)
+    if all(line == shortest or line.startswith(shortest + ",") for line in lines):
+        return shortest
+    return lines[0]
+
+
+def tags_of(lines: Sequence[str], subject: str, style_tags: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(tags, styles) that the lines add after the subject, in order of first appearance, without repeats."""
+    style = {s.lower() for s in style_tags}
+    tags, styles = [], []
+    for line in lines:
+        rest = line.strip()[len(subject) :] if line.strip().startswith(subject) else line
+        for part in split_parts(rest):
+            target = styles if part.lower() in style else tags
+            if part not in target and part != subject:
+                target.append(part)
+    return tags, styles
+
+
+def head_word(name: str) -> str:
+    """The head noun of a short English noun phrase: the last word before ' with ' / ' of ' / ' in ' / ' on '."""
+    core = re.split(r"\s+(?:with|of|in|on|and|for)\s+", name.strip(), maxsplit=1)[0]
+    words = core.split()
+    return words[-1] if words else ""
+
+
+@lru_cache(maxsize=1)
+def _inflect():
+    import inflect
+
+    return inflect.engine()
+
+
+def pluralize(name: str) -> str:
+    """English plural of a short noun phrase ("red apple" -> "red apples", "woman surfing" -> "women surfing")."""
+    eng = _inflect()
+    words = name.split()
+    if not words or any(_is_plural(eng, w) for w in (words[0], head_word(name))):
+        return name  # already plural ("busts in silhouette", "people holding hands")
+    # a phrase that ends in a participle ("woman surfing") has its head first
+    if len(words) > 1 and words[-1].endswith("ing") and not re.search(r"\s(?:with|of|in|on)\s", name):
+        return " ".join([eng.plural_noun(words[0]) or words[0], *words[1:]])
+    try:
+        return eng.plural_noun(name) or name
+    except Exception:  # inflect refuses some inputs (digits, symbols): keep the singular
+        return name
+
+
+def _is_plural(eng, word: str) -> bool:
+    try:
+        singular = eng.singular_noun(word)
+    except Exception:
+        return False
+    return bool(singular) and singular != word and not word.endswith(("ss", "us", "is"))
+
+
+def with_article(text: str) -> str:
+    """'a' or 'an' before `text`, as English spells it ('an apple', 'a unicorn', 'an 8-ball')."""
+    return _inflect().a(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The augmenter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    subject: str  # the whole bare name, qualifiers included ("woman surfing, medium skin tone")
+    main: str  # its first comma part ("woman surfing")
+    qualifiers: list[str]  # the other parts (["medium skin tone"])
+    tags: list[str]
+    styles: list[str]
+
+
+class CaptionAugmenter:
+    r"""
+    Rewrites captions into the forms people type, knowing the whole dataset's captions (which tags are unambiguous).
+
+    Args:
+        config (`CaptionAugmentConfig`): probabilities, templates and words.
+        all_caption_lines (iterable of `list[str]`): the caption lines of every image of the dataset (one list per
+            image), to find which tags and head words name one subject only.
+    """
+
+    def __init__(self, config: CaptionAugmentConfig, all_caption_lines: Iterable[Sequence[str]]):
+        if not 0.0 <= config.probability <= 1.0:
+            raise ValueError(f"`captions.probability` must be in [0, 1], got {config.probability}.")
+        for t in config.templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"`captions.templates`: {t!r} must hold exactly one '{{}}' (the subject).")
+        self.config = config
+        tag_subjects: dict[str, set[str]] = defaultdict(set)
+        head_subjects: dict[str, set[str]] = defaultdict(set)
+        mains: set[str] = set()
+        for lines in all_caption_lines:
+            e = self.parse(lines)
+            if not e.main:
+                continue
+            mains.add(e.main.lower())
+            for tag in e.tags:
+                tag_subjects[tag.lower()].add(e.main.lower())
+            head_subjects[head_word(e.main).lower()].add(e.main.lower())
+        # tags and heads that name few enough subjects, and are not themselves some other subject's name
+        self.unambiguous_tags = {
+            t for t, s in tag_subjects.items() if len(s) <= config.max_subjects and (t not in mains or t in s)
+        }
+        self.usable_heads = {
+            h
+            for h, s in head_subjects.items()
+            if h and h not in mains and len(s) <= config.max_head_subjects and all(h != m for m in s)
+        }
+
+    def parse(self, lines: Sequence[str]) -> _Entry:
+        subject = subject_of(lines)
+        parts = split_parts(subject)
+        tags, styles = tags_of(lines, subject, self.config.style_tags)
+        return _Entry(subject, parts[0] if parts else "", parts[1:], tags, styles)
+
+    def __call__(self, lines: Sequence[str], chosen: str, rng: random.Random) -> str:
+        """A prompt for one image: `chosen` (the caption line the loader drew) as it is with probability
+        1 - `probability`, else a rewrite made from all its `lines`."""
+        c = self.config
+        if c.probability <= 0 or rng.random() >= c.probability:
+            return chosen
+        e = self.parse(lines)
+        if not e.main:
+            return chosen
+        return self.rewrite(e, rng)
+
+    def rewrite(self, e: _Entry, rng: random.Random) -> str:
+        c = self.config
+        # 1. what names the subject
+        text, plural_ok = e.main, True
+        tags = [t for t in e.tags if t.lower() in self.unambiguous_tags and not is_holdout_tag(t, c.holdout_tags)]
+        r = rng.random()
+        if tags and r < c.tag_form:
+            text = rng.choice(tags)
+        elif r < c.tag_form + c.head_form and head_word(e.main).lower() in self.usable_heads:
+            text = head_word(e.main)
+        if len(text.split()) > 5:  # a sentence-like caption: no plural or adjective games
+            plural_ok = False
+        # 2. number, adjective, template
+        plural = plural_ok and rng.random() < c.plural
+        if plural:
+            text = pluralize(text)
+            if c.quantities and rng.random() < 0.5:
+                text = f"{rng.choice(c.quantities)} {text}"
+        if plural_ok and c.adjectives and rng.random() < c.adjective:
+            text = f"{rng.choice(c.adjectives)} {text}"
+        if c.templates and rng.random() < c.template:
+            template = rng.choice(c.templates)
+            if template.startswith("a {}"):  # "a"/"an" for the word that follows; a plural takes none
+                text = (text if plural else with_article(text)) + template[4:]
+            else:
+                text = template.replace("{}", text)
+        # 3. qualifiers, tags and style as comma parts
+        parts = [text, *e.qualifiers]
+        extra = [t for t in e.tags if t.lower() != text.lower()]
+        if extra and rng.random() < c.add_tags:
+            parts += rng.sample(extra, k=min(len(extra), rng.randint(1, 3)))
+        if extra and rng.random() < c.tag_first:
+            parts.insert(0, rng.choice(extra))
+        if e.styles:
+            r = rng.random()
+            if r < c.keep_style:
+                parts.append(e.styles[0])
+            elif r < c.keep_style + (1 - c.keep_style) / 5:
+                parts.insert(0, e.styles[0])
+        text = ", ".join(parts)
+        # 4. surface noise
+        if rng.random() < c.case:
+            text = rng.choice([str.lower, str.title, str.upper, lambda s: s[:1].upper() + s[1:]])(text)
+        if rng.random() < c.punctuation:
+            text = rng.choice(
+                [lambda s: s + ".", lambda s: s + "!", lambda s: s.replace(",", ""), lambda s: s.replace("-", " ")]
+            )(text)
+        return text

@@ -1,0 +1,199 @@
+"""Caption augmentation (prompts as people type them) and the tokenizer normalisation that goes with it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sdxs.data.captions import (
+    TRAIN_ADJECTIVES,
+    TRAIN_QUANTITIES,
+    TRAIN_TEMPLATES,
+    CaptionAugmentConfig,
+    CaptionAugmenter,
+    head_word,
+    is_holdout_tag,
+    pluralize,
+    subject_of,
+    tags_of,
+)
+
+DATASET = [
+    ["red apple", "red apple, 3d render", "red apple, fruit, food, 3d render"],
+    ["green apple", "green apple, 3d render", "green apple, fruit, food, granny smith, 3d render"],
+    ["cucumber", "cucumber, 3d render", "cucumber, food, pickle, gherkin, vegetable, 3d render"],
+    [
+        "woman surfing, medium skin tone",
+        "woman surfing, medium skin tone, 3d render",
+        "woman surfing, medium skin tone, surf, sea, ocean, 3d render",
+    ],
+    ["cat", "cat, 3d render", "cat, animal, meow, pet, 3d render"],
+    ["black cat", "black cat, 3d render", "black cat, animal, superstition, 3d render"],
+]
+
+
+def augmenter(**overrides) -> CaptionAugmenter:
+    cfg = CaptionAugmentConfig(probability=1.0, style_tags=["3d render"], **overrides)
+    return CaptionAugmenter(cfg, DATASET)
+
+
+def test_the_structure_of_a_caption_file():
+    lines = DATASET[3]
+    assert subject_of(lines) == "woman surfing, medium skin tone"
+    tags, styles = tags_of(lines, subject_of(lines), ["3d render"])
+    assert tags == ["surf", "sea", "ocean"] and styles == ["3d render"]
+    # captions that do not share a prefix: the first line is the subject
+    assert subject_of(["a dog on grass", "a photo of a dog"]) == "a dog on grass"
+    assert head_word("face with tears of joy") == "face" and head_word("red apple") == "apple"
+
+
+def test_plurals_and_articles_are_english():
+    assert pluralize("red apple") == "red apples"
+    assert pluralize("woman surfing") == "women surfing"
+    assert pluralize("mouse") == "mice"
+    assert pluralize("busts in silhouette") == "busts in silhouette"  # already plural: unchanged
+    from sdxs.data.captions import with_article
+
+    assert with_article("apple") == "an apple" and with_article("cat") == "a cat"
+
+
+def test_only_unambiguous_tags_and_heads_stand_for_a_subject():
+    aug = augmenter()
+    assert "gherkin" in aug.unambiguous_tags and "meow" in aug.unambiguous_tags
+    assert "fruit" not in aug.unambiguous_tags  # both apples carry it
+    assert "apple" in aug.usable_heads  # two apples share the head word "apple", no emoji is named "apple"
+    assert "cat" not in aug.usable_heads  # "cat" is itself an emoji: "cat" must keep meaning the cat
+
+
+def test_rewrites_keep_what_the_image_shows():
+    aug = augmenter()
+    rng = random.Random(0)
+    seen = [aug(DATASET[3], DATASET[3][1], rng) for _ in range(300)]
+    # the skin tone is part of the picture: every rewrite keeps it
+    assert all("medium skin tone" in s.lower() for s in seen)
+    assert len(set(seen)) > 100  # many forms, not a handful
+    # articles, templates, plurals, case and punctuation all occur
+    low = [s.lower() for s in seen]
+    assert any(s.startswith("a ") for s in low) and any("women" in s for s in low)
+    assert any(s.isupper() for s in seen) and any(s.endswith(("!", ".")) for s in seen)
+    assert any(s.lower().startswith(("surf", "sea", "ocean")) for s in seen)  # a tag first / alone
+
+
+def test_held_out_and_ambiguous_tags_never_stand_alone():
+    aug = augmenter(
+        holdout_tags=0.5,
+        tag_form=1.0,
+        head_form=0,
+        template=0,
+        plural=0,
+        adjective=0,
+        case=0,
+        punctuation=0,
+        add_tags=0,
+        tag_first=0,
+        keep_style=1,
+    )  # only the choice of what names the subject: the prompt is that and nothing else
+    held = [t for t in ("pickle", "gherkin", "vegetable") if is_holdout_tag(t, 0.5)]
+    rng = random.Random(1)
+    firsts = {aug(DATASET[2], DATASET[2][0], rng).removesuffix(", 3d render") for _ in range(200)}
+    assert not firsts & set(held)
+    assert "food" not in firsts  # shared with the apples
+    assert firsts <= {"pickle", "gherkin", "vegetable", "cucumber"} and firsts - {"cucumber"}
+
+
+def test_probability_and_seed():
+    off = CaptionAugmenter(CaptionAugmentConfig(probability=0.0), DATASET)
+    assert off(DATASET[0], "red apple, 3d render", random.Random(0)) == "red apple, 3d render"
+    aug = augmenter()
+    a = [aug(DATASET[0], DATASET[0][1], random.Random(7)) for _ in range(3)]
+    assert len(set(a)) == 1  # the same rng state, the same rewrite
+    half = CaptionAugmenter(CaptionAugmentConfig(probability=0.5, style_tags=["3d render"]), DATASET)
+    rng = random.Random(2)
+    kept = sum(half(DATASET[0], "red apple, 3d render", rng) == "red apple, 3d render" for _ in range(1000))
+    assert 450 < kept < 650  # half kept, plus the rewrites that happen to equal it
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="probability"):
+        CaptionAugmenter(CaptionAugmentConfig(probability=2.0), DATASET)
+    with pytest.raises(ValueError, match="templates"):
+        CaptionAugmenter(CaptionAugmentConfig(probability=1.0, templates=["no slot"]), DATASET)
+
+
+def test_evaluation_words_are_not_training_words():
+    """The robustness eval measures phrasings the model never trained on."""
+    from sdxs.eval import robust
+
+    def words(items):
+        return {w for item in items for w in item.replace("{}", " ").replace(",", " ").lower().split()}
+
+    train = words(TRAIN_TEMPLATES) | words(TRAIN_ADJECTIVES) | words(TRAIN_QUANTITIES)
+    eval_only = words(
+        robust.EVAL_ARTICLES + robust.EVAL_ADJECTIVES + robust.EVAL_SUFFIXES + robust.EVAL_PHRASES
+    ) | words(robust.EVAL_QUANTITIES)
+    function_words = {"a", "an", "of", "the"}  # English needs them in both; every content word is apart
+    assert not (train & eval_only) - function_words, train & eval_only
+    assert not set(TRAIN_TEMPLATES) & set(robust.EVAL_PHRASES)
+    assert not set(robust.EVAL_PUNCTUATION) & {"{}.", "{}!"}
+
+
+def test_robust_rewrites(tmp_path):
+    from sdxs.eval.robust import CLASSES, everyday_words, rewrite
+    from sdxs.eval.strict import Render
+
+    r = Render(0, tmp_path / "x.webp", "train", "", "red apple", [], "objects/animals/food/travel")
+    toned = Render(1, tmp_path / "y.webp", "train", "", "woman surfing", ["medium skin tone"], "toned people")
+    rng = random.Random(0)
+    every = everyday_words(DATASET, 1.0)  # every unambiguous tag held out
+    assert every["cucumber"] and "food" not in every["cucumber"]
+    for klass in CLASSES:
+        text = rewrite(toned, klass, rng, every)
+        if text is not None:
+            assert "medium skin tone" in text.lower(), (klass, text)
+    assert rewrite(r, "word order", rng, every) == "apple, red"
+    assert rewrite(toned, "word order", rng, every) == "medium skin tone, woman surfing"
+    assert rewrite(r, "everyday words", rng, every) is None  # the apples share all their tags
+
+
+def test_loader_rewrites_are_seeded_and_resumable(tmp_path, tiny_hub_dir):
+    from test_train_unet import make_colour_cache
+
+    from sdxs.data.loader import LatentShardLoader
+
+    cache = make_colour_cache(tmp_path, tiny_hub_dir)
+    cfg = CaptionAugmentConfig(probability=1.0)
+    plain = LatentShardLoader(cache, 2, seed=0)
+    aug = LatentShardLoader(cache, 2, seed=0, caption_augment=cfg)
+    a, b = next(iter(plain)), next(iter(aug))
+    assert "prompts" not in a and len(b["prompts"]) == 2
+    assert (a["latents"] == b["latents"]).all() and a["captions"] == b["captions"]  # nothing else moves
+    state = aug.state_dict()
+    rest = [x["prompts"] for x in aug]
+    again = LatentShardLoader(cache, 2, seed=0, caption_augment=cfg)
+    again.load_state_dict(state)
+    assert [x["prompts"] for x in again] == rest
+
+
+def test_tokenizer_normalisation_gives_one_form_per_word(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sdxs.presets import normalize_tokenizer, tokenizer_normalization, train_tokenizer
+
+    corpus = ["penguin, 3d render", "a penguin on ice", "red apple, fruit", "rocket, space"] * 20
+    plain = train_tokenizer(corpus, 300)
+    assert plain("penguin")["input_ids"] != plain("a penguin")["input_ids"][1:]  # the old reading: two forms
+    tok = train_tokenizer(corpus, 300, ("nfkc", "lowercase", "prefix-space"))
+    ids = tok("penguin")["input_ids"]
+    for text in ("Penguin", "PENGUIN", "  penguin", "ｐｅｎｇｕｉｎ"):  # case, spaces, full-width letters
+        assert tok(text)["input_ids"] == ids, text
+    assert tok("a penguin")["input_ids"][-len(ids) :] == ids  # first or later: the same tokens
+    tok.save_pretrained(tmp_path / "tok")
+    back = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert back("A PENGUIN")["input_ids"] == tok("a penguin")["input_ids"]
+    assert tokenizer_normalization(back) == ["nfkc", "lowercase", "prefix-space"]
+    # an existing tokenizer of ours gets the normalisation without a new vocabulary
+    normalize_tokenizer(plain, ["lowercase", "prefix-space"])
+    assert plain("Penguin")["input_ids"] == plain("penguin")["input_ids"]
+    with pytest.raises(ValueError, match="unknown text normalization"):
+        normalize_tokenizer(plain, ["stemming"])
