@@ -47,6 +47,9 @@ DEFAULT_TEXT_RECIPE: dict[str, Any] = {
     "hidden_layer": -2,  # which entry of `hidden_states` is the sequence (-2: the layer before the last)
 }
 
+# Euler steps of `__call__` when neither the call nor the model's config says (sdxs-1b's card: 40)
+DEFAULT_NUM_INFERENCE_STEPS = 40
+
 # Instruction for `refine_prompts`; stored in the pipeline config, overridable per call.
 DEFAULT_REFINE_INSTRUCTION = (
     "Rewrite the short prompt as one detailed image caption in the same style as the training captions."
@@ -463,6 +466,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             absent, it is taken from the tokenizer's folder or processor (the published layout).
         text_recipe (`dict`, *optional*): the frozen text-conditioning recipe, see `DEFAULT_TEXT_RECIPE`.
         default_width / default_height (`int`, *optional*): the size `__call__` makes when none is given.
+        default_num_inference_steps (`int`, *optional*, defaults to 40): the steps `__call__` takes when none are
+            given; a model stores the count its quality-per-step curve supports (the CLI, server and page read it).
         refine_instruction (`str`, *optional*): default instruction for `refine_prompts`.
     """
 
@@ -487,6 +492,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_width: int | None = None,
         default_height: int | None = None,
         refine_instruction: str | None = None,
+        default_num_inference_steps: int | None = None,
     ):
         super().__init__()
         # One dtype on a plain load: diffusers loads the UNet and VAE in float32 unless `dtype=` is given, while
@@ -509,14 +515,18 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
             vision_processor=vision_processor,
         )
-        self.vae_encoder_scale_factor, self.vae_scale_factor = vae_scale_factors(vae)
-        self.size_step = self.vae_scale_factor * unet_size_multiple(unet)
-        default_side = int(unet.config.sample_size) * self.vae_scale_factor
+        # A pipeline may be loaded without its UNet or VAE (`from_pretrained(..., unet=None, vae=None)`: prompt
+        # embeddings on one device, denoising on another): then the SDXS-1B factors stand in, as diffusers' pipelines
+        # fall back to 8 without a VAE.
+        self.vae_encoder_scale_factor, self.vae_scale_factor = vae_scale_factors(vae) if vae is not None else (8, 16)
+        self.size_step = self.vae_scale_factor * (unet_size_multiple(unet) if unet is not None else 1)
+        default_side = int(unet.config.sample_size) * self.vae_scale_factor if unet is not None else 1024
         self.register_to_config(
             text_recipe={**DEFAULT_TEXT_RECIPE, **(text_recipe or {})},
             default_width=int(default_width or default_side),
             default_height=int(default_height or default_side),
             refine_instruction=refine_instruction or DEFAULT_REFINE_INSTRUCTION,
+            default_num_inference_steps=int(default_num_inference_steps or DEFAULT_NUM_INFERENCE_STEPS),
         )
         # Postprocessing only (resize/normalise of pipeline images is done at the latent scale below).
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
@@ -644,21 +654,15 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
             )
 
-        def expand(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-
-        prompt_embeds = expand(prompt_embeds).to(dtype)
-        negative_prompt_embeds = expand(negative_prompt_embeds)
-        if not do_classifier_free_guidance:
+        prompt_embeds = _repeat_rows(prompt_embeds, num_images_per_prompt, device).to(dtype)
+        prompt_attention_mask = _repeat_rows(prompt_attention_mask, num_images_per_prompt, device)
+        if do_classifier_free_guidance and negative_prompt_embeds is not None:
+            negative_prompt_embeds = _repeat_rows(negative_prompt_embeds, num_images_per_prompt, device).to(dtype)
+            negative_prompt_attention_mask = _repeat_rows(negative_prompt_attention_mask, num_images_per_prompt, device)
+        else:
             negative_prompt_embeds = negative_prompt_attention_mask = None
-        elif negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype)
-        return (
-            prompt_embeds,
-            expand(prompt_attention_mask),
-            negative_prompt_embeds,
-            expand(negative_prompt_attention_mask),
-        )
+        # plain names, as `__call__` takes them: diffusers' tests feed encode_prompt's outputs back by these names
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     @torch.no_grad()
     def _encode_text(
@@ -1462,7 +1466,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 40,
+        num_inference_steps: int | None = None,
         guidance_scale: float = 4.0,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
@@ -1492,7 +1496,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             negative_prompt (`str` or `list[str]`, *optional*): what to steer away from (needs guidance > 1).
             height, width (`int`, *optional*): output size in pixels, a multiple of `pipe.size_step`; defaults to the
                 model's `default_height` / `default_width` (or the init image's size for img2img).
-            num_inference_steps (`int`, defaults to 40): Euler steps from sigma 1 to 0.
+            num_inference_steps (`int`, *optional*): Euler steps from sigma 1 to 0; defaults to the model's
+                `default_num_inference_steps` (chosen from its measured quality-per-step curve; 40 when unset).
             guidance_scale (`float`, defaults to 4.0): classifier-free guidance; 1 disables it (one UNet pass/step).
             num_images_per_prompt (`int`, defaults to 1): images per prompt. (`batch_size`, which repeated a single
                 prompt, is deprecated: it is `num_images_per_prompt` and still works, with a warning.)
@@ -1534,6 +1539,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         height, width = self._default_size(image, height, width)
+        if num_inference_steps is None:
+            num_inference_steps = int(self.config.default_num_inference_steps)
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -1594,6 +1601,11 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _repeat_rows(x: torch.Tensor, n: int, device) -> torch.Tensor:
+    """(B, ...) -> (B * n, ...) on `device`, each row n times in a row (prompt i's images stay together)."""
+    return x.to(device).repeat_interleave(n, dim=0)
 
 
 def _pad_to_same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,12 +135,12 @@ def test_interactive_loop_two_prompts(tiny_hub_dir, tmp_path, monkeypatch, capsy
         assert Image.open(path).size == (32, 32)
 
 
-def test_interactive_loop_survives_a_bad_prompt_and_stops_at_eof(tiny_hub_dir, tmp_path, monkeypatch, capsys):
+def test_interactive_loop_refuses_bad_flags_first_and_stops_at_eof(tiny_hub_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("a cat\n"))
     out = tmp_path / "img.png"
     (tmp_path / "img-001.png").write_bytes(b"earlier result")  # never overwritten
     code = run_cli("generate", "-i", "--model", tiny_hub_dir, "--steps", "1", "--width", "40", "-o", out)
-    assert code == 0
+    assert code == 2  # a size the model refuses is refused before the loop starts, not after every prompt
     captured = capsys.readouterr()
     assert captured.out == "" and "multiple of 16" in captured.err
     monkeypatch.setattr(sys, "stdin", io.StringIO("a cat"))  # EOF without a newline
@@ -252,3 +252,38 @@ def test_upscale_max_pixels_override(tiny_hub_dir, tmp_path):
     Image.new("RGB", (40, 30)).save(src)
     assert run_cli("upscale", src, "--model", tiny_hub_dir, "--max-pixels", "1200", "-q") == 0
     assert Image.open(tmp_path / "in-2x.png").size == (80, 60)
+
+
+def test_size_and_output_errors_come_before_the_model_loads(tiny_hub_dir, tmp_path, capfd, monkeypatch):
+    """A request the model would refuse, or one that would run for an hour, is refused before the 15 s load."""
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    out = tmp_path / "x.png"
+    assert run_cli("generate", "x", "--model", tiny_hub_dir, "--width", "50", "-o", out) == 2
+    err = stderr_lines(capfd.readouterr())
+    assert len(err) == 1 and "--width 50" in err[0] and "multiple of 16" in err[0] and "[48, 64]" in err[0]
+    # the size limit (default: twice the default side, squared) says how long it would take and how to allow it
+    assert run_cli("generate", "x", "--model", tiny_hub_dir, "--width", "4096", "--height", "4096", "-o", out) == 2
+    err = stderr_lines(capfd.readouterr())
+    assert len(err) == 1 and "--max-pixels" in err[0] and " min " in err[0] and "0 for no limit" in err[0]
+    # an output folder that cannot be made: named with the flag, before any work
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run_cli("generate", "x", "--model", tiny_hub_dir, "-o", blocker / "sub" / "x.png") == 2
+    assert "--output" in stderr_lines(capfd.readouterr())[0]
+    if os.path.isdir("/proc/self"):  # a folder os.access calls writable for root, where nothing can be made
+        assert run_cli("generate", "x", "--model", tiny_hub_dir, "-o", "/proc/sdxs-test/x.png") == 2
+        assert "cannot write there" in stderr_lines(capfd.readouterr())[0]
+    assert not out.exists() and not list(tmp_path.glob(".sdxs-write-test*"))
+
+
+def test_max_pixels_allows_a_large_image(tiny_hub_dir, tmp_path):
+    out = tmp_path / "big.png"
+    args = ("generate", "x", "--model", tiny_hub_dir, "--steps", "1", "--width", "128", "--height", "144")
+    assert run_cli(*args, "-o", out) == 2  # 128x144 > (2 x 64)^2 for the tiny model
+    assert run_cli(*args, "--max-pixels", "0", "-o", out) == 0
+    assert Image.open(out).size == (128, 144)
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temp file left

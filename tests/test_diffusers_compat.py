@@ -278,3 +278,55 @@ def test_public_methods_have_examples_and_the_card_has_install_line_and_widget()
         assert package in install, package
     first_code = card.split("```python")[1]
     assert "trust_remote_code=True" in first_code and "dtype=" in first_code and "torch_dtype" not in card
+
+
+def test_text_encoder_only_load_computes_the_same_prompt_embeds(pipe, tmp_path):
+    """diffusers allows loading without the UNet and VAE (prompt embeddings on one device, denoising on another)."""
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "model")
+    text_only = DiffusionPipeline.from_pretrained(tmp_path / "model", unet=None, vae=None, trust_remote_code=True)
+    assert text_only.unet is None and text_only.vae is None
+    emb, mask, neg, neg_mask = text_only.encode_prompt("a cat", negative_prompt="dark")
+    want = pipe.encode_prompt("a cat", negative_prompt="dark")
+    for got, ref in zip((emb, mask, neg, neg_mask), want, strict=True):
+        torch.testing.assert_close(got, ref)
+    # ... and a UNet-only pipeline denoises them into the image a full pipeline makes
+    denoise = DiffusionPipeline.from_pretrained(
+        tmp_path / "model", text_encoder=None, tokenizer=None, trust_remote_code=True
+    )
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="np")
+    out = denoise(
+        prompt_embeds=emb,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_attention_mask=neg_mask,
+        **kwargs,
+    ).images
+    np.testing.assert_allclose(out, pipe("a cat", negative_prompt="dark", **kwargs).images, atol=1e-5)
+
+
+def test_encode_prompt_outputs_feed_back_by_name(pipe):
+    """diffusers' `test_encode_prompt_works_in_isolation` reads encode_prompt's return statement and passes each
+    output to `__call__` under that name: the names must be `__call__`'s argument names, in order."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(type(pipe).encode_prompt)))
+    returns = [n for n in ast.walk(tree) if isinstance(n, ast.Return)]
+    assert len(returns) == 1 and isinstance(returns[0].value, ast.Tuple)
+    names = [ast.unparse(e) for e in returns[0].value.elts]
+    assert names == [
+        "prompt_embeds",
+        "prompt_attention_mask",
+        "negative_prompt_embeds",
+        "negative_prompt_attention_mask",
+    ]
+    params = inspect.signature(type(pipe).__call__).parameters
+    assert all(n in params for n in names)
+    outputs = dict(zip(names, pipe.encode_prompt("a cat", negative_prompt="dark"), strict=True))
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="np")
+    np.testing.assert_allclose(
+        pipe(**outputs, **kwargs).images, pipe("a cat", negative_prompt="dark", **kwargs).images, atol=1e-5
+    )

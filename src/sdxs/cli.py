@@ -98,6 +98,14 @@ def _generation_kwargs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     )
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Sizes and the pixel limit, from the model's JSON files, before it loads (`sdxs.preflight`)."""
+    from sdxs.preflight import check_generation
+
+    model = resolve_model(args.model)
+    check_generation(model, args.width, args.height, args.steps, args.num_images, args.max_pixels)
+
+
 def _report(paths: Sequence[Path], images: Sequence[Any], seed: int, seconds: float) -> None:
     for i, (path, image) in enumerate(zip(paths, images, strict=True)):
         print(f"{path}  {image.width}x{image.height}  seed {seed + i}  {seconds:.2f} s")
@@ -113,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.interactive and not args.prompt:
         raise UserError("generate needs a PROMPT (or -i for an interactive prompt loop)")
     check_output(args.output)
+    _preflight(args)
     pipe = load_pipeline(args)
     if args.interactive:
         return _interactive_loop(pipe, args)
@@ -218,6 +227,7 @@ def cmd_encode_image(args: argparse.Namespace) -> int:
         check_output(args.save_embeds, "--save-embeds", suffixes=(".safetensors",))
     if not args.embeds_only:
         check_output(args.output)
+        _preflight(args)
     pipe = load_pipeline(args)
     embeds, mask = pipe.encode_image(str(path))
     if args.save_embeds:

@@ -82,4 +82,9 @@ def generation_flags() -> argparse.ArgumentParser:
     g.add_argument("--height", type=positive_int, help="pixels, a multiple of the model's size step")
     g.add_argument("--seed", type=seed_int, help="image i uses seed + i (default: random, printed)")
     g.add_argument("--num-images", type=positive_int, default=1, help="images to make (default: 1)")
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        help="refuse width x height above this (default: twice the model's default side, squared; 0: no limit)",
+    )
     return p

@@ -3,6 +3,7 @@ one), and the image output paths of `sdxs generate/upscale/encode-image` (checke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -64,6 +65,27 @@ def check_output(output: str | os.PathLike, flag: str = "--output", suffixes: Se
         raise UserError(f"{flag} {output}: {folder} is a file, not a folder; pick another output path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {output}: cannot write in {folder} (permission denied); pick another folder")
+    _probe_write(out.parent, flag, output)
+
+
+def _probe_write(folder: Path, flag: str, output) -> None:
+    """Make the folders and a scratch file there, then take them away again: what `os.access` cannot tell (root on
+    a read-only mount, /proc, a full disk, a name the file system refuses) fails now, not after the work."""
+    made = []
+    try:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            made.append(p)
+        probe = folder / f".sdxs-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {output}: cannot write there ({e.strerror or e}); pick another output path") from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def check_image_inputs(paths: Sequence[str | os.PathLike]) -> None:
@@ -74,9 +96,14 @@ def check_image_inputs(paths: Sequence[str | os.PathLike]) -> None:
 
 
 def save_images(images: Sequence[Any], paths: Sequence[Path]) -> None:
+    """Each image to its path, atomically (a temp file beside it, then `os.replace`): never half a PNG."""
+    from PIL import Image
+
     for image, path in zip(images, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(tmp, path)
 
 
 def check_upscale_sizes(paths: Sequence[str | os.PathLike], max_pixels: int | None) -> None:

@@ -515,9 +515,12 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
             vision_processor=vision_processor,
         )
-        self.vae_encoder_scale_factor, self.vae_scale_factor = vae_scale_factors(vae)
-        self.size_step = self.vae_scale_factor * unet_size_multiple(unet)
-        default_side = int(unet.config.sample_size) * self.vae_scale_factor
+        # A pipeline may be loaded without its UNet or VAE (`from_pretrained(..., unet=None, vae=None)`: prompt
+        # embeddings on one device, denoising on another): then the SDXS-1B factors stand in, as diffusers' pipelines
+        # fall back to 8 without a VAE.
+        self.vae_encoder_scale_factor, self.vae_scale_factor = vae_scale_factors(vae) if vae is not None else (8, 16)
+        self.size_step = self.vae_scale_factor * (unet_size_multiple(unet) if unet is not None else 1)
+        default_side = int(unet.config.sample_size) * self.vae_scale_factor if unet is not None else 1024
         self.register_to_config(
             text_recipe={**DEFAULT_TEXT_RECIPE, **(text_recipe or {})},
             default_width=int(default_width or default_side),
@@ -651,21 +654,15 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
             )
 
-        def expand(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-
-        prompt_embeds = expand(prompt_embeds).to(dtype)
-        negative_prompt_embeds = expand(negative_prompt_embeds)
-        if not do_classifier_free_guidance:
+        prompt_embeds = _repeat_rows(prompt_embeds, num_images_per_prompt, device).to(dtype)
+        prompt_attention_mask = _repeat_rows(prompt_attention_mask, num_images_per_prompt, device)
+        if do_classifier_free_guidance and negative_prompt_embeds is not None:
+            negative_prompt_embeds = _repeat_rows(negative_prompt_embeds, num_images_per_prompt, device).to(dtype)
+            negative_prompt_attention_mask = _repeat_rows(negative_prompt_attention_mask, num_images_per_prompt, device)
+        else:
             negative_prompt_embeds = negative_prompt_attention_mask = None
-        elif negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype)
-        return (
-            prompt_embeds,
-            expand(prompt_attention_mask),
-            negative_prompt_embeds,
-            expand(negative_prompt_attention_mask),
-        )
+        # plain names, as `__call__` takes them: diffusers' tests feed encode_prompt's outputs back by these names
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     @torch.no_grad()
     def _encode_text(
@@ -1604,6 +1601,11 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _repeat_rows(x: torch.Tensor, n: int, device) -> torch.Tensor:
+    """(B, ...) -> (B * n, ...) on `device`, each row n times in a row (prompt i's images stay together)."""
+    return x.to(device).repeat_interleave(n, dim=0)
 
 
 def _pad_to_same_length(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
