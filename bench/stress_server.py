@@ -2,12 +2,18 @@
 
     python bench/stress_server.py                       # the model at the repo root, ~1-2 min on 2 CPU cores
     python bench/stress_server.py --uploads 60 --generate 8 --disconnects 4 --json out.json
+    python bench/stress_server.py --workload mixed      # memory: RSS after sequential mixed image work
 
 One storm, all at once: N concurrent /generate requests, M concurrent 4096x4096 uploads to /encode-image (a
 small PNG that decodes to 48 MB of pixels each), oversized bodies (413 from Content-Length), malformed uploads,
 and clients that disconnect mid-job. Meanwhile /health is polled every 50 ms and the server's RSS sampled. It
 reports peak RSS growth, /health latency p50/p99, the status counts, and whether every request got an answer
 (a deliberately abandoned request counts as answered when the server counted it in `jobs_cancelled`).
+
+`--workload mixed` instead sends image work one request at a time, `--rounds` times over: /generate at several
+sizes and batch sizes, /upscale of 128..1024-pixel inputs, /encode-image of small and 4096x4096 images. It reports
+the server's RSS at the start (idle, model loaded), after each round (idle again) and its peak: memory a server
+keeps after its work is done (a high-water mark) shows as `rss_after_mb` - `rss_start_mb`.
 """
 
 from __future__ import annotations
@@ -161,6 +167,84 @@ async def storm(url: str, server: psutil.Process, args) -> dict:
     }
 
 
+def noise_png(width: int, height: int, seed: int = 0) -> bytes:
+    """Random pixels: an upload that compresses badly (the worst case for its byte size)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def mixed_requests(cfg: dict) -> list[tuple[str, str, dict]]:
+    """One round of image work at the sizes the server allows (`cfg` is its /config): (label, path, httpx kwargs)."""
+    step, top = cfg["size_step"], cfg["max_side"]
+    half = max(step, top // 2 // step * step)
+    jobs: list[tuple[str, str, dict]] = []
+    for w, h, n in [
+        (half, half, 1),
+        (top, top, 1),
+        (step * 4, step * 4, 4),
+        (top, half, 2),
+        (half, top, 4),
+        (top, top, 4),
+    ]:
+        if w * h <= cfg["max_pixels"] and n <= cfg["max_images"]:
+            body = {"prompt": f"a red apple {w}x{h}", "width": w, "height": h, "num_images": n, "steps": 2, "seed": 1}
+            jobs.append((f"generate {w}x{h} x{n}", "/generate", {"json": body}))
+    for w, h in [(128, 128), (256, 256), (512, 384), (1024, 1024), (1024, 512)]:
+        if max(w, h) <= cfg["max_upscale_side"]:
+            files = {"image": ("in.png", noise_png(w, h, w + h), "image/png")}
+            jobs.append((f"upscale {w}x{h}", "/upscale", {"files": files}))
+    if cfg["features"].get("encode_image"):
+        for label, picture in [("256x256", noise_png(256, 256)), ("4096x4096", big_png())]:
+            form = {"steps": "2", "seed": "2", "width": str(half), "height": str(half), "num_images": "2"}
+            files = {"image": ("in.png", picture, "image/png")}
+            jobs.append((f"encode-image {label}", "/encode-image", {"files": files, "data": form}))
+    return jobs
+
+
+async def mixed(url: str, server: psutil.Process, args) -> dict:
+    """Sequential mixed image work, `args.rounds` times: the server's RSS at the start, after each round, peak."""
+    rss: list[float] = []
+    stop = asyncio.Event()
+
+    async def sample_rss() -> None:
+        while not stop.is_set():
+            rss.append(rss_mb(server))
+            await asyncio.sleep(0.05)
+
+    # one request at a time: a 1024x1024 upscale of the shipped model takes tens of seconds on 2 busy cores
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(max(args.timeout, 600.0))) as client:
+        cfg = (await client.get("/config")).json()
+        jobs = mixed_requests(cfg)
+        await asyncio.sleep(1.0)  # settle after start-up
+        start_mb = rss_mb(server)
+        sampler = asyncio.create_task(sample_rss())
+        statuses: Counter = Counter()
+        after_rounds, seconds = [], Counter()
+        for _ in range(args.rounds):
+            for label, path, kw in jobs:
+                t = time.perf_counter()
+                r = await client.post(path, **kw)
+                seconds[label] += time.perf_counter() - t
+                print(f"{label}: {r.status_code} in {time.perf_counter() - t:.1f} s, RSS {rss_mb(server):.0f} MB",
+                      file=sys.stderr)  # fmt: skip
+                statuses[f"{label} {r.status_code}"] += 1
+            await asyncio.sleep(0.5)  # idle: what the server keeps between jobs
+            after_rounds.append(round(rss_mb(server), 1))
+        stop.set()
+        await sampler
+    return {
+        "requests": dict(sorted(statuses.items())),
+        "seconds_per_round": {k: round(v / max(1, args.rounds), 2) for k, v in seconds.items()},
+        "rss_start_mb": round(start_mb, 1),
+        "rss_after_each_round_mb": after_rounds,
+        "rss_after_mb": after_rounds[-1] if after_rounds else None,
+        "rss_peak_mb": round(max(rss, default=start_mb), 1),
+        "rss_kept_mb": round(after_rounds[-1] - start_mb, 1) if after_rounds else None,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT), help="model folder (default: the repo root)")
@@ -171,8 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--disconnects", type=int, default=4, help="100-step jobs abandoned after --disconnect-after s")
     p.add_argument("--disconnect-after", type=float, default=1.0)
     p.add_argument("--max-queue", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    p.add_argument("--timeout", type=float, default=60.0, help="per request, seconds (--workload mixed: 600)")
     p.add_argument("--deadline", type=float, default=90.0, help="the whole storm, seconds")
+    p.add_argument("--workload", choices=("storm", "mixed"), default="storm", help="what to send (see above)")
+    p.add_argument("--rounds", type=int, default=3, help="--workload mixed: rounds of the mixed image work")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
 
@@ -197,7 +283,8 @@ def main(argv=None) -> int:
                 print("server did not start within 120 s", file=sys.stderr)
                 return 1
             time.sleep(0.25)
-        report = asyncio.run(storm(url, psutil.Process(server.pid), args))
+        workload = storm if args.workload == "storm" else mixed
+        report = asyncio.run(workload(url, psutil.Process(server.pid), args))
     finally:
         server.terminate()
         try:
@@ -209,6 +296,8 @@ def main(argv=None) -> int:
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
+    if args.workload == "mixed":
+        return 0 if all(k.endswith(" 200") for k in report["requests"]) else 1
     return 0 if not report["unanswered"] and report["server_healthy_after"] else 1
 
 

@@ -1,8 +1,11 @@
 """One job at a time on the device: `DeviceGate` (queue + single worker thread), the `Admission` middleware that
-refuses from the headers alone, and client-disconnect cancellation."""
+refuses from the headers alone and reads a job's body (within a deadline) before it takes a queue place, and
+client-disconnect cancellation."""
 
 import asyncio
+import contextlib
 import functools
+import logging
 import math
 import threading
 import time
@@ -12,6 +15,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from sdxs.server.memory import release_free_memory
+
 # requests that become a job on the device: admitted (or refused with 429) before their body is read
 JOB_PATHS = frozenset({"/generate", "/encode-image", "/upscale", "/refine"})
 # Multipart framing and form fields around an uploaded file: requests larger than the upload limit plus this are
@@ -20,7 +25,12 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 # A refused oversized body is read and dropped (never kept) up to this many bytes so that the client can read the
 # 413; a larger one is cut off by closing the connection.
 DRAIN_LIMIT_BYTES = 64 * 2**20
-# The page itself only talks to this server; /docs (Swagger UI from a CDN) is left without this policy.
+# Bodies up to this size (JSON requests, small uploads) are always read; larger ones only while the bodies being
+# read together stay within the memory budget (`Admission`).
+SMALL_BODY_BYTES = FORM_OVERHEAD_BYTES
+# uvicorn's access log: a cancelled job's 499 goes there, as nginx logs "client closed request" (uvicorn itself
+# logs nothing for a response it could not send)
+access_log = logging.getLogger("uvicorn.access")
 
 
 class QueueFull(Exception):
@@ -44,7 +54,9 @@ class DeviceGate:
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
-        self.pending = 0  # admitted requests: running + waiting (+ reading their body)
+        self.pending = 0  # admitted requests: running + waiting (their bodies are in)
+        self.receiving = 0  # job requests whose bodies are still arriving: no queue place yet
+        self.receiving_bytes = 0  # their Content-Lengths, for the memory budget
         self.done = 0
         self.cancelled = 0
         self.started_at: float | None = None  # perf_counter() when the running job started
@@ -52,9 +64,13 @@ class DeviceGate:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdxs-device")
         self._mean_seconds = 1.0  # running mean of job time, for Retry-After
 
+    @property
+    def full(self) -> bool:
+        return self.pending > self.max_queue  # one running + max_queue waiting already
+
     def admit(self) -> None:
         """Take a place in the queue or raise `QueueFull`; the caller must `release()` it."""
-        if self.pending > self.max_queue:  # one running + max_queue waiting already
+        if self.full:
             raise QueueFull(self.retry_after())
         self.pending += 1
 
@@ -97,6 +113,7 @@ class DeviceGate:
                     raise
                 finally:
                     self.started_at = None
+                    self._release_memory_soon()
                 seconds = time.perf_counter() - started
                 self._mean_seconds = 0.7 * self._mean_seconds + 0.3 * seconds
                 self.done += 1
@@ -105,47 +122,88 @@ class DeviceGate:
             if not admitted:
                 self.release()
 
+    def _release_memory_soon(self) -> None:
+        """Queue `release_free_memory` on the device thread: it runs after this job's answer is on its way and
+        before the next job starts, so the freed activations go back to the OS instead of staying in RSS."""
+        with contextlib.suppress(RuntimeError):  # shut down: nothing more will run
+            self._executor.submit(release_free_memory)
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class Admission:
-    """ASGI middleware: refuse from the headers alone, before any body byte is read.
+    """ASGI middleware: refuse what it can from the headers, then read a job's body before it joins the queue.
 
-    POST without Content-Length -> 411; Content-Length over the upload limit -> 413 (the body is dropped unread,
-    up to DRAIN_LIMIT_BYTES, so the client sees the answer); a job request while the queue is full -> 429 (its body is dropped unread the same way; the place an
-    admitted request takes is held until the response has started, so requests reading their bodies count against
-    the queue too). Every response gets `X-Content-Type-Options: nosniff`.
+    From the headers alone: a POST without Content-Length -> 411; Content-Length over the upload limit -> 413; a job
+    request while the queue is full -> 429 (bodies of 413s and 429s are dropped unread, up to DRAIN_LIMIT_BYTES,
+    so the client sees the answer). Then a job request's body is read whole, within `body_timeout` seconds (else
+    408), and only then does it take a queue place (or get 429): a client that sends its headers and then nothing
+    holds no place. (Before, the place was taken first: five such connections filled a `max_queue` of 4, and
+    every job request got 429 for as long as they stayed open.) Bodies being read are bounded in memory too:
+    above SMALL_BODY_BYTES, a body is read only while those being read sum to at most `read_budget_bytes` (else
+    429), so a storm of uploads holds about what `max_queue + 1` admitted ones did before.
+
+    The place is held until the response has started. Every response gets `X-Content-Type-Options: nosniff`.
     """
 
-    def __init__(self, app, gate: DeviceGate, max_body_bytes: int, limit_text: str):
+    def __init__(
+        self, app, gate: DeviceGate, max_body_bytes: int, limit_text: str, body_timeout: float, read_budget_bytes: int
+    ):
         self.app, self.gate, self.max_body_bytes, self.limit_text = app, gate, max_body_bytes, limit_text
+        self.body_timeout, self.read_budget_bytes = body_timeout, read_budget_bytes
+
+    def busy(self, why: str | None = None) -> JSONResponse:
+        detail = str(QueueFull(self.gate.retry_after()))
+        detail = f"{detail} ({why})" if why else detail
+        return JSONResponse({"detail": detail}, status_code=429, headers={"Retry-After": str(self.gate.retry_after())})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"").decode("latin-1")
+        size = int(length) if length.isdigit() else 0
+        job = scope["method"] == "POST" and scope["path"] in JOB_PATHS
         refuse = None
         if scope["method"] == "POST" and not length.isdigit():
             refuse = JSONResponse({"detail": "a request body needs a Content-Length header"}, status_code=411)
-        elif length.isdigit() and int(length) > self.max_body_bytes:
+        elif size > self.max_body_bytes:
             detail = f"request body is larger than the limit of {self.limit_text}"
             refuse = JSONResponse({"detail": detail}, status_code=413)
-        admitted = False
-        if refuse is None and scope["method"] == "POST" and scope["path"] in JOB_PATHS:
-            try:
-                self.gate.admit()
-                admitted = True
-            except QueueFull as e:
-                refuse = JSONResponse({"detail": str(e)}, status_code=429, headers={"Retry-After": str(e.retry_after)})
+        elif job and self.gate.full:
+            refuse = self.busy()
+        elif job and size > SMALL_BODY_BYTES and self.gate.receiving_bytes + size > self.read_budget_bytes:
+            refuse = self.busy("too many uploads arriving at once")
         if refuse is not None:
-            refuse.headers["X-Content-Type-Options"] = "nosniff"
-            refuse.headers["Connection"] = "close"  # the unread body must not be taken for the next request
             if refuse.status_code in (413, 429):  # drop the unread body, so the client can read its answer
-                await discard_body(receive, DRAIN_LIMIT_BYTES)
-            return await refuse(scope, receive, send)
+                await self.within_deadline(discard_body(receive, DRAIN_LIMIT_BYTES))
+            return await self.close_with(refuse, scope, receive, send)
 
+        admitted = False
+        if job:
+            self.gate.receiving += 1
+            self.gate.receiving_bytes += size
+            try:
+                body = await self.within_deadline(read_body(receive))
+            finally:
+                self.gate.receiving -= 1
+                self.gate.receiving_bytes -= size
+            if body is None:
+                seconds = f"{self.body_timeout:g}"
+                timeout = JSONResponse(
+                    {"detail": f"the request body did not arrive within {seconds} s"}, status_code=408
+                )
+                return await self.close_with(timeout, scope, receive, send)
+            if isinstance(body, ClientGone):
+                return  # nobody to answer
+            try:
+                self.gate.admit()  # only now, with the whole body in, does the request count against the queue
+                admitted = True
+            except QueueFull:  # filled while the body arrived; the body is dropped (it was read, never parsed)
+                return await self.close_with(self.busy(), scope, receive, send)
+            receive = replay(body, receive)
+            del body  # the app's copy is the only one kept
         state = scope.setdefault("state", {})
         state["sdxs_admitted"] = admitted
 
@@ -167,6 +225,47 @@ class Admission:
             if admitted:
                 self.gate.release()
 
+    async def within_deadline(self, reading):
+        """`await reading`, or None when it takes longer than `body_timeout` seconds."""
+        try:
+            return await asyncio.wait_for(reading, self.body_timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    @staticmethod
+    async def close_with(response: JSONResponse, scope, receive, send) -> None:
+        """Answer a refusal and close the connection: a body left unread (all of it, or the rest of one that did
+        not arrive in time) must not be taken for the next request."""
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+class ClientGone:
+    """`read_body`'s answer when the client disconnected before its body was complete."""
+
+
+async def read_body(receive) -> bytes | ClientGone:
+    """The whole request body (its size is bounded by the Content-Length checks), or ClientGone."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return ClientGone()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then the client's own messages (its disconnect)."""
+    first = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again():
+        return first.pop() if first else await receive()
+
+    return receive_again
+
 
 async def discard_body(receive, limit: int) -> None:
     """Read and drop up to `limit` body bytes (nothing is kept), so a client still sending an oversized body gets
@@ -179,6 +278,18 @@ async def discard_body(receive, limit: int) -> None:
         seen += len(message.get("body", b""))
         if not message.get("more_body", False):
             return
+
+
+def log_cancelled(scope) -> None:
+    """An access-log line for a job whose client went away: `127.0.0.1:5555 - "POST /generate HTTP/1.1" 499`.
+
+    The arguments are those of uvicorn's own access lines, so its formatter prints (and colours) it the same way."""
+    client = scope.get("client")
+    where = f"{client[0]}:{client[1]}" if client else "-"
+    query = scope.get("query_string", b"").decode("latin-1")
+    path = scope.get("path", "") + (f"?{query}" if query else "")
+    version = scope.get("http_version", "1.1")
+    access_log.info('%s - "%s %s HTTP/%s" %d', where, scope.get("method", "-"), path, version, 499)
 
 
 async def watch_disconnect(request: Request, cancel: threading.Event) -> None:

@@ -27,6 +27,9 @@ class ServerSettings:
     max_upscale_side: int = 1024  # input side for /upscale (the output is 2x)
     max_prompt_chars: int = 2000
     refine_max_new_tokens: int = 120
+    # A job request's body must arrive within this many seconds of its headers, else 408. Without a deadline a
+    # client that sends headers and then nothing held its connection (and, before, a queue place) for good.
+    body_timeout_seconds: float = 30.0
     model_name: str = "sdxs"
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class ServerSettings:
             raise ValueError(f"`max_queue` must be >= 0, got {self.max_queue}.")
         if self.max_images < 1 or self.max_upload_bytes < 1:
             raise ValueError("`max_images` and `max_upload_bytes` must be >= 1.")
+        if not self.body_timeout_seconds > 0:
+            raise ValueError(f"`body_timeout_seconds` must be > 0, got {self.body_timeout_seconds}.")
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,15 @@ class Limits:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seed of each of `n` images of a request with `seed`: `seed + i`, wrapped to stay within [0, MAX_SEED].
+
+    Image i is generated from, and reported with, the same number, so every reported seed can be sent back and
+    gives that image alone. Without the wrap, seed MAX_SEED with 2 images reported 2**32 for the second image, a
+    seed the server then refused."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
+
+
 def _check_multiple(name: str, value: int, step: int) -> int:
     if value % step:
         lo = value // step * step
@@ -104,8 +118,17 @@ def _check_multiple(name: str, value: int, step: int) -> int:
     return value
 
 
+def _not_a_bool(value, info):
+    """pydantic takes true/false for a number (as 1/0); the schema says integer or number, so refuse them
+    (schemathesis's negative mode found `"seed": false` answered 200)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{info.field_name} must be a number, not {str(value).lower()}")
+    return value
+
+
 def request_models(lim: Limits) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
     """Pydantic request models whose bounds come from `lim`, so /openapi.json documents the real limits."""
+    on_step = {"multipleOf": lim.size_step}
 
     class GenerationParams(BaseModel):
         """Everything about a generation except what it is conditioned on."""
@@ -116,10 +139,21 @@ def request_models(lim: Limits) -> tuple[type[BaseModel], type[BaseModel], type[
         guidance: float = Field(
             lim.default_guidance, ge=0, le=lim.max_guidance, allow_inf_nan=False, description="CFG scale; 1 = off"
         )
-        width: int = Field(lim.default_width, ge=lim.min_side, le=lim.max_side, description="pixels")
-        height: int = Field(lim.default_height, ge=lim.min_side, le=lim.max_side, description="pixels")
-        seed: int | None = Field(None, ge=0, le=MAX_SEED, description="image i uses seed + i; random when absent")
+        # multipleOf only in the schema: `_multiple_of_step` checks it with a message that names the nearest sizes
+        width: int = Field(
+            lim.default_width, ge=lim.min_side, le=lim.max_side, json_schema_extra=on_step, description="pixels"
+        )
+        height: int = Field(
+            lim.default_height, ge=lim.min_side, le=lim.max_side, json_schema_extra=on_step, description="pixels"
+        )
+        seed: int | None = Field(
+            None, ge=0, le=MAX_SEED, description=f"image i uses seed + i (mod {MAX_SEED + 1}); random when absent"
+        )
         num_images: int = Field(1, ge=1, le=lim.max_images)
+
+        _numbers = field_validator("steps", "guidance", "width", "height", "seed", "num_images", mode="before")(
+            _not_a_bool
+        )
 
         @field_validator("width", "height")
         @classmethod
@@ -149,6 +183,8 @@ def request_models(lim: Limits) -> tuple[type[BaseModel], type[BaseModel], type[
         prompt: str = Field(min_length=1, max_length=lim.max_prompt_chars, description="a short prompt")
         seed: int | None = Field(None, ge=0, le=MAX_SEED, description="makes the refinement reproducible")
 
+        _numbers = field_validator("seed", mode="before")(_not_a_bool)
+
     return GenerationParams, GenerateRequest, RefineRequest
 
 
@@ -173,6 +209,22 @@ class RefineResponse(BaseModel):
     seconds: float
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description='where: ["body", "width"]')
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. less_than_equal")
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers (4xx): one line a person can read, plus each field's problem on a 422 from
+    validation. (FastAPI's default HTTPValidationError, a list in `detail`, is not what this server sends.)"""
+
+    detail: str = Field(description="what is wrong and how to fix it, one line")
+    errors: list[FieldError] = Field(
+        default_factory=list, description="on validation errors (422): each invalid field; absent otherwise"
+    )
+
+
 class Health(BaseModel):
     status: str = Field(description='"ok", or "unavailable" (503) when a model part is missing')
     model_loaded: bool = Field(description="the UNet, VAE, text encoder and tokenizer are all loaded")
@@ -183,6 +235,7 @@ class Health(BaseModel):
     busy: bool = Field(description="a job is running on the device")
     running_seconds: float | None = Field(description="how long the running job has run")
     waiting: int = Field(description="requests admitted and waiting behind the running one")
+    receiving: int = Field(description="job requests whose bodies are still arriving (not in the queue yet)")
     max_queue: int
     jobs_done: int
     jobs_cancelled: int = Field(description="jobs stopped or skipped because their client went away")

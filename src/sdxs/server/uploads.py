@@ -29,12 +29,21 @@ async def read_upload(file: UploadFile, settings: ServerSettings, max_side: int 
         raise HTTPException(413, f"upload is larger than the limit of {megabytes(settings.max_upload_bytes)}")
     if not data:
         raise HTTPException(422, "image: the uploaded file is empty")
+    limit = f"at most {settings.max_upload_pixels} pixels"
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise HTTPException(422, f"image: not a readable image file ({type(e).__name__})") from e
+    except Image.DecompressionBombError as e:
+        # Pillow refuses headers over 2x its own MAX_IMAGE_PIXELS before we see the size: too many pixels all the
+        # same, so 413 like any other image over our (smaller) limit, not "unreadable"
+        raise HTTPException(413, f"image has more pixels than this server accepts ({limit})") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # every undecodable upload is the client's problem, whatever Pillow raised
+        raise HTTPException(422, unreadable(e)) from e
     if image.width * image.height > settings.max_upload_pixels:
-        raise HTTPException(413, f"image is {image.width}x{image.height}: more pixels than this server accepts")
+        raise HTTPException(
+            413, f"image is {image.width}x{image.height}: more pixels than this server accepts ({limit})"
+        )
     if max_side is not None and max(image.size) > max_side:
         raise HTTPException(
             422, f"image is {image.width}x{image.height}; this endpoint takes at most {max_side} pixels per side"
@@ -42,13 +51,30 @@ async def read_upload(file: UploadFile, settings: ServerSettings, max_side: int 
     return image
 
 
+def unreadable(error: Exception) -> str:
+    """The 422 message for an upload Pillow could not read: its own reason, one short line."""
+    reason = " ".join(str(error).split())[:120] or type(error).__name__
+    return f"image: not a readable image file ({reason})"
+
+
 def decode_upload(image: Image.Image) -> Image.Image:
-    """Decode an image opened by `read_upload` (on the worker thread); a broken file is a ValueError (422)."""
+    """Decode an image opened by `read_upload` to 8-bit RGB (on the worker thread); a broken file is a ValueError,
+    which the server answers with 422.
+
+    Pillow's decoders raise more than OSError on hostile files: a PNG chunk with an invalid type is a
+    `SyntaxError`, others give `struct.error`, `IndexError`, `EOFError`, `zlib.error`... Any of them here means the
+    upload cannot be decoded (a 500 with a traceback before, for SyntaxError), so all become the same 422. The
+    conversion to RGB (EXIF orientation, transparency on white, as the pipeline does) runs here too, so nothing in
+    the file can fail later, inside the model."""
+    from sdxs.pipeline import load_rgb_image
+
     try:
         image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image: not a readable image file ({type(e).__name__})") from e
-    return image
+        return load_rgb_image(image)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ValueError(unreadable(e)) from e
 
 
 def vision_pixel_budget(pipe) -> int | None:
@@ -77,7 +103,8 @@ def shrink_for_vision(image: Image.Image, pipe) -> Image.Image:
     new = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
     from sdxs.pipeline import load_rgb_image  # transparency on white, EXIF, modes: as encode_image would
 
-    return load_rgb_image(image).resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    rgb = image if image.mode == "RGB" else load_rgb_image(image)  # decode_upload's output is RGB already
+    return rgb.resize(new, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def megabytes(n: int) -> str:
