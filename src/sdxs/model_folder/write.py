@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -247,17 +248,72 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA fil
 
 
 def export_lora(ckpt: Path, folder: Path, out_dir: str | Path, pretrained: str, verify: bool = True) -> Path:
-    """A LoRA run exports its adapter file (diffusers format) alone; `verify` loads it into the base pipeline."""
+    """A LoRA run exports its adapter file alone, every key in peft's format (`unet.<module>.lora_A.weight` /
+    `.lora_B.weight`): a file that is already so is copied byte for byte, an older mixed one (attention adapters as
+    diffusers' `lora.down/lora.up`, the rest as `lora_A/lora_B`, which `load_lora_weights` reads only half of) is
+    rewritten with its metadata. `verify` loads it into the base pipeline and checks that every module with an
+    adapter in the file has one after loading."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(folder / LORA_FILE, out / LORA_FILE)
+    src, dst = folder / LORA_FILE, out / LORA_FILE
+    state, metadata = read_lora_file(src)
+    peft_state = lora_keys_to_peft(state, src)
+    if list(peft_state) == list(state):
+        shutil.copy2(src, dst)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(peft_state, str(dst), metadata=metadata)
+        renamed = sum(a != b for a, b in zip(state, peft_state, strict=True))
+        logger.info(
+            "%s mixed LoRA key formats: wrote %d of %d keys in peft's lora_A/lora_B form", src, renamed, len(state)
+        )
     if verify and pretrained:
         pipe = load_base_pipeline(pretrained)
         pipe.load_lora_weights(str(out))
-        if not getattr(pipe.unet, "peft_config", None):
-            raise ValueError(f"{str(out / LORA_FILE)!r} loaded no adapters into {pretrained!r}.")
-    logger.info("exported the LoRA of %s (%s weights) to %s", ckpt.name, folder.name, out / LORA_FILE)
+        missing = sorted(lora_modules(peft_state) - adapted_modules(pipe.unet))
+        if missing:
+            raise ValueError(
+                f"{str(dst)!r} loaded into {pretrained!r} only partly: {len(missing)} module(s) with weights in the "
+                f"file have no adapter after `load_lora_weights`, e.g. {missing[:3]}."
+            )
+    logger.info("exported the LoRA of %s (%s weights) to %s", ckpt.name, folder.name, dst)
     return out
+
+
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoRA safetensors file's tensors (in file order) and its metadata (the adapter config)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA weights at {str(path)!r}.")
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a dict)
+
+
+def lora_keys_to_peft(state: dict[str, torch.Tensor], path: Path | str = "") -> dict[str, torch.Tensor]:
+    """UNet LoRA keys all in peft's `.lora_A.` / `.lora_B.` form (diffusers' `.lora.down` / `.lora.up` and its older
+    `to_q_lora.down`-style keys renamed; order and tensors kept). Any other key is a `ValueError`."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    converted = convert_unet_state_dict_to_peft(state)
+    odd = [k for k in converted if ".lora_A." not in k and ".lora_B." not in k]
+    if odd or not converted or len(converted) != len(state):
+        raise ValueError(f"{str(path)!r} is not a UNet LoRA of lora_A/lora_B pairs: keys such as {odd[:3]}.")
+    return converted
+
+
+def lora_modules(state: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the UNet modules a LoRA state dict has weights for (`unet.` prefix and `.lora_A.weight`,
+    `.lora.down.weight`, ... suffixes dropped)."""
+    return {re.split(r"\.lora[._]", k.removeprefix("unet."), maxsplit=1)[0] for k in state}
+
+
+def adapted_modules(model: torch.nn.Module) -> set[str]:
+    """Names of the modules of `model` that carry a peft LoRA layer (with at least one adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name for name, m in model.named_modules() if isinstance(m, LoraLayer) and len(m.lora_A) > 0}
 
 
 def model_card(

@@ -6,8 +6,16 @@ differences are the model and what is saved:
 - the pretrained UNet of `model.pretrained` is frozen and gets peft LoRA adapters (`[lora]`: rank, alpha,
   target modules, dropout) through diffusers' `unet.add_adapter`; only the adapters train (and are EMA'd);
 - every checkpoint holds `unet_lora/pytorch_lora_weights.safetensors` (and `unet_lora_ema/` with EMA), written by
-  the pipeline's `save_lora_weights` in diffusers' format with the adapter config as metadata, so any copy loads
-  with `pipe.load_lora_weights(folder)`; the export at the end is that file in `RUN/export/`.
+  the pipeline's `save_lora_weights` with the adapter config as metadata, every key in one format, peft's
+  (`unet.<module>.lora_A.weight` / `.lora_B.weight`), so any copy loads fully with `pipe.load_lora_weights(folder)`;
+  the export at the end is that file in `RUN/export/`.
+
+Why not diffusers' `convert_state_dict_to_diffusers` (what diffusers' train_text_to_image_lora.py applies): it
+renames only the attention projections (`to_q/to_k/to_v/to_out.0` -> `lora.down/lora.up`) and leaves every other
+target (`proj_in`, `ff.net.*`, `conv1`, ...) as `lora_A/lora_B`. `load_lora_weights` decides the format from the
+first key alone, so such a mixed file loads only one of the two groups (the attention adapters were dropped with
+nothing but a peft RuntimeWarning). Files written before the change are mixed: resume reads them, and `sdxs export`
+rewrites them in the one format (`sdxs.model_folder.write.export_lora`).
 
 Text-encoder LoRA is not trained: the latent cache holds the text encoder's outputs, so the text encoder never
 runs during training (see docs/training-lora.md).
@@ -67,13 +75,17 @@ def add_lora(unet, lora: LoRAConfig, seed: int) -> int:
 
 
 def save_lora(unet, folder: Path) -> None:
-    """The adapters as `folder/pytorch_lora_weights.safetensors` in diffusers' format (keys `unet.…`, config metadata)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapters as `folder/pytorch_lora_weights.safetensors` for `load_lora_weights`: keys
+    `unet.<module>.lora_A.weight` / `.lora_B.weight` (peft's format for every target module alike: see the module
+    docstring), the adapter config as metadata."""
     from peft.utils import get_peft_model_state_dict
 
     from sdxs.pipeline import SDXSPipeline
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
+    layers = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    odd = [k for k in layers if ".lora_A." not in k and ".lora_B." not in k]
+    if odd:  # e.g. DoRA magnitudes or biases: not something `add_lora` makes
+        raise ValueError(f"unexpected LoRA tensors {odd[:3]}: only lora_A / lora_B weights are saved.")
     SDXSPipeline.save_lora_weights(
         folder,
         unet_lora_layers={k: v.detach().contiguous() for k, v in layers.items()},
@@ -82,7 +94,9 @@ def save_lora(unet, folder: Path) -> None:
 
 
 def load_lora(unet, folder: Path) -> None:
-    """Resume: put `save_lora`'s file back into the adapters of `unet`; every adapter tensor must be in it."""
+    """Resume: put `save_lora`'s file back into the adapters of `unet`; every adapter tensor must be in it.
+
+    Reads peft keys and the older mixed files (attention adapters as `lora.down/lora.up`) alike."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
