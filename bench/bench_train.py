@@ -24,8 +24,9 @@ def bench(args) -> dict:
     from diffusers import UNet2DConditionModel
 
     from sdxs.presets import get_preset
-    from sdxs.train.common import EMA, build_optimizer, enable_gradient_checkpointing
+    from sdxs.train.common import enable_gradient_checkpointing
     from sdxs.train.config import EMAConfig, FlowConfig, OptimConfig
+    from sdxs.train.optim import EMA, build_optimizer
     from sdxs.train.unet import flow_matching_loss
 
     cuda = args.device.startswith("cuda")

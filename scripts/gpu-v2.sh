@@ -26,7 +26,7 @@ else
   STEPS=${UNET_STEPS:-6000} BATCH=${BATCH:-256} MP=${MP:-bf16} PER_KIND=${PER_KIND:-40}
   EVAL_ARGS=""
 fi
-# uniform noise levels (stage B of docs/training-emoji.md): stage A's logit-normal sigmas at shift 1 starved the
+# uniform noise levels (stage B of docs/experiments-log.md): stage A's logit-normal sigmas at shift 1 starved the
 # high-noise band where a prompt picks the emoji; on the CPU, 800 uniform steps after it took bare-name top-5 29% -> 40%
 SIGMAS=${SIGMAS:-flow.timestep_sampling=uniform}
 python -c "import sdxs" 2>/dev/null || make setup

@@ -38,7 +38,7 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def tiny_hub_dir(tiny_pipe, tmp_path_factory):
     """The tiny pipeline exported in the hub layout (model_index.json + pipeline.py + component folders)."""
-    from sdxs.export import save_hub_layout
+    from sdxs.model_folder import save_hub_layout
 
     out = tmp_path_factory.mktemp("tiny-hub")
     save_hub_layout(tiny_pipe, out, verify=False)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sdxs.assemble import assemble, resolve_component
 from sdxs.cli import main
+from sdxs.model_folder import assemble, resolve_component
 from sdxs.train.common import read_weights
 
 

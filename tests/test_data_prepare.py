@@ -312,6 +312,16 @@ def test_cache_with_another_fingerprint_is_refused(cache, dataset, tiny_pipe, tm
         next(vae.decoder.parameters()).add_(0.1)
         next(vae.encoder.parameters()).sub_(0.1)
     loader.check_fingerprint(vae=vae)
+    # another tokenizer normalisation gives other ids, hence other caption embeddings
+    from sdxs.presets import normalize_tokenizer
+
+    tok = copy.deepcopy(tiny_pipe.tokenizer)
+    normalize_tokenizer(tok, ["nfkc"])
+    with pytest.raises(ValueError, match="different tokenizer"):
+        loader.check_fingerprint(tokenizer=tok)
+    # a cache made before tokenizers were fingerprinted is not refused for lacking one
+    del loader.manifest["fingerprint"]["tokenizer"]
+    loader.check_fingerprint(tiny_pipe)
 
     # prepare refuses to resume into a cache made with another model
     out = tmp_path / "cache"

@@ -191,7 +191,7 @@ def test_generator_accepted_by_image_upscale_and_refine_prompts(pipe):
 def test_plain_load_has_one_dtype_float32_and_dtype_sets_all(pipe, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from sdxs.export import save_hub_layout
+    from sdxs.model_folder import save_hub_layout
 
     save_hub_layout(pipe, tmp_path, dtype=torch.float16, verify=False)  # stored fp16, like the shipped model
     plain = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)

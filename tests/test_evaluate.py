@@ -274,14 +274,3 @@ def test_split_by_kind_separates_skin_tones_flags_and_the_rest():
     assert [parts[k].count for k in parts] == [1, 1, 2]
     assert parts["training captions: flags"].top(1) == 0 and parts["training captions: flags"].top(5) == 100
     assert parts["training captions: other"].top(1) == 50 and parts["training captions: other"].gallery_size == 100
-
-
-def test_former_module_names_still_import_the_same_objects():
-    """docs and scripts name `sdxs.evaluate` and `sdxs.eval_strict`: they are aliases of the `sdxs.eval` package."""
-    from sdxs import eval_strict, evaluate
-    from sdxs.eval import strict
-
-    for name in ev.__all__:
-        assert getattr(evaluate, name) is getattr(ev, name)
-    for name in ("strict_eval", "load_renders", "score_images", "markdown_table", "PixelGallery", "KINDS"):
-        assert getattr(eval_strict, name) is getattr(strict, name)

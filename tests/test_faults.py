@@ -25,7 +25,9 @@ import PIL.Image
 import pytest
 import torch
 
-from sdxs.train.common import checkpoint_dirs, find_checkpoint, read_metrics, read_weights
+from sdxs.model_folder import checkpoint_dirs, find_checkpoint
+from sdxs.train.common import read_weights
+from sdxs.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("SDXS_FAULT_SEED", "18"))

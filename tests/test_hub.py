@@ -80,7 +80,7 @@ def test_hub_loaded_pipeline_gives_identical_images(tiny_pipe, tiny_hub_dir):
 def test_fp16_variant_export_and_verify(tiny_pipe, tmp_path):
     import torch
 
-    from sdxs.export import save_hub_layout
+    from sdxs.model_folder import save_hub_layout
 
     save_hub_layout(tiny_pipe, tmp_path, dtype=torch.float16, variant="fp16")  # verify=True reloads it
     assert list((tmp_path / "unet").glob("*.fp16.safetensors"))

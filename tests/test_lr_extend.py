@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sdxs.train.common import lr_factor, read_metrics, resume_lr_anchor
 from sdxs.train.config import OptimConfig
+from sdxs.train.metrics import read_metrics
+from sdxs.train.optim import lr_factor, resume_lr_anchor
 
 
 def _cfg(extend: str) -> OptimConfig:

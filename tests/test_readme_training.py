@@ -80,8 +80,8 @@ def test_readme_training_sequence_runs_as_written(tmp_path, monkeypatch, capsys)
 
     import sdxs.data.emoji as emoji
     from sdxs.cli import main
-    from sdxs.train.common import read_metrics
     from sdxs.train.config import read_recipe
+    from sdxs.train.metrics import read_metrics
 
     commands = readme_training_commands()
     assert all(c[0] == "sdxs" for c in commands) and ["sdxs", "train", "unet"] in [c[:3] for c in commands]

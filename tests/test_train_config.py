@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from sdxs.train.common import lr_factor
 from sdxs.train.config import (
     LoRATrainConfig,
     OptimConfig,
@@ -17,6 +16,7 @@ from sdxs.train.config import (
     load_config,
     to_dict,
 )
+from sdxs.train.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]  # the recipes are found from any working directory
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.toml"))

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import TINY_UNET_CONFIG
 
+from sdxs.model_folder import find_checkpoint
 from sdxs.train.cli import main
-from sdxs.train.common import find_checkpoint, read_weights
+from sdxs.train.common import read_weights
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_export_command_raw_fp16(unet_run, tmp_path):
 
 
 def test_push_creates_repo_and_uploads(unet_run):
-    from sdxs.train.hub import push_folder
+    from sdxs.model_folder import push_folder
 
     with mock.patch("huggingface_hub.HfApi") as api_cls:
         api = api_cls.return_value

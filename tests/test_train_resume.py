@@ -16,7 +16,9 @@ import pytest
 import torch
 from conftest import TINY_UNET_CONFIG
 
-from sdxs.train.common import checkpoint_dirs, find_checkpoint, read_metrics, read_weights
+from sdxs.model_folder import checkpoint_dirs, find_checkpoint
+from sdxs.train.common import read_weights
+from sdxs.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

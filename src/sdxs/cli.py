@@ -298,6 +298,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     logging.getLogger("sdxs.model_folder").setLevel(logging.INFO)
+    quiet_libraries(args.verbose)
     out = assemble(
         args.out,
         preset=args.preset,
@@ -537,6 +538,7 @@ def add_init_parser(sub) -> None:
         "byte-level tokenizers only (default: as the base's or the preset's)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
 
 
 def _names(text: str) -> list[str]:

@@ -6,6 +6,17 @@ This file is the single source of truth for the hub entry point: `sdxs export` c
 only torch, numpy, PIL, diffusers and transformers — never `sdxs`. The `sdxs` package imports the shared helpers
 from here (`encode_text`, `flow_sigmas`, `shift_sigmas`, `load_rgb_image`, ...), so pipeline, data preparation
 and training cannot drift apart.
+
+Map of this file (in the order of diffusers' own pipelines):
+
+    constants            DEFAULT_TEXT_RECIPE, DEFAULT_NUM_INFERENCE_STEPS, the schedulers the loop can drive
+    hub layout           write_hub_files, drop_ignored_config_keys          (save_pretrained and `sdxs export`)
+    shared helpers       the text recipe (encode_text, encode_images), sigmas (flow_sigmas, shift_sigmas,
+                         sigma_to_timestep), VAE factors and latent statistics, load_rgb_image
+    class SDXSPipeline   components and properties, encode_prompt, check_inputs, prepare_latents, __call__, then
+                         the extra public methods: encode_image, refine_prompts, image_upscale (+ VAE tiling and
+                         slicing), enable_speedups, save_pretrained
+    module helpers       tiling ramps, refine_prompts' tag filters
 """
 
 from __future__ import annotations
@@ -480,6 +491,10 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask"]
     _lora_loadable_modules = ["unet", "text_encoder"]
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Components and properties
+    # ------------------------------------------------------------------------------------------------------------
+
     def __init__(
         self,
         unet: UNet2DConditionModel,
@@ -531,79 +546,28 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         # Postprocessing only (resize/normalise of pipeline images is done at the latent scale below).
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Saving: a reloadable custom-code repository
-    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ):
-        r"""
-        Save the pipeline as a repository that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`
-        reloads: diffusers' component folders, `pipeline.py` (this pipeline's own source) beside
-        `model_index.json`, and `_class_name` as `["pipeline", "SDXSPipeline"]`.
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
 
-        Fused LoRA (`fuse_lora()`) is saved baked into the weights; unfused LoRA adapters are refused (fuse them,
-        unload them, or save them alone with `save_lora_weights`). Arguments as `DiffusionPipeline.save_pretrained`.
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
 
-        Examples:
-            ```py
-            >>> pipe.fuse_lora()
-            >>> pipe.save_pretrained("my-sdxs")
-            >>> again = DiffusionPipeline.from_pretrained("my-sdxs", trust_remote_code=True)
-            ```
-        """
-        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token") if k in kwargs}
-        repo_id = kwargs.pop("repo_id", None)
-        target = self._without_fused_lora_layers()
-        DiffusionPipeline.save_pretrained(
-            target,
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            push_to_hub=False,
-            **kwargs,
-        )
-        write_hub_files(save_directory)
-        if push_to_hub:  # push_to_hub saves again (through this method) into a temporary folder and uploads it
-            repo_id = repo_id or os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1]
-            self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
-    def _without_fused_lora_layers(self) -> SDXSPipeline:
-        """`self`, or a shallow copy whose LoRA-carrying models are deep copies with the (fused) LoRA layers removed."""
-        carriers = {n: _peft_layers(getattr(self, n, None)) for n in self._lora_loadable_modules}
-        carriers = {n: layers for n, layers in carriers.items() if layers}
-        if not carriers:
-            return self
-        unfused = [n for n, layers in carriers.items() if not all(layer.merged for layer in layers)]
-        if unfused:
-            raise ValueError(
-                f"{unfused} carry LoRA adapters that are not fused: `save_pretrained` would write peft layers a plain "
-                "load cannot read. Call `pipe.fuse_lora()` first to save them baked into the weights, "
-                "`pipe.unload_lora_weights()` to drop them, or save the adapters alone with `save_lora_weights`."
-            )
-        from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
-
-        components = dict(self.components)
-        for name in carriers:
-            model = copy.deepcopy(components[name])
-            if hasattr(model, "unload_lora"):  # diffusers ModelMixin
-                model.unload_lora()
-            else:  # a transformers model with diffusers-injected LoRA
-                _remove_text_encoder_monkey_patch(model)
-            components[name] = model
-        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in components}
-        return type(self)(**components, **config)
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any]:
+        return self._cross_attention_kwargs
 
     # ------------------------------------------------------------------------------------------------------------
-    # Text and image conditioning
+    # Prompt encoding
     # ------------------------------------------------------------------------------------------------------------
 
     def encode_prompt(
@@ -679,348 +643,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if scaled:
                 unscale_lora_layers(self.text_encoder, lora_scale)
 
-    @torch.no_grad()
-    def encode_image(self, image: ImageInput, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""
-        Embed image(s) through the text encoder's vision path, in exactly the prompt-embedding layout.
-
-        Returns `(embeds, mask)` usable as `prompt_embeds` / `prompt_attention_mask`: `embeds[:, 0]` is the pooled
-        vector (last token), the image tokens are capped so that the sequence fits `max_length`.
-
-        Examples:
-            ```py
-            >>> emb, mask = pipe.encode_image("media/apple.png")  # (1, 251, D), (1, 251)
-            >>> images = pipe(prompt_embeds=emb, prompt_attention_mask=mask, seed=0).images  # an image as the prompt
-            ```
-        """
-        images = image if isinstance(image, (list, tuple)) else [image]
-        embeds, mask = encode_images(
-            self.text_encoder,
-            self.tokenizer,
-            self.vision_processor,
-            images,
-            self.config.text_recipe,
-            device=device or self._execution_device,
-        )
-        self.maybe_free_model_hooks()
-        return embeds, mask
-
-    @torch.no_grad()
-    def refine_prompts(
-        self,
-        prompt: str | list[str],
-        instruction: str | None = None,
-        max_new_tokens: int = 120,
-        do_sample: bool = True,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        seed: int | None = None,
-        keep_prompt: bool = True,
-        generator: torch.Generator | None = None,
-        add_skin_tone: bool = False,
-        min_token_prob: float = 0.05,
-        cut_after_unlikely: bool = True,
-        **generate_kwargs,
-    ) -> list[str]:
-        r"""
-        Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
-
-        Args:
-            prompt (`str` or `list[str]`): the prompt(s) to refine.
-            instruction (`str`, *optional*): system instruction; defaults to the pipeline's `refine_instruction`.
-            max_new_tokens (`int`): length limit of each refined prompt in tokens.
-            do_sample, temperature, top_p: sampling settings passed to `generate`.
-            seed (`int`, *optional*): makes sampling reproducible.
-            keep_prompt (`bool`, defaults to `True`): the answer starts with the prompt itself, closed by a comma,
-                and the model only adds tags after it, so the refinement keeps what the user named (a small LM left
-                free may answer "cat" with another subject, and one that may go on with the last word turns "rock"
-                into "rocket"). `False`: the model writes the whole answer.
-            generator (`torch.Generator`, *optional*): diffusers-style randomness instead of `seed` (one seed for
-                the sampling is drawn from it, so the same generator state gives the same text).
-            add_skin_tone (`bool`, defaults to `False`): keep a skin-tone tag ("medium skin tone") that the model
-                adds to a prompt naming none. By default it is dropped: a tone makes another emoji ("woman cook" is
-                the yellow one), so it is the user's choice, not the refiner's.
-            min_token_prob (`float`, defaults to 0.05): an added tag is dropped when the model gave one of its tokens
-                less than this probability (its own distribution, before temperature and top-p). Sampling now and then
-                picks a token the model barely believes in, and the tag it starts is noise ("flag of Haiti, ...,
-                bordan") or another emoji's keyword (see `docs/eval.md`, "refine_prompts' tags"). `0` keeps every tag.
-            cut_after_unlikely (`bool`, defaults to `True`): also drop every tag after the first unlikely one: the
-                model wrote them with that tag in view ("flag of Wales, gy, nation, country, banner" ends at the name;
-                see `docs/eval.md`). `False` drops only the unlikely tags themselves.
-            **generate_kwargs: further arguments of the text encoder's `generate` (`min_p`, `repetition_penalty`, ...).
-
-        Returns:
-            `list[str]`: one refined prompt per input prompt.
-
-        Examples:
-            ```py
-            >>> pipe.refine_prompts("cat", do_sample=False)  # greedy; the shipped model: "cat, animal, ..., 3d render"
-            >>> pipe.refine_prompts(["rocket", "blue heart"], generator=torch.Generator().manual_seed(0))
-            ```
-        """
-        if generator is not None:
-            if seed is not None:
-                raise ValueError("Pass either `seed` or `generator`, not both.")
-            if isinstance(generator, list):
-                generator = generator[0]
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-        prompts, tok = self._check_refine_inputs(prompt, max_new_tokens)
-        if not 0.0 <= min_token_prob < 1.0:
-            raise ValueError(f"`min_token_prob` must be in [0, 1), got {min_token_prob}; 0 keeps every tag.")
-        instruction = self.config.refine_instruction if instruction is None else instruction
-        chats = [
-            tok.apply_chat_template(
-                [{"role": "system", "content": instruction}, {"role": "user", "content": p}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            for p in prompts
-        ]
-        # with keep_prompt the answer opens with the prompt, closed by a comma, and the model adds tags after it
-        openings = [_opening(p) if keep_prompt else "" for p in prompts]
-        te, device = self.text_encoder, self._execution_device
-        # left padding so every row's generation starts right after its own prompt
-        texts = [c + o for c, o in zip(chats, openings, strict=True)]
-        enc = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(device)
-        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = te.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None,
-                pad_token_id=tok.pad_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-                **generate_kwargs,
-            )
-        self.maybe_free_model_hooks()
-        new_ids = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
-        # log-probability of each chosen token under the model's own (unwarped) distribution
-        logprobs = te.compute_transition_scores(
-            out.sequences, out.logits, getattr(out, "beam_indices", None), normalize_logits=True
-        )
-        logprobs = logprobs.float().cpu()
-        floor = math.log(min_token_prob) if min_token_prob > 0 else -math.inf
-        # byte-level tokens keep their leading spaces, so "cat," + " animal" joins as the model meant
-        answers = [
-            o + ",".join(_kept_tags(_scored_pieces(ids, lp, tok, floor), cut_after_unlikely))
-            for o, ids, lp in zip(openings, new_ids, logprobs.tolist(), strict=True)
-        ]
-        return [_tidy_refined(a, p, add_skin_tone) for a, p in zip(answers, prompts, strict=True)]
-
-    def _check_refine_inputs(self, prompt, max_new_tokens: int):
-        """`refine_prompts`' checks: prompts, a text encoder that can generate, a tokenizer with a chat template.
-        Returns (list of prompts, the tokenizer)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("`prompt` must be a string or a list of strings.")
-        te = self.text_encoder
-        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
-        if not can_generate:
-            raise ValueError(
-                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
-                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
-            )
-        if max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
-        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
-        if getattr(tok, "chat_template", None) is None:
-            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
-        return prompts, tok
-
     # ------------------------------------------------------------------------------------------------------------
-    # VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`, tiled upscale
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _image_to_tensor(self, image: PIL.Image.Image) -> torch.Tensor:
-        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
-        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
-
-    def _vae_encode(self, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
-        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/e, W/e), e = `vae_encoder_scale_factor`; H, W
-        multiples of e."""
-        vae = self.vae
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if sample else posterior.mode()
-        return normalize_latents(latents, vae)  # with the config's latents_mean/latents_std when it has them
-
-    def enable_vae_tiling(self, tile_latents: int = 64, overlap_latents: int = 8) -> None:
-        """Decode latents larger than `tile_latents` in overlapping tiles blended linearly: bounded memory for big
-        images (a 64-latent tile is 64 x `vae_scale_factor` px: 512 px for the shipped 8x decoder)."""
-        if tile_latents < 4 or not 0 <= overlap_latents <= tile_latents // 2:
-            raise ValueError(
-                f"`tile_latents` must be >= 4 and `overlap_latents` in [0, tile_latents/2], "
-                f"got {tile_latents} and {overlap_latents}."
-            )
-        self._vae_tiling = (tile_latents, overlap_latents)
-
-    def disable_vae_tiling(self) -> None:
-        self._vae_tiling = None
-
-    def enable_vae_slicing(self) -> None:
-        """Decode a batch one image at a time (lower peak memory for large batches)."""
-        self._vae_slicing = True
-
-    def disable_vae_slicing(self) -> None:
-        self._vae_slicing = False
-
-    SPEEDUPS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
-
-    def enable_speedups(self, *features: str) -> None:
-        """Opt-in UNet speed features; SDPA attention needs none (diffusers uses it whenever torch has it).
-
-        - `channels_last`: NHWC memory format for the UNet's convolutions (tensor cores prefer it).
-        - `fused_qkv`: one projection for query, key and value in self-attention (`unet.fuse_qkv_projections()`).
-        - `compile`: regional `torch.compile` of the repeated transformer blocks
-          (`unet.compile_repeated_blocks(fullgraph=True)`): short compile time, no recompile for a new prompt
-          or seed (prompts are padded to a fixed length and timesteps are tensors); a new image size compiles once.
-        - `cuda_graphs`: `torch.compile(mode="reduce-overhead")` of the whole UNet, which replays CUDA graphs
-          (less CPU launch overhead per step; CUDA only, one graph per image size; not with `compile`).
-
-        Call after `.to(device)`. Measured by `bench/bench_speed_features.py` (docs/benchmarks.md).
-        """
-        unknown = [f for f in features if f not in self.SPEEDUPS]
-        if unknown:
-            raise ValueError(f"unknown speed feature(s) {unknown}: choose from {list(self.SPEEDUPS)}.")
-        if "compile" in features and "cuda_graphs" in features:
-            raise ValueError("`compile` and `cuda_graphs` both compile the UNet: pick one (`cuda_graphs` on CUDA).")
-        if "cuda_graphs" in features and self.unet.device.type != "cuda":
-            raise ValueError(f"`cuda_graphs` needs the UNet on CUDA, it is on {self.unet.device}: use `compile`.")
-        if "channels_last" in features:
-            self.unet.to(memory_format=torch.channels_last)
-        if "fused_qkv" in features:
-            self.unet.fuse_qkv_projections()
-        if "compile" in features:
-            self.unet.compile_repeated_blocks(fullgraph=True)
-        if "cuda_graphs" in features:
-            self.unet.compile(mode="reduce-overhead")
-
-    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """scaled latents (B, C, h, w) -> pixels (B, 3, d h, d w) in [-1, 1], float32, d = `vae_scale_factor`;
-        sliced/tiled if enabled."""
-        if getattr(self, "_vae_slicing", False) and latents.shape[0] > 1:
-            return torch.cat([self._vae_decode(z) for z in latents.split(1)])
-        tiling = getattr(self, "_vae_tiling", None)
-        if tiling is not None and max(latents.shape[-2:]) > tiling[0]:
-            return _blend_tiles(latents, tiling[0], tiling[1], self.vae_scale_factor, self._vae_decode_whole)
-        return self._vae_decode_whole(latents)
-
-    def _vae_decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
-        """One decoder pass; never NaN: an fp16 decode that overflows is repeated in fp32."""
-        vae = self.vae
-        z = denormalize_latents(latents.to(vae.device, vae.dtype), vae)
-        image = vae.decode(z).sample
-        if not torch.isfinite(image).all() and vae.dtype != torch.float32:
-            logger.warning("VAE decode overflowed in %s; decoding again in float32.", vae.dtype)
-            dtype = vae.dtype
-            vae.to(torch.float32)
-            try:
-                image = vae.decode(z.float()).sample
-            finally:
-                vae.to(dtype)
-        return image.float().clamp(-1, 1)
-
-    @torch.no_grad()
-    def image_upscale(
-        self,
-        image: ImageInput,
-        tile_size: int = 512,
-        tile_overlap: int = 64,
-        max_pixels: int | None = 2048 * 2048,
-        generator: torch.Generator | None = None,
-        output_type: str = "pil",
-    ) -> list[PIL.Image.Image] | list[np.ndarray] | list[torch.Tensor]:
-        r"""
-        Upscale image(s) with the asymmetric VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`
-        (a "blind" latent upscaler; their ratio is the upscale, 2x for the shipped 4x/8x VAE).
-
-        Args:
-            image: a path, a PIL image, a numpy array or a list of them. Any mode (RGBA, palette, greyscale, 16-bit)
-                and EXIF orientation are handled; sizes that are not multiples of the encoder factor are padded and
-                cropped back.
-            tile_size (`int`): inputs larger than this (pixels per side) go through overlapping tiles, so memory stays
-                bounded; must be a multiple of the encoder factor.
-            tile_overlap (`int`): overlap of neighbouring tiles in input pixels; seams are blended linearly.
-            max_pixels (`int`, *optional*): refuse (`ValueError`, before any work) inputs with more pixels than this;
-                the default 2048x2048 takes minutes on a CPU. `None`: no limit. Tiled inputs show a progress bar
-                over tiles (`set_progress_bar_config` turns it off).
-            generator (`torch.Generator`, *optional*): without one the encoder's posterior mode is decoded
-                (deterministic); with one a latent is sampled from the posterior with it (diffusers'
-                `retrieve_latents(..., sample_mode="sample")`), reproducibly.
-            output_type (`str`, defaults to "pil"): "pil", "np" (HWC float in [0, 1]) or "pt" (CHW float in [0, 1]).
-
-        Returns:
-            A list with one image per input (a list even for "np"/"pt": sizes may differ), each exactly
-            (decoder factor / encoder factor) = 2x the input size.
-
-        Examples:
-            ```py
-            >>> big = pipe.image_upscale("media/apple.png")[0]  # 128 px -> 256 px PIL image
-            >>> arrays = pipe.image_upscale([big, "media/apple.png"], output_type="np")
-            ```
-        """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be one of ('pil', 'np', 'pt'), got {output_type!r}.")
-        images = image if isinstance(image, (list, tuple)) else [image]
-        if not images:
-            raise ValueError("`image` is an empty list: pass at least one image or path.")
-        enc = self.vae_encoder_scale_factor
-        if tile_size % enc or tile_size < 4 * enc:
-            raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
-        if not 0 <= tile_overlap <= tile_size // 2 or tile_overlap % enc:
-            raise ValueError(f"`tile_overlap` must be a multiple of {enc} in [0, tile_size/2], got {tile_overlap}.")
-        pils = [load_rgb_image(im) for im in images]
-        for i, pil in enumerate(pils):
-            if max_pixels is not None and pil.width * pil.height > max_pixels:
-                raise ValueError(
-                    f"image {i} is {pil.width}x{pil.height} = {pil.width * pil.height} pixels, more than "
-                    f"`max_pixels`={max_pixels}; pass a larger `max_pixels` (or None) to upscale it anyway."
-                )
-        results = []
-        for pil in pils:
-            up = self._upscale_one(pil, tile_size, tile_overlap, generator)
-            results.append(self.image_processor.postprocess(up, output_type=output_type)[0])
-        self.maybe_free_model_hooks()
-        return results
-
-    def _upscale_one(self, pil: PIL.Image.Image, tile_size: int, tile_overlap: int, generator) -> torch.Tensor:
-        """One RGB image -> (1, 3, rH, rW) in [-1, 1] on the CPU, r = decoder factor / encoder factor; padded to the
-        encoder's multiple with edge pixels and cropped back; tiled (with a progress bar) above `tile_size`."""
-        enc = self.vae_encoder_scale_factor
-        r = self.vae_scale_factor // enc
-        w, h = pil.size
-        pixels = self._image_to_tensor(pil)
-        ph, pw = (-h) % enc, (-w) % enc
-        if ph or pw:
-            pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
-
-        def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
-            z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
-            return self._vae_decode_whole(z)
-
-        if max(h + ph, w + pw) > tile_size:
-            n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
-                _tile_starts(w + pw, tile_size, tile_overlap)
-            )
-            with self.progress_bar(total=n_tiles) as bar:
-
-                def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
-                    out = reconstruct(x)
-                    bar.update()
-                    return out
-
-                up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
-        else:
-            up = reconstruct(pixels).cpu()
-        return up[:, :, : h * r, : w * r]
-
-    # ------------------------------------------------------------------------------------------------------------
-    # __call__ helpers
+    # Input checks
     # ------------------------------------------------------------------------------------------------------------
 
     def check_inputs(
@@ -1196,15 +820,9 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             )
         raise ValueError(f"This flow-matching model cannot be sampled with {name}. Supported schedulers: {supported}.")
 
-    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> None:
-        sched = self.scheduler
-        if "sigmas" in inspect.signature(sched.set_timesteps).parameters and type(sched).__name__ in (
-            FLOW_MATCH_SCHEDULERS
-        ):
-            # unshifted sigmas in: the scheduler applies the configured shift once (see `flow_sigmas`)
-            sched.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
-        else:  # Heun, multistep solvers with flow sigmas: their own schedule from the step count
-            sched.set_timesteps(num_inference_steps, device=device)
+    # ------------------------------------------------------------------------------------------------------------
+    # Latents and timesteps
+    # ------------------------------------------------------------------------------------------------------------
 
     def prepare_latents(
         self,
@@ -1270,96 +888,15 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latents = latents.expand(batch_size, -1, -1, -1)
         return latents
 
-    def _conditioning_from_callback(
-        self, outputs: dict, cond_embeds: torch.Tensor, cond_mask: torch.Tensor, negative_embeds: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply a callback's returned "prompt_embeds" / "negative_prompt_embeds" / "prompt_attention_mask"."""
-        embeds = outputs.pop("prompt_embeds", None)
-        mask = outputs.pop("prompt_attention_mask", None)
-        negative = outputs.pop("negative_prompt_embeds", None)
-        if embeds is None and negative is not None and negative is not negative_embeds:
-            if negative_embeds is None or tuple(negative.shape) != tuple(negative_embeds.shape):
-                raise ValueError(
-                    "A callback returned `negative_prompt_embeds` of shape "
-                    f"{tuple(negative.shape)}; it must keep the shape it was given "
-                    f"{None if negative_embeds is None else tuple(negative_embeds.shape)} (and needs CFG)."
-                )
-            embeds = torch.cat([negative.to(cond_embeds), cond_embeds[negative.shape[0] :]])
-        if embeds is None:
-            if mask is not None:
-                cond_mask = mask
-            return cond_embeds, cond_mask
-        if mask is None:
-            if tuple(embeds.shape[:2]) == tuple(cond_mask.shape):
-                mask = cond_mask
-            elif embeds.shape[0] < cond_mask.shape[0] and embeds.shape[1] == cond_mask.shape[1]:
-                mask = cond_mask[-embeds.shape[0] :]  # e.g. CFG cut off: the conditional rows come last
-            else:
-                raise ValueError(
-                    f"A callback returned `prompt_embeds` of shape {tuple(embeds.shape)} that no known mask fits "
-                    f"(the conditioning mask is {tuple(cond_mask.shape)}): return `prompt_attention_mask` too."
-                )
-        return embeds.to(device=cond_embeds.device, dtype=self.unet.dtype), mask.to(cond_mask.device)
-
-    def _pop_deprecated_kwargs(self, kwargs: dict) -> int | None:
-        """`batch_size` (deprecated, see `_batch_shape`) out of `__call__`'s `**kwargs`; any other name is an error."""
-        batch_size = kwargs.pop("batch_size", None)
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments {sorted(kwargs)}.")
-        return batch_size
-
-    def _default_size(self, image, height: int | None, width: int | None) -> tuple[int, int]:
-        """(height, width): as given; else the init image's size rounded to `size_step`; else the config's."""
-        default_w, default_h = self.config.default_width, self.config.default_height
-        if image is not None and (width is None or height is None):
-            first = image[0] if isinstance(image, list) else image
-            if isinstance(first, torch.Tensor):
-                first_w, first_h = first.shape[-1], first.shape[-2]
-            else:
-                first = load_rgb_image(first)
-                first_w, first_h = first.width, first.height
-            step = self.size_step
-            default_w = max(step, round(first_w / step) * step)
-            default_h = max(step, round(first_h / step) * step)
-        return (default_h if height is None else height), (default_w if width is None else width)
-
-    @staticmethod
-    def _batch_shape(batch_size: int | None, prompt, prompt_embeds, num_images_per_prompt: int) -> tuple[int, int]:
-        """(images per prompt, images in all), folding in the deprecated `batch_size`: a single prompt made
-        `batch_size` times is `num_images_per_prompt` (the same images)."""
-        n_prompts = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
-        if batch_size is not None:
-            deprecate(
-                "batch_size",
-                "1.0.0",
-                "`batch_size` repeated a single prompt and duplicates `num_images_per_prompt`: pass "
-                "`num_images_per_prompt` instead (the images are the same).",
-                standard_warn=False,
-            )
-            if n_prompts == 1:
-                num_images_per_prompt *= batch_size
-        return num_images_per_prompt, n_prompts * num_images_per_prompt
-
-    def _prepare_conditioning(
-        self, prompt, negative_prompt, num_images_per_prompt: int, device: torch.device, *embeds
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(embeds, mask, negative embeds) the UNet attends to: (B, 1 + L, D) with the pooled vector first; with CFG
-        one batched [negative, positive] conditioning, the shorter sequence padded with masked zeros."""
-        prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            *embeds,
-            lora_scale=self._cross_attention_kwargs.get("scale"),
-        )
-        if not self.do_classifier_free_guidance:
-            return prompt_embeds.to(self.unet.dtype), prompt_mask, negative_embeds
-        negative_embeds, prompt_embeds = _pad_to_same_length(negative_embeds, prompt_embeds)
-        negative_mask, prompt_mask = _pad_to_same_length(negative_mask, prompt_mask)
-        cond_embeds = torch.cat([negative_embeds, prompt_embeds]).to(self.unet.dtype)
-        return cond_embeds, torch.cat([negative_mask, prompt_mask]), negative_embeds
+    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> None:
+        sched = self.scheduler
+        if "sigmas" in inspect.signature(sched.set_timesteps).parameters and type(sched).__name__ in (
+            FLOW_MATCH_SCHEDULERS
+        ):
+            # unshifted sigmas in: the scheduler applies the configured shift once (see `flow_sigmas`)
+            sched.set_timesteps(sigmas=flow_sigmas(num_inference_steps), device=device)
+        else:  # Heun, multistep solvers with flow sigmas: their own schedule from the step count
+            sched.set_timesteps(num_inference_steps, device=device)
 
     def _prepare_timesteps(
         self, num_inference_steps: int, strength: float | None, device: torch.device
@@ -1390,73 +927,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         sigma = self.scheduler.sigmas[start].to(device)
         return (1.0 - sigma) * image_latents + sigma * latents
 
-    def _denoise(self, latents, timesteps, conditioning, generator, callback, tensor_inputs) -> torch.Tensor:
-        """The sampling loop: latents stay float32, the UNet runs in its own dtype; CFG as one batched pass.
-        `conditioning` is `_prepare_conditioning`'s (embeds, mask, negative embeds); a callback may replace them."""
-        cond_embeds, cond_mask, negative_embeds = conditioning
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:  # stochastic samplers (LCM)
-            step_kwargs["generator"] = generator[0] if isinstance(generator, list) else generator
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                velocity = self.unet(
-                    model_input.to(self.unet.dtype),
-                    t.expand(model_input.shape[0]),
-                    encoder_hidden_states=cond_embeds,
-                    encoder_attention_mask=cond_mask,
-                    cross_attention_kwargs=dict(self._cross_attention_kwargs) or None,
-                    return_dict=False,
-                )[0].float()
-                if self.do_classifier_free_guidance:
-                    v_uncond, v_cond = velocity.chunk(2)
-                    velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
-                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
-                if callback is not None:
-                    local = {
-                        "latents": latents,
-                        "prompt_embeds": cond_embeds,
-                        "negative_prompt_embeds": negative_embeds,
-                        "prompt_attention_mask": cond_mask,
-                    }
-                    outputs = callback(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
-                    latents = outputs.pop("latents", latents)
-                    cond_embeds, cond_mask = self._conditioning_from_callback(
-                        outputs, cond_embeds, cond_mask, negative_embeds
-                    )
-                progress_bar.update()
-        return latents
-
-    def _decode_latents(self, latents: torch.Tensor, output_type: str):
-        """Latents -> images of `output_type` through the VAE decoder (`vae_scale_factor` x the latent size)."""
-        if output_type == "latent":
-            return latents
-        return self.image_processor.postprocess(self._vae_decode(latents), output_type=output_type)
-
-    @property
-    def cross_attention_kwargs(self) -> dict[str, Any]:
-        return self._cross_attention_kwargs
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
-
     # ------------------------------------------------------------------------------------------------------------
-    # __call__
+    # __call__ and the steps it reads as
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -1601,6 +1073,565 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _pop_deprecated_kwargs(self, kwargs: dict) -> int | None:
+        """`batch_size` (deprecated, see `_batch_shape`) out of `__call__`'s `**kwargs`; any other name is an error."""
+        batch_size = kwargs.pop("batch_size", None)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments {sorted(kwargs)}.")
+        return batch_size
+
+    def _default_size(self, image, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width): as given; else the init image's size rounded to `size_step`; else the config's."""
+        default_w, default_h = self.config.default_width, self.config.default_height
+        if image is not None and (width is None or height is None):
+            first = image[0] if isinstance(image, list) else image
+            if isinstance(first, torch.Tensor):
+                first_w, first_h = first.shape[-1], first.shape[-2]
+            else:
+                first = load_rgb_image(first)
+                first_w, first_h = first.width, first.height
+            step = self.size_step
+            default_w = max(step, round(first_w / step) * step)
+            default_h = max(step, round(first_h / step) * step)
+        return (default_h if height is None else height), (default_w if width is None else width)
+
+    @staticmethod
+    def _batch_shape(batch_size: int | None, prompt, prompt_embeds, num_images_per_prompt: int) -> tuple[int, int]:
+        """(images per prompt, images in all), folding in the deprecated `batch_size`: a single prompt made
+        `batch_size` times is `num_images_per_prompt` (the same images)."""
+        n_prompts = len(prompt) if isinstance(prompt, list) else (1 if prompt is not None else prompt_embeds.shape[0])
+        if batch_size is not None:
+            deprecate(
+                "batch_size",
+                "1.0.0",
+                "`batch_size` repeated a single prompt and duplicates `num_images_per_prompt`: pass "
+                "`num_images_per_prompt` instead (the images are the same).",
+                standard_warn=False,
+            )
+            if n_prompts == 1:
+                num_images_per_prompt *= batch_size
+        return num_images_per_prompt, n_prompts * num_images_per_prompt
+
+    def _prepare_conditioning(
+        self, prompt, negative_prompt, num_images_per_prompt: int, device: torch.device, *embeds
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(embeds, mask, negative embeds) the UNet attends to: (B, 1 + L, D) with the pooled vector first; with CFG
+        one batched [negative, positive] conditioning, the shorter sequence padded with masked zeros."""
+        prompt_embeds, prompt_mask, negative_embeds, negative_mask = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            *embeds,
+            lora_scale=self._cross_attention_kwargs.get("scale"),
+        )
+        if not self.do_classifier_free_guidance:
+            return prompt_embeds.to(self.unet.dtype), prompt_mask, negative_embeds
+        negative_embeds, prompt_embeds = _pad_to_same_length(negative_embeds, prompt_embeds)
+        negative_mask, prompt_mask = _pad_to_same_length(negative_mask, prompt_mask)
+        cond_embeds = torch.cat([negative_embeds, prompt_embeds]).to(self.unet.dtype)
+        return cond_embeds, torch.cat([negative_mask, prompt_mask]), negative_embeds
+
+    def _conditioning_from_callback(
+        self, outputs: dict, cond_embeds: torch.Tensor, cond_mask: torch.Tensor, negative_embeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply a callback's returned "prompt_embeds" / "negative_prompt_embeds" / "prompt_attention_mask"."""
+        embeds = outputs.pop("prompt_embeds", None)
+        mask = outputs.pop("prompt_attention_mask", None)
+        negative = outputs.pop("negative_prompt_embeds", None)
+        if embeds is None and negative is not None and negative is not negative_embeds:
+            if negative_embeds is None or tuple(negative.shape) != tuple(negative_embeds.shape):
+                raise ValueError(
+                    "A callback returned `negative_prompt_embeds` of shape "
+                    f"{tuple(negative.shape)}; it must keep the shape it was given "
+                    f"{None if negative_embeds is None else tuple(negative_embeds.shape)} (and needs CFG)."
+                )
+            embeds = torch.cat([negative.to(cond_embeds), cond_embeds[negative.shape[0] :]])
+        if embeds is None:
+            if mask is not None:
+                cond_mask = mask
+            return cond_embeds, cond_mask
+        if mask is None:
+            if tuple(embeds.shape[:2]) == tuple(cond_mask.shape):
+                mask = cond_mask
+            elif embeds.shape[0] < cond_mask.shape[0] and embeds.shape[1] == cond_mask.shape[1]:
+                mask = cond_mask[-embeds.shape[0] :]  # e.g. CFG cut off: the conditional rows come last
+            else:
+                raise ValueError(
+                    f"A callback returned `prompt_embeds` of shape {tuple(embeds.shape)} that no known mask fits "
+                    f"(the conditioning mask is {tuple(cond_mask.shape)}): return `prompt_attention_mask` too."
+                )
+        return embeds.to(device=cond_embeds.device, dtype=self.unet.dtype), mask.to(cond_mask.device)
+
+    def _denoise(self, latents, timesteps, conditioning, generator, callback, tensor_inputs) -> torch.Tensor:
+        """The sampling loop: latents stay float32, the UNet runs in its own dtype; CFG as one batched pass.
+        `conditioning` is `_prepare_conditioning`'s (embeds, mask, negative embeds); a callback may replace them."""
+        cond_embeds, cond_mask, negative_embeds = conditioning
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:  # stochastic samplers (LCM)
+            step_kwargs["generator"] = generator[0] if isinstance(generator, list) else generator
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                velocity = self.unet(
+                    model_input.to(self.unet.dtype),
+                    t.expand(model_input.shape[0]),
+                    encoder_hidden_states=cond_embeds,
+                    encoder_attention_mask=cond_mask,
+                    cross_attention_kwargs=dict(self._cross_attention_kwargs) or None,
+                    return_dict=False,
+                )[0].float()
+                if self.do_classifier_free_guidance:
+                    v_uncond, v_cond = velocity.chunk(2)
+                    velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback is not None:
+                    local = {
+                        "latents": latents,
+                        "prompt_embeds": cond_embeds,
+                        "negative_prompt_embeds": negative_embeds,
+                        "prompt_attention_mask": cond_mask,
+                    }
+                    outputs = callback(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+                    latents = outputs.pop("latents", latents)
+                    cond_embeds, cond_mask = self._conditioning_from_callback(
+                        outputs, cond_embeds, cond_mask, negative_embeds
+                    )
+                progress_bar.update()
+        return latents
+
+    def _decode_latents(self, latents: torch.Tensor, output_type: str):
+        """Latents -> images of `output_type` through the VAE decoder (`vae_scale_factor` x the latent size)."""
+        if output_type == "latent":
+            return latents
+        return self.image_processor.postprocess(self._vae_decode(latents), output_type=output_type)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Image prompts: encode_image
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, image: ImageInput, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Embed image(s) through the text encoder's vision path, in exactly the prompt-embedding layout.
+
+        Returns `(embeds, mask)` usable as `prompt_embeds` / `prompt_attention_mask`: `embeds[:, 0]` is the pooled
+        vector (last token), the image tokens are capped so that the sequence fits `max_length`.
+
+        Examples:
+            ```py
+            >>> emb, mask = pipe.encode_image("media/apple.png")  # (1, 251, D), (1, 251)
+            >>> images = pipe(prompt_embeds=emb, prompt_attention_mask=mask, seed=0).images  # an image as the prompt
+            ```
+        """
+        images = image if isinstance(image, (list, tuple)) else [image]
+        embeds, mask = encode_images(
+            self.text_encoder,
+            self.tokenizer,
+            self.vision_processor,
+            images,
+            self.config.text_recipe,
+            device=device or self._execution_device,
+        )
+        self.maybe_free_model_hooks()
+        return embeds, mask
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prompt refinement: refine_prompts
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def refine_prompts(
+        self,
+        prompt: str | list[str],
+        instruction: str | None = None,
+        max_new_tokens: int = 120,
+        do_sample: bool = True,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        keep_prompt: bool = True,
+        generator: torch.Generator | None = None,
+        add_skin_tone: bool = False,
+        min_token_prob: float = 0.05,
+        cut_after_unlikely: bool = True,
+        **generate_kwargs,
+    ) -> list[str]:
+        r"""
+        Expand short prompt(s) into detailed descriptions with the text encoder's own language-model head.
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s) to refine.
+            instruction (`str`, *optional*): system instruction; defaults to the pipeline's `refine_instruction`.
+            max_new_tokens (`int`): length limit of each refined prompt in tokens.
+            do_sample, temperature, top_p: sampling settings passed to `generate`.
+            seed (`int`, *optional*): makes sampling reproducible.
+            keep_prompt (`bool`, defaults to `True`): the answer starts with the prompt itself, closed by a comma,
+                and the model only adds tags after it, so the refinement keeps what the user named (a small LM left
+                free may answer "cat" with another subject, and one that may go on with the last word turns "rock"
+                into "rocket"). `False`: the model writes the whole answer.
+            generator (`torch.Generator`, *optional*): diffusers-style randomness instead of `seed` (one seed for
+                the sampling is drawn from it, so the same generator state gives the same text).
+            add_skin_tone (`bool`, defaults to `False`): keep a skin-tone tag ("medium skin tone") that the model
+                adds to a prompt naming none. By default it is dropped: a tone makes another emoji ("woman cook" is
+                the yellow one), so it is the user's choice, not the refiner's.
+            min_token_prob (`float`, defaults to 0.05): an added tag is dropped when the model gave one of its tokens
+                less than this probability (its own distribution, before temperature and top-p). Sampling now and then
+                picks a token the model barely believes in, and the tag it starts is noise ("flag of Haiti, ...,
+                bordan") or another emoji's keyword (see `docs/eval.md`, "refine_prompts' tags"). `0` keeps every tag.
+            cut_after_unlikely (`bool`, defaults to `True`): also drop every tag after the first unlikely one: the
+                model wrote them with that tag in view ("flag of Wales, gy, nation, country, banner" ends at the name;
+                see `docs/eval.md`). `False` drops only the unlikely tags themselves.
+            **generate_kwargs: further arguments of the text encoder's `generate` (`min_p`, `repetition_penalty`, ...).
+
+        Returns:
+            `list[str]`: one refined prompt per input prompt.
+
+        Examples:
+            ```py
+            >>> pipe.refine_prompts("cat", do_sample=False)  # greedy; the shipped model: "cat, animal, ..., 3d render"
+            >>> pipe.refine_prompts(["rocket", "blue heart"], generator=torch.Generator().manual_seed(0))
+            ```
+        """
+        if generator is not None:
+            if seed is not None:
+                raise ValueError("Pass either `seed` or `generator`, not both.")
+            if isinstance(generator, list):
+                generator = generator[0]
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        prompts, tok = self._check_refine_inputs(prompt, max_new_tokens)
+        if not 0.0 <= min_token_prob < 1.0:
+            raise ValueError(f"`min_token_prob` must be in [0, 1), got {min_token_prob}; 0 keeps every tag.")
+        instruction = self.config.refine_instruction if instruction is None else instruction
+        chats = [
+            tok.apply_chat_template(
+                [{"role": "system", "content": instruction}, {"role": "user", "content": p}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for p in prompts
+        ]
+        # with keep_prompt the answer opens with the prompt, closed by a comma, and the model adds tags after it
+        openings = [_opening(p) if keep_prompt else "" for p in prompts]
+        te, device = self.text_encoder, self._execution_device
+        # left padding so every row's generation starts right after its own prompt
+        texts = [c + o for c, o in zip(chats, openings, strict=True)]
+        enc = tok(texts, padding=True, padding_side="left", return_tensors="pt").to(device)
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = te.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                pad_token_id=tok.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **generate_kwargs,
+            )
+        self.maybe_free_model_hooks()
+        new_ids = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
+        # log-probability of each chosen token under the model's own (unwarped) distribution
+        logprobs = te.compute_transition_scores(
+            out.sequences, out.logits, getattr(out, "beam_indices", None), normalize_logits=True
+        )
+        logprobs = logprobs.float().cpu()
+        floor = math.log(min_token_prob) if min_token_prob > 0 else -math.inf
+        # byte-level tokens keep their leading spaces, so "cat," + " animal" joins as the model meant
+        answers = [
+            o + ",".join(_kept_tags(_scored_pieces(ids, lp, tok, floor), cut_after_unlikely))
+            for o, ids, lp in zip(openings, new_ids, logprobs.tolist(), strict=True)
+        ]
+        return [_tidy_refined(a, p, add_skin_tone) for a, p in zip(answers, prompts, strict=True)]
+
+    def _check_refine_inputs(self, prompt, max_new_tokens: int):
+        """`refine_prompts`' checks: prompts, a text encoder that can generate, a tokenizer with a chat template.
+        Returns (list of prompts, the tokenizer)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("`prompt` is an empty list: pass at least one prompt to refine.")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("`prompt` must be a string or a list of strings.")
+        te = self.text_encoder
+        can_generate = te is not None and hasattr(te, "generate") and getattr(te, "can_generate", lambda: False)()
+        if not can_generate:
+            raise ValueError(
+                f"`refine_prompts` needs a text encoder with a language-model head; {type(te).__name__} cannot "
+                "generate. Use a causal LM such as Qwen3_5ForConditionalGeneration."
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
+        tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        if getattr(tok, "chat_template", None) is None:
+            raise ValueError("`refine_prompts` needs a tokenizer with a chat template; this tokenizer has none.")
+        return prompts, tok
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`; image_upscale
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def image_upscale(
+        self,
+        image: ImageInput,
+        tile_size: int = 512,
+        tile_overlap: int = 64,
+        max_pixels: int | None = 2048 * 2048,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> list[PIL.Image.Image] | list[np.ndarray] | list[torch.Tensor]:
+        r"""
+        Upscale image(s) with the asymmetric VAE: encode at `vae_encoder_scale_factor`, decode at `vae_scale_factor`
+        (a "blind" latent upscaler; their ratio is the upscale, 2x for the shipped 4x/8x VAE).
+
+        Args:
+            image: a path, a PIL image, a numpy array or a list of them. Any mode (RGBA, palette, greyscale, 16-bit)
+                and EXIF orientation are handled; sizes that are not multiples of the encoder factor are padded and
+                cropped back.
+            tile_size (`int`): inputs larger than this (pixels per side) go through overlapping tiles, so memory stays
+                bounded; must be a multiple of the encoder factor.
+            tile_overlap (`int`): overlap of neighbouring tiles in input pixels; seams are blended linearly.
+            max_pixels (`int`, *optional*): refuse (`ValueError`, before any work) inputs with more pixels than this;
+                the default 2048x2048 takes minutes on a CPU. `None`: no limit. Tiled inputs show a progress bar
+                over tiles (`set_progress_bar_config` turns it off).
+            generator (`torch.Generator`, *optional*): without one the encoder's posterior mode is decoded
+                (deterministic); with one a latent is sampled from the posterior with it (diffusers'
+                `retrieve_latents(..., sample_mode="sample")`), reproducibly.
+            output_type (`str`, defaults to "pil"): "pil", "np" (HWC float in [0, 1]) or "pt" (CHW float in [0, 1]).
+
+        Returns:
+            A list with one image per input (a list even for "np"/"pt": sizes may differ), each exactly
+            (decoder factor / encoder factor) = 2x the input size.
+
+        Examples:
+            ```py
+            >>> big = pipe.image_upscale("media/apple.png")[0]  # 128 px -> 256 px PIL image
+            >>> arrays = pipe.image_upscale([big, "media/apple.png"], output_type="np")
+            ```
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be one of ('pil', 'np', 'pt'), got {output_type!r}.")
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise ValueError("`image` is an empty list: pass at least one image or path.")
+        enc = self.vae_encoder_scale_factor
+        if tile_size % enc or tile_size < 4 * enc:
+            raise ValueError(f"`tile_size` must be a multiple of {enc} and at least {4 * enc}, got {tile_size}.")
+        if not 0 <= tile_overlap <= tile_size // 2 or tile_overlap % enc:
+            raise ValueError(f"`tile_overlap` must be a multiple of {enc} in [0, tile_size/2], got {tile_overlap}.")
+        pils = [load_rgb_image(im) for im in images]
+        for i, pil in enumerate(pils):
+            if max_pixels is not None and pil.width * pil.height > max_pixels:
+                raise ValueError(
+                    f"image {i} is {pil.width}x{pil.height} = {pil.width * pil.height} pixels, more than "
+                    f"`max_pixels`={max_pixels}; pass a larger `max_pixels` (or None) to upscale it anyway."
+                )
+        results = []
+        for pil in pils:
+            up = self._upscale_one(pil, tile_size, tile_overlap, generator)
+            results.append(self.image_processor.postprocess(up, output_type=output_type)[0])
+        self.maybe_free_model_hooks()
+        return results
+
+    def _upscale_one(self, pil: PIL.Image.Image, tile_size: int, tile_overlap: int, generator) -> torch.Tensor:
+        """One RGB image -> (1, 3, rH, rW) in [-1, 1] on the CPU, r = decoder factor / encoder factor; padded to the
+        encoder's multiple with edge pixels and cropped back; tiled (with a progress bar) above `tile_size`."""
+        enc = self.vae_encoder_scale_factor
+        r = self.vae_scale_factor // enc
+        w, h = pil.size
+        pixels = self._image_to_tensor(pil)
+        ph, pw = (-h) % enc, (-w) % enc
+        if ph or pw:
+            pixels = torch.nn.functional.pad(pixels, (0, pw, 0, ph), mode="replicate")
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:  # (1, 3, H, W) -> (1, 3, rH, rW)
+            z = self._vae_encode(x) if generator is None else self._vae_encode(x, generator, sample=True)
+            return self._vae_decode_whole(z)
+
+        if max(h + ph, w + pw) > tile_size:
+            n_tiles = len(_tile_starts(h + ph, tile_size, tile_overlap)) * len(
+                _tile_starts(w + pw, tile_size, tile_overlap)
+            )
+            with self.progress_bar(total=n_tiles) as bar:
+
+                def reconstruct_tile(x: torch.Tensor) -> torch.Tensor:
+                    out = reconstruct(x)
+                    bar.update()
+                    return out
+
+                up = _blend_tiles(pixels, tile_size, tile_overlap, r, reconstruct_tile).cpu()
+        else:
+            up = reconstruct(pixels).cpu()
+        return up[:, :, : h * r, : w * r]
+
+    def _image_to_tensor(self, image: PIL.Image.Image) -> torch.Tensor:
+        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
+
+    def _vae_encode(self, pixels: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/e, W/e), e = `vae_encoder_scale_factor`; H, W
+        multiples of e."""
+        vae = self.vae
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return normalize_latents(latents, vae)  # with the config's latents_mean/latents_std when it has them
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """scaled latents (B, C, h, w) -> pixels (B, 3, d h, d w) in [-1, 1], float32, d = `vae_scale_factor`;
+        sliced/tiled if enabled."""
+        if getattr(self, "_vae_slicing", False) and latents.shape[0] > 1:
+            return torch.cat([self._vae_decode(z) for z in latents.split(1)])
+        tiling = getattr(self, "_vae_tiling", None)
+        if tiling is not None and max(latents.shape[-2:]) > tiling[0]:
+            return _blend_tiles(latents, tiling[0], tiling[1], self.vae_scale_factor, self._vae_decode_whole)
+        return self._vae_decode_whole(latents)
+
+    def _vae_decode_whole(self, latents: torch.Tensor) -> torch.Tensor:
+        """One decoder pass; never NaN: an fp16 decode that overflows is repeated in fp32."""
+        vae = self.vae
+        z = denormalize_latents(latents.to(vae.device, vae.dtype), vae)
+        image = vae.decode(z).sample
+        if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+            logger.warning("VAE decode overflowed in %s; decoding again in float32.", vae.dtype)
+            dtype = vae.dtype
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(z.float()).sample
+            finally:
+                vae.to(dtype)
+        return image.float().clamp(-1, 1)
+
+    def enable_vae_tiling(self, tile_latents: int = 64, overlap_latents: int = 8) -> None:
+        """Decode latents larger than `tile_latents` in overlapping tiles blended linearly: bounded memory for big
+        images (a 64-latent tile is 64 x `vae_scale_factor` px: 512 px for the shipped 8x decoder)."""
+        if tile_latents < 4 or not 0 <= overlap_latents <= tile_latents // 2:
+            raise ValueError(
+                f"`tile_latents` must be >= 4 and `overlap_latents` in [0, tile_latents/2], "
+                f"got {tile_latents} and {overlap_latents}."
+            )
+        self._vae_tiling = (tile_latents, overlap_latents)
+
+    def disable_vae_tiling(self) -> None:
+        self._vae_tiling = None
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time (lower peak memory for large batches)."""
+        self._vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self._vae_slicing = False
+
+    SPEEDUPS = ("channels_last", "fused_qkv", "compile", "cuda_graphs")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Speed features
+    # ------------------------------------------------------------------------------------------------------------
+
+    def enable_speedups(self, *features: str) -> None:
+        """Opt-in UNet speed features; SDPA attention needs none (diffusers uses it whenever torch has it).
+
+        - `channels_last`: NHWC memory format for the UNet's convolutions (tensor cores prefer it).
+        - `fused_qkv`: one projection for query, key and value in self-attention (`unet.fuse_qkv_projections()`).
+        - `compile`: regional `torch.compile` of the repeated transformer blocks
+          (`unet.compile_repeated_blocks(fullgraph=True)`): short compile time, no recompile for a new prompt
+          or seed (prompts are padded to a fixed length and timesteps are tensors); a new image size compiles once.
+        - `cuda_graphs`: `torch.compile(mode="reduce-overhead")` of the whole UNet, which replays CUDA graphs
+          (less CPU launch overhead per step; CUDA only, one graph per image size; not with `compile`).
+
+        Call after `.to(device)`. Measured by `bench/bench_speed_features.py` (docs/benchmarks.md).
+        """
+        unknown = [f for f in features if f not in self.SPEEDUPS]
+        if unknown:
+            raise ValueError(f"unknown speed feature(s) {unknown}: choose from {list(self.SPEEDUPS)}.")
+        if "compile" in features and "cuda_graphs" in features:
+            raise ValueError("`compile` and `cuda_graphs` both compile the UNet: pick one (`cuda_graphs` on CUDA).")
+        if "cuda_graphs" in features and self.unet.device.type != "cuda":
+            raise ValueError(f"`cuda_graphs` needs the UNet on CUDA, it is on {self.unet.device}: use `compile`.")
+        if "channels_last" in features:
+            self.unet.to(memory_format=torch.channels_last)
+        if "fused_qkv" in features:
+            self.unet.fuse_qkv_projections()
+        if "compile" in features:
+            self.unet.compile_repeated_blocks(fullgraph=True)
+        if "cuda_graphs" in features:
+            self.unet.compile(mode="reduce-overhead")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving: a reloadable custom-code repository
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Save the pipeline as a repository that `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`
+        reloads: diffusers' component folders, `pipeline.py` (this pipeline's own source) beside
+        `model_index.json`, and `_class_name` as `["pipeline", "SDXSPipeline"]`.
+
+        Fused LoRA (`fuse_lora()`) is saved baked into the weights; unfused LoRA adapters are refused (fuse them,
+        unload them, or save them alone with `save_lora_weights`). Arguments as `DiffusionPipeline.save_pretrained`.
+
+        Examples:
+            ```py
+            >>> pipe.fuse_lora()
+            >>> pipe.save_pretrained("my-sdxs")
+            >>> again = DiffusionPipeline.from_pretrained("my-sdxs", trust_remote_code=True)
+            ```
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token") if k in kwargs}
+        repo_id = kwargs.pop("repo_id", None)
+        target = self._without_fused_lora_layers()
+        DiffusionPipeline.save_pretrained(
+            target,
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            push_to_hub=False,
+            **kwargs,
+        )
+        write_hub_files(save_directory)
+        if push_to_hub:  # push_to_hub saves again (through this method) into a temporary folder and uploads it
+            repo_id = repo_id or os.fspath(save_directory).rstrip(os.sep).split(os.sep)[-1]
+            self.push_to_hub(repo_id, safe_serialization=safe_serialization, variant=variant, **hub_kwargs)
+
+    def _without_fused_lora_layers(self) -> SDXSPipeline:
+        """`self`, or a shallow copy whose LoRA-carrying models are deep copies with the (fused) LoRA layers removed."""
+        carriers = {n: _peft_layers(getattr(self, n, None)) for n in self._lora_loadable_modules}
+        carriers = {n: layers for n, layers in carriers.items() if layers}
+        if not carriers:
+            return self
+        unfused = [n for n, layers in carriers.items() if not all(layer.merged for layer in layers)]
+        if unfused:
+            raise ValueError(
+                f"{unfused} carry LoRA adapters that are not fused: `save_pretrained` would write peft layers a plain "
+                "load cannot read. Call `pipe.fuse_lora()` first to save them baked into the weights, "
+                "`pipe.unload_lora_weights()` to drop them, or save the adapters alone with `save_lora_weights`."
+            )
+        from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+
+        components = dict(self.components)
+        for name in carriers:
+            model = copy.deepcopy(components[name])
+            if hasattr(model, "unload_lora"):  # diffusers ModelMixin
+                model.unload_lora()
+            else:  # a transformers model with diffusers-injected LoRA
+                _remove_text_encoder_monkey_patch(model)
+            components[name] = model
+        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in components}
+        return type(self)(**components, **config)
 
 
 def _repeat_rows(x: torch.Tensor, n: int, device) -> torch.Tensor:

@@ -60,7 +60,6 @@ class Preset:
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
-    vision_processor: dict[str, Any]
     scheduler: dict[str, Any] = field(default_factory=lambda: {"shift": 3.0})
     tokenizer_vocab: int = 512
     # how a tokenizer trained for this preset reads text (`TEXT_NORMALIZATIONS`): one token form per word wherever
@@ -68,6 +67,16 @@ class Preset:
     tokenizer_normalization: tuple[str, ...] = ("nfkc", "lowercase", "prefix-space")
     default_size: tuple[int, int] = (256, 256)  # (width, height) of __call__ when none is given
     note: str = ""
+
+    @property
+    def vision_processor(self) -> dict[str, Any]:
+        """The image processor's settings: the vision tower's patch, merge and frame sizes (they must agree)."""
+        tower = self.text_encoder["vision_config"]
+        return dict(
+            patch_size=tower["patch_size"],
+            merge_size=tower["spatial_merge_size"],
+            temporal_patch_size=tower["temporal_patch_size"],
+        )
 
 
 def _text_config(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, inter: int, vocab: int) -> dict:
@@ -93,6 +102,21 @@ def _text_config(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: 
             "mrope_section": [max(head_dim // 16, 1), max(head_dim // 32, 1), max(head_dim // 32, 1)],
             "mrope_interleaved": True,
         },
+    )
+
+
+def _vision_tower(depth: int, hidden: int, inter: int, heads: int, patch: int, out_hidden: int, positions: int) -> dict:
+    """Qwen3.5's vision tower (`vision_config`): 2x2 neighbouring patches merged into one token, 2 frames per patch."""
+    return dict(
+        depth=depth,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_heads=heads,
+        patch_size=patch,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=out_hidden,
+        num_position_embeddings=positions,
     )
 
 
@@ -139,19 +163,8 @@ PRESETS: dict[str, Preset] = {
         vae=_vae((8, 8, 16, 16), (8, 8, 16, 16, 16), latent_ch=4, groups=4),
         text_encoder=dict(
             text_config=_text_config(32, 4, 2, 1, 16, 64, vocab=512),
-            vision_config=dict(
-                depth=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=2,
-                patch_size=8,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=32,
-                num_position_embeddings=64,
-            ),
+            vision_config=_vision_tower(2, 32, 64, 2, patch=8, out_hidden=32, positions=64),
         ),
-        vision_processor=dict(patch_size=8, merge_size=2, temporal_patch_size=2),
         tokenizer_vocab=512,
         default_size=(64, 64),
         note="for tests: seconds on a CPU",
@@ -169,19 +182,8 @@ PRESETS: dict[str, Preset] = {
         vae=_vae((16, 32, 64), (16, 32, 64, 128), latent_ch=16, groups=2),
         text_encoder=dict(
             text_config=_text_config(256, 4, 4, 2, 64, 768, vocab=4096),
-            vision_config=dict(
-                depth=2,
-                hidden_size=192,
-                intermediate_size=512,
-                num_heads=4,
-                patch_size=16,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=256,
-                num_position_embeddings=256,
-            ),
+            vision_config=_vision_tower(2, 192, 512, 4, patch=16, out_hidden=256, positions=256),
         ),
-        vision_processor=dict(patch_size=16, merge_size=2, temporal_patch_size=2),
         # 16x16 latents: shift 1 (shift 3 suits 1024 px / 128x128 latents; on 16x16 it left 2.6% of training
         # samples below sigma 0.3 and the images blotchy: issue 16)
         scheduler={"shift": 1.0},
@@ -213,19 +215,8 @@ PRESETS: dict[str, Preset] = {
         # Qwen3.5-2B-sized language model (hidden 2048, 24 layers, 248,320-token vocabulary) + vision tower
         text_encoder=dict(
             text_config=_text_config(2048, 24, 8, 2, 256, 4096, vocab=248320),
-            vision_config=dict(
-                depth=24,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_heads=16,
-                patch_size=16,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=2048,
-                num_position_embeddings=2304,
-            ),
+            vision_config=_vision_tower(24, 1024, 4096, 16, patch=16, out_hidden=2048, positions=2304),
         ),
-        vision_processor=dict(patch_size=16, merge_size=2, temporal_patch_size=2),
         # Flow `shift` is a recipe value, not part of the shape: 3.0 suits 1024 px (64x88 latents), where most of
         # the signal is decided at high noise (shift 1 on 16x16 latents: the emoji preset). Not published; tune it.
         scheduler={"shift": 3.0},

@@ -50,6 +50,12 @@ def torch_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     return getattr(torch, _DTYPE_NAMES[name])
 
 
+def flag_values(args, names: str) -> dict:
+    """The parsed flags `names` (space-separated argparse dests) as keyword arguments of the same names: what a
+    subcommand hands on to the library function whose parameters its flags are named after."""
+    return {name: getattr(args, name) for name in names.split()}
+
+
 def random_seed() -> int:
     """A fresh seed for a request or command that named none (printed or returned, so the image can be redone)."""
     return secrets.randbelow(2**31)

@@ -95,33 +95,21 @@ def _background(text: str) -> tuple[int, int, int]:
 
 def run_prepare(args) -> int:
     from sdxs.data.prepare import prepare
-    from sdxs.runtime import quiet_libraries, torch_dtype
+    from sdxs.runtime import flag_values, quiet_libraries, torch_dtype
 
     quiet_libraries(verbose=args.verbose, progress=not args.no_progress)
-
+    flags = flag_values(
+        args,
+        "model batch_size device min_side max_side step max_area allow_upscale max_upscale caption_column shard_size "
+        "num_shards shard_index offload_text_encoder num_workers image_embeds overwrite",
+    )
     manifest = prepare(
         args.src,
         args.out,
-        model=args.model,
-        batch_size=args.batch_size,
-        device=args.device,
         dtype=torch_dtype(args.dtype) if args.dtype else None,
-        min_side=args.min_side,
-        max_side=args.max_side,
-        step=args.step,
-        max_area=args.max_area,
-        allow_upscale=args.allow_upscale,
-        max_upscale=args.max_upscale,
         background=_background(args.background),
-        caption_column=args.caption_column,
-        shard_size=args.shard_size,
-        num_shards=args.num_shards,
-        shard_index=args.shard_index,
-        offload_text_encoder=args.offload_text_encoder,
-        num_workers=args.num_workers,
         progress=not args.no_progress,
-        image_embeds=args.image_embeds,
-        overwrite=args.overwrite,
+        **flags,
     )
     print(
         f"{manifest['count_written']} of {manifest['count_in']} files written to {args.out} "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-FINGERPRINT_KEYS = ("vae", "text_encoder", "text_recipe")
+FINGERPRINT_KEYS = ("vae", "text_encoder", "text_recipe", "tokenizer")
 
 
 def hash_state(module: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
@@ -50,13 +50,30 @@ def fingerprint_text_encoder(text_encoder) -> str:
     return hash_state(text_encoder)
 
 
+def fingerprint_tokenizer(tokenizer) -> str:
+    """Fingerprint of how a tokenizer turns text into ids: the normaliser, pre-tokeniser and model (vocabulary and
+    merges) of its tokenizer.json. Another normalisation gives other ids, hence other embeddings; padding and
+    truncation settings, which a loaded tokenizer may carry differently, are left out."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries its tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        spec = {"vocab": tok.get_vocab()}
+    else:
+        full = json.loads(backend.to_str())
+        spec = {k: full.get(k) for k in ("normalizer", "pre_tokenizer", "model")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint_recipe(recipe: dict[str, Any]) -> str:
     """Fingerprint of the (complete) text recipe, key order independent."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def model_fingerprint(vae=None, text_encoder=None, text_recipe: dict[str, Any] | None = None) -> dict[str, str]:
-    """{"vae": ..., "text_encoder": ..., "text_recipe": ...} for the components given (others are left out)."""
+def model_fingerprint(
+    vae=None, text_encoder=None, text_recipe: dict[str, Any] | None = None, tokenizer=None
+) -> dict[str, str]:
+    """{"vae": ..., "text_encoder": ..., "text_recipe": ..., "tokenizer": ...} for the components given (others are
+    left out)."""
     from sdxs.pipeline import DEFAULT_TEXT_RECIPE
 
     out = {}
@@ -66,12 +83,16 @@ def model_fingerprint(vae=None, text_encoder=None, text_recipe: dict[str, Any] |
         out["text_encoder"] = fingerprint_text_encoder(text_encoder)
     if text_recipe is not None:
         out["text_recipe"] = fingerprint_recipe({**DEFAULT_TEXT_RECIPE, **text_recipe})
+    if tokenizer is not None:
+        out["tokenizer"] = fingerprint_tokenizer(tokenizer)
     return out
 
 
 def compare_fingerprints(cached: dict[str, str], current: dict[str, str], where: str = "the cache") -> None:
     """Raise `ValueError` naming every component whose fingerprint differs between `cached` and `current`."""
-    differ = [k for k in FINGERPRINT_KEYS if k in current and cached.get(k) != current[k]]
+    # a cache made before the tokenizer was fingerprinted has no "tokenizer" entry: it is not checked, not refused
+    differ = [k for k in FINGERPRINT_KEYS if k in current and k in cached and cached[k] != current[k]]
+    differ += [k for k in ("vae", "text_encoder", "text_recipe") if k in current and k not in cached]
     if differ:
         detail = ", ".join(f"{k} (cache {cached.get(k)}, given {current[k]})" for k in differ)
         raise ValueError(

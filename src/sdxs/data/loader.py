@@ -172,8 +172,10 @@ class LatentShardLoader:
     def fingerprint(self) -> dict[str, str]:
         return dict(self.manifest["fingerprint"])
 
-    def check_fingerprint(self, pipe=None, *, vae=None, text_encoder=None, text_recipe: dict | None = None) -> None:
-        """Raise `ValueError` naming each of VAE / text encoder / text recipe that differs from the cache's.
+    def check_fingerprint(
+        self, pipe=None, *, vae=None, text_encoder=None, text_recipe: dict | None = None, tokenizer=None
+    ) -> None:
+        """Raise `ValueError` naming each of VAE / text encoder / text recipe / tokenizer that differs from the cache's.
 
         Pass a pipeline (its vae, text_encoder and `config.text_recipe` are checked) or any of the components.
         """
@@ -181,11 +183,12 @@ class LatentShardLoader:
             vae = vae if vae is not None else pipe.vae
             text_encoder = text_encoder if text_encoder is not None else pipe.text_encoder
             text_recipe = text_recipe if text_recipe is not None else pipe.config.text_recipe
-        if vae is None and text_encoder is None and text_recipe is None:
+            tokenizer = tokenizer if tokenizer is not None else pipe.tokenizer
+        if vae is None and text_encoder is None and text_recipe is None and tokenizer is None:
             raise ValueError(
-                "`check_fingerprint` needs `pipe` or at least one of `vae`, `text_encoder`, `text_recipe`."
+                "`check_fingerprint` needs `pipe` or at least one of `vae`, `text_encoder`, `text_recipe`, `tokenizer`."
             )
-        current = model_fingerprint(vae, text_encoder, text_recipe)
+        current = model_fingerprint(vae, text_encoder, text_recipe, tokenizer)
         compare_fingerprints(self.manifest["fingerprint"], current, where=f"The latent cache {self.cache_dir}")
 
     def empty_prompt(self, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,7 +124,7 @@ def prepare(
 
     # 1. Buckets and fingerprint
     buckets = _buckets(enc, min_side, max_side, step, max_area)
-    fingerprint = model_fingerprint(enc.vae, enc.text_encoder, enc.text_recipe)
+    fingerprint = model_fingerprint(enc.vae, enc.text_encoder, enc.text_recipe, enc.tokenizer)
     options = _options(
         enc, buckets, allow_upscale, max_upscale, background, caption_column, shard_size, storage_dtype, image_embeds
     )

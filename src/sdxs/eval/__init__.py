@@ -16,7 +16,7 @@ metrics), `generation` (seeded batches, model loading, progress). `report` holds
 writes the Markdown page and grids; `suite.evaluate` runs everything; `cli` is the `sdxs eval` subcommand.
 
 Everything is deterministic given `seed`: the subsets, image `i`'s generation seed (`seed + i` within each
-group) and `refine_prompts`' sampling. `sdxs.evaluate` and `sdxs.eval_strict`, the former modules, still import.
+group) and `refine_prompts`' sampling.
 """
 
 from sdxs.eval.cli import EPILOG, cmd_eval, register

@@ -60,33 +60,25 @@ def register(subparsers) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run `evaluate` with the command's flags and print where the report went."""
-    from sdxs.runtime import quiet_libraries
+    from sdxs.runtime import flag_values, quiet_libraries
 
     if args.vae_train_images < 0:
         raise ValueError(f"--vae-train-images must be >= 0, got {args.vae_train_images}")
     quiet_libraries(False)
+    flags = flag_values(
+        args,
+        "steps guidance seed width height batch_size train_captions vae_train_images image_prompts limit "
+        "refine_max_new_tokens strict_per_kind device dtype",
+    )
     result = evaluate(
         args.model,
         args.data,
         out_md=args.out,
         grid_path=args.grid,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        batch_size=args.batch_size,
-        train_captions=args.train_captions,
-        vae_train_images=args.vae_train_images,
-        image_prompts=args.image_prompts,
-        limit=args.limit,
         refine_prompts=DEFAULT_REFINE_PROMPTS if args.refine is None else args.refine,
-        refine_max_new_tokens=args.refine_max_new_tokens,
-        strict_per_kind=args.strict_per_kind,
-        device=args.device,
-        dtype=args.dtype,
         command=shlex.join(["sdxs", *sys.argv[1:]]) if sys.argv[1:2] == ["eval"] else None,
         progress=not args.quiet,
+        **flags,
     )
     print(result.markdown_path)
     if result.grid_path is not None:

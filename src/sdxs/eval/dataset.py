@@ -29,28 +29,40 @@ class EmojiItem:
     caption: str  # the first caption line: "<name>, 3d render"
 
 
+Groups = dict[str, Sequence[EmojiItem]]  # labelled groups of items, e.g. "training captions (200)" -> its items
+
+
+def read_splits(data_dir: str | os.PathLike) -> list[tuple[str, dict]]:
+    """The rows of `data_dir/splits.jsonl` (written by `sdxs data emoji`) in file order, each with its place
+    ("FILE:LINE") for messages. The one reader of that file: the eval's items and the strict eval's renders."""
+    manifest = Path(data_dir) / "splits.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--data {data_dir}: no splits.jsonl there; pass a folder made by `sdxs data emoji`")
+    rows = []
+    for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"{manifest}:{line_no}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{manifest}:{line_no}: not a splits.jsonl row ({e})") from None
+    if not rows:
+        raise ValueError(f"{manifest} has no rows")
+    return rows
+
+
 def load_emoji_dataset(data_dir: str | os.PathLike) -> list[EmojiItem]:
     """Read `data_dir/splits.jsonl` (written by `sdxs data emoji`) into items, in file order."""
-    root = Path(data_dir)
-    manifest = root / "splits.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"--data {root}: no splits.jsonl there; pass a folder made by `sdxs data emoji`")
     items = []
-    for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, row in read_splits(data_dir):
         try:
-            row = json.loads(line)
-            path = root / row["file_name"]
+            path = Path(data_dir) / row["file_name"]
             caption = row["text"][0] if row.get("text") else row["name"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{manifest}:{line_no}: not a splits.jsonl row ({e})") from None
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not a splits.jsonl row ({e})") from None
         if not path.is_file():
-            raise FileNotFoundError(f"{manifest}:{line_no}: image {path} does not exist")
+            raise FileNotFoundError(f"{where}: image {path} does not exist")
         holdout = str(row.get("holdout") or "").replace("_", " ")
         items.append(EmojiItem(len(items), path, row.get("split", "train"), holdout, row.get("name", ""), caption))
-    if not items:
-        raise ValueError(f"{manifest} has no rows")
     return items
 
 

@@ -109,6 +109,11 @@ class RetrievalIndex:
         target_sims = sims[np.arange(len(sims)), np.asarray(targets)][:, None]
         return (sims > target_sims).sum(1) + (sims == target_sims).sum(1) - 1
 
+    def retrieve(self, label: str, images: Sequence, targets: Sequence[int]) -> RetrievalResult:
+        """Generated images (PIL) as queries, each against its target gallery index: one `RetrievalResult`."""
+        ranks = self.ranks(np.stack([thumbnail_features(im) for im in images]), targets)
+        return RetrievalResult(label, ranks, len(self))
+
 
 def topk_percent(ranks: np.ndarray, k: int) -> float:
     """Share of queries whose target is among the k nearest, in percent."""

@@ -10,14 +10,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from sdxs.eval.dataset import EmojiItem
-from sdxs.eval.features import RetrievalIndex, RetrievalResult, thumbnail_features
+from sdxs.eval.dataset import EmojiItem, Groups
+from sdxs.eval.features import RetrievalIndex, RetrievalResult
 from sdxs.eval.generation import GenerationSettings, generate_from_prompts
 from sdxs.eval.vae import VAEResult
 
-# Kinds of caption for the per-kind split (as scripts/prompt_fidelity.py has them). A person in five skin tones
-# is the easiest to retrieve (the shape is shared, the tone picks the image), a flag the hardest (small coloured
-# details on one shape): the split keeps a large easy kind from hiding a hard one.
+# Kinds of caption for the per-kind split. A person in five skin tones is the easiest to retrieve (the shape is
+# shared, the tone picks the image), a flag the hardest (small coloured details on one shape): the split keeps a
+# large easy kind from hiding a hard one.
 CAPTION_KINDS: dict[str, Callable[[str], bool]] = {
     "people with skin tones": lambda caption: "skin tone" in caption,
     "flags": lambda caption: caption.startswith("flag"),
@@ -26,11 +26,7 @@ CAPTION_KINDS: dict[str, Callable[[str], bool]] = {
 
 
 def prompt_fidelity(
-    pipe,
-    index: RetrievalIndex,
-    groups: dict[str, Sequence[EmojiItem]],
-    gen: GenerationSettings,
-    progress=None,
+    pipe, index: RetrievalIndex, groups: Groups, gen: GenerationSettings, progress=None
 ) -> tuple[list[RetrievalResult], list[list[tuple[object, str]]]]:
     """What: does the image generated from an emoji's caption look most like that emoji? Each caption (the first
     caption line, `NAME, 3d render`) is generated once (image `i` of a group with seed `gen.seed + i`); the image
@@ -51,8 +47,7 @@ def prompt_fidelity(
         if progress is not None:
             progress.set_postfix_str(label.split(" (")[0])
         images = generate_from_prompts(pipe, [it.caption for it in group], gen, progress)
-        ranks = index.ranks(np.stack([thumbnail_features(im) for im in images]), [it.index for it in group])
-        results.append(RetrievalResult(label, ranks, len(index)))
+        results.append(index.retrieve(label, images, [it.index for it in group]))
         samples.append([(im, it.caption) for im, it in zip(images, group, strict=True)])
     return results, samples
 

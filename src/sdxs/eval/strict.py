@@ -1,8 +1,7 @@
 """Strict prompt fidelity: does a generated image look like the emoji the prompt names, pixel for pixel?
 
-(Formerly `sdxs.eval_strict`, which still imports.) The retrieval of `sdxs.eval.fidelity` works in a
-colour-histogram feature space, which is lenient (an orange heart retrieves a blue one among its five nearest).
-This measure is strict and plain:
+The retrieval of `sdxs.eval.fidelity` works in a colour-histogram feature space, which is lenient (an orange heart
+retrieves a blue one among its five nearest). This measure is strict and plain:
 
 - every render of the dataset (train and validation, 3,375 for Fluent Emoji) is composited on white and box
   downsampled to 32x32; a generation is downsampled the same way;
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+
+from sdxs.eval.dataset import read_splits
 
 THUMB = 32  # side of the pixel space
 KINDS = (
@@ -82,37 +83,20 @@ class Render:
 
 def load_renders(data_dir: str | os.PathLike) -> list[Render]:
     """Every row of `data_dir/splits.jsonl` (written by `sdxs data emoji`) with its kind, in file order."""
-    import json
-
-    root = Path(data_dir)
-    manifest = root / "splits.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"--data {root}: no splits.jsonl there; pass a folder made by `sdxs data emoji`")
     renders = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for _, row in read_splits(data_dir):
         tones = list(row.get("skin_tones") or [])
         name = row.get("name") or row["text"][0].split(",")[0]
         kind = kind_of(row.get("group", ""), name, tones)
         holdout = str(row.get("holdout") or "")
-        renders.append(
-            Render(len(renders), root / row["file_name"], row.get("split", "train"), holdout, name, tones, kind)
-        )
+        path = Path(data_dir) / row["file_name"]
+        renders.append(Render(len(renders), path, row.get("split", "train"), holdout, name, tones, kind))
     return renders
 
 
 def load_caption_lines(data_dir: str | os.PathLike, split: str = "train") -> list[list[str]]:
     """The caption lines of every image of `split` (splits.jsonl's `text`), in file order."""
-    import json
-
-    rows = (
-        json.loads(line)
-        for line in (Path(data_dir) / "splits.jsonl").read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    )
-    return [list(r["text"]) for r in rows if r.get("split", "train") == split]
+    return [list(row["text"]) for _, row in read_splits(data_dir) if row.get("split", "train") == split]
 
 
 def to_white(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -7,17 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sdxs.eval import metrics
 from sdxs.eval.dataset import EmojiItem, load_image01
 from sdxs.eval.features import thumbnail_features
 from sdxs.eval.generation import batches
-from sdxs.eval.metrics import (
-    bicubic_upscale2x,
-    downsample2x,
-    edge_error_per_image,
-    kl_per_image,
-    mse_per_image,
-    psnr_from_mse,
-)
 
 
 def _stack_same_size(images: Sequence[np.ndarray], multiple: int = 16) -> np.ndarray:
@@ -71,18 +64,22 @@ def evaluate_vae(
     for start, end in batches(len(items), batch_size):
         target = torch.from_numpy(_stack_same_size([load_image01(it.path, resolution) for it in items[start:end]]))
         target = target.permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
-        small = downsample2x(target)  # (B, 3, H/2, W/2) in [0, 1]
+        small = metrics.downsample2x(target)  # (B, 3, H/2, W/2) in [0, 1]
         with torch.no_grad():
             posterior = vae.encode((small * 2 - 1).to(vae.device, vae.dtype)).latent_dist
             # the pipeline's own latent space (per-channel latents_mean/std when the VAE config has them)
             decoded = pipe._vae_decode(normalize_latents(posterior.mode(), vae))  # [-1, 1], float32
-        outputs = {"VAE": ((decoded.cpu() + 1) / 2).clamp(0, 1), "bicubic": bicubic_upscale2x(small)}
-        kl = kl_per_image(posterior.mean.float().cpu(), posterior.logvar.float().cpu())
-        mses = {name: mse_per_image(out, target) for name, out in outputs.items()}
+        outputs = {"VAE": ((decoded.cpu() + 1) / 2).clamp(0, 1), "bicubic": metrics.bicubic_upscale2x(small)}
+        kl = metrics.kl_per_image(posterior.mean.float().cpu(), posterior.logvar.float().cpu())
+        mses = {name: metrics.mse_per_image(out, target) for name, out in outputs.items()}
         wins += int((mses["VAE"] < mses["bicubic"]).sum())
         for name, out in outputs.items():
             mse = mses[name]
-            per_image = {"MSE": mse, "PSNR": psnr_from_mse(mse), "Edge": edge_error_per_image(out, target)}
+            per_image = {
+                "MSE": mse,
+                "PSNR": metrics.psnr_from_mse(mse),
+                "Edge": metrics.edge_error_per_image(out, target),
+            }
             if name == "VAE":
                 per_image["KL"] = kl
             for metric, values in per_image.items():
@@ -90,5 +87,5 @@ def evaluate_vae(
             feats[name] += [thumbnail_features(im) for im in out.permute(0, 2, 3, 1).numpy()]
         if progress is not None:
             progress.update(end - start)
-    rows = {name: {m: s / len(items) for m, s in metrics.items()} for name, metrics in sums.items()}
+    rows = {name: {m: total / len(items) for m, total in totals.items()} for name, totals in sums.items()}
     return VAEResult(label, len(items), rows, wins, {k: np.stack(v) for k, v in feats.items()})

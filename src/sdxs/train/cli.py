@@ -31,6 +31,7 @@ def register(subparsers) -> None:
         p.add_argument("--config", help="recipe file (.toml or .json); omitted keys keep their defaults")
         p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue the run in run.output_dir exactly")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="typed config overrides")
+        p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
         p.set_defaults(func=cmd_train)
 
     export = subparsers.add_parser("export", help="write a training run as a hub model folder (and reload it)")
@@ -43,6 +44,7 @@ def register(subparsers) -> None:
     export.add_argument("--license", default="apache-2.0", help="licence in the model card")
     export.add_argument("--dataset", action="append", dest="datasets", help="dataset id for the card (repeatable)")
     export.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
+    export.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
     export.set_defaults(func=cmd_export)
 
     push = subparsers.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
@@ -63,7 +65,7 @@ def cmd_train(args) -> int:
         load_config,
     )
 
-    _setup_logging()
+    _setup_logging(args.verbose)
     if args.trainer == "unet":
         from sdxs.train.unet import train_unet as train
 
@@ -95,20 +97,11 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     from sdxs.model_folder import export_run
+    from sdxs.runtime import flag_values
 
-    _setup_logging()
-    out = export_run(
-        args.run,
-        args.out,
-        checkpoint=args.checkpoint,
-        weights=args.weights,
-        dtype=args.dtype,
-        variant=args.variant,
-        license=args.license,
-        datasets=args.datasets,
-        verify=not args.no_verify,
-    )
-    print(out)
+    _setup_logging(args.verbose)
+    flags = flag_values(args, "checkpoint weights dtype variant license datasets")
+    print(export_run(args.run, args.out, verify=not args.no_verify, **flags))
     return 0
 
 
@@ -119,7 +112,10 @@ def cmd_push(args) -> int:
     return 0
 
 
-def _setup_logging() -> None:
+def _setup_logging(verbose: bool = False) -> None:
+    from sdxs.runtime import quiet_libraries
+
+    quiet_libraries(verbose)  # library notes (slow-kernel fallbacks, config keys) only with -v, as in every command
     main = int(os.environ.get("RANK", "0")) == 0  # other ranks only warn
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO if main else logging.WARNING)
     logging.getLogger("sdxs.train").setLevel(logging.INFO if main else logging.WARNING)

@@ -1,4 +1,4 @@
-"""What every trainer shares: the training loop (`fit`), optimiser and LR schedule, EMA, partial loading.
+"""What every trainer shares: the training loop (`fit`) and its `Task`, the accelerator, partial weight loading.
 
 A trainer (unet.py, vae.py, text_encoder.py, lora.py) builds its model, data and loss, wraps them in a `Task` and calls
 `fit`. `fit` reads top to bottom: setup -> resume -> for each optimiser step: `_train_step` (micro-batches, finite
@@ -13,7 +13,8 @@ Run folder:
     RUN/checkpoints/step-NNNNNNN/   see checkpoint.py (atomic writes, pruning, RNG / data state)
     RUN/export/                hub layout written at the end (sdxs export)
 
-Checkpoint and metrics helpers live in checkpoint.py and metrics.py; their names stay importable from here.
+Checkpoints live in checkpoint.py, metrics in metrics.py, the optimiser, LR schedule and EMA in optim.py, the
+index sampler of in-memory datasets in batches.py.
 """
 
 from __future__ import annotations
@@ -21,32 +22,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sdxs.files import write_json
-from sdxs.train.checkpoint import (  # noqa: F401  (re-exported: tests and scripts import them from here)
-    CHECKPOINT_PREFIX,
-    TMP_PREFIX,
-    checkpoint_dirs,
+from sdxs.train.checkpoint import (
     find_checkpoint,
     load_rank_state,
-    prune_checkpoints,
     read_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from sdxs.train.config import RunConfig, to_dict
-from sdxs.train.metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics  # noqa: F401
-from sdxs.train.optim import (  # noqa: F401  (re-exported)
+from sdxs.train.metrics import MetricsLog, plot_loss_curve, progress_bar
+from sdxs.train.optim import (
     EMA,
     EXTEND_MODES,
     build_lr_scheduler,
@@ -88,7 +83,7 @@ class Task:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Accelerator, seeds, RNG
+# Accelerator
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -115,12 +110,6 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
         # slower. Flushing them to zero changes nothing a model can learn from.
         torch.set_flush_denormal(True)
     return accelerator
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,35 +484,3 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable()
     else:
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
-
-
-class IndexBatches:
-    """Endless, seeded, rank-split batches of indices into a small in-memory dataset, resumable by (epoch, position).
-
-    Used by the VAE and text-encoder trainers, whose data are image/caption folders rather than latent shards.
-    Every epoch is one permutation (seed + epoch) shared by all ranks; rank r takes every world-th batch.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        if n < 1:
-            raise ValueError("the dataset is empty.")
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.position = 0, 0  # position: batches of this epoch already taken by this rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return self
-
-    def __next__(self) -> list[int]:
-        per_epoch = max(self.n // (self.batch_size * self.world), 1)
-        if self.position >= per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
-        start = (self.position * self.world + self.rank) * self.batch_size
-        self.position += 1
-        return [int(order[(start + i) % self.n]) for i in range(self.batch_size)]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

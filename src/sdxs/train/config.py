@@ -144,7 +144,7 @@ class FlowConfig:
     # needs a cache made with `sdxs prepare --image-embeds`. Drawn before caption dropout.
     image_prompt_fraction: float = 0.0
     # image-prompt samples draw their noise level from [this, 1] instead of [0, 1] (the sampled level mapped
-    # linearly): a prompt decides the picture only at high noise (scripts/cond_gap.py), so spend them there
+    # linearly): a prompt decides the picture only at high noise (experiments/cond_gap.py), so spend them there
     image_prompt_min_sigma: float = 0.0
 
 

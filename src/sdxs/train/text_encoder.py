@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdxs.train.common import IndexBatches, Task, fit, make_accelerator
+from sdxs.train.batches import IndexBatches
+from sdxs.train.common import Task, fit, make_accelerator
 from sdxs.train.config import TextDataConfig, TextEncoderTrainConfig
 
 logger = logging.getLogger("sdxs.train")

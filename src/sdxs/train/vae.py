@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdxs.train.common import IndexBatches, Task, fit, load_matching, log_load_report, make_accelerator, read_weights
+from sdxs.train.batches import IndexBatches
+from sdxs.train.common import Task, fit, load_matching, log_load_report, make_accelerator, read_weights
 from sdxs.train.config import VAELossConfig, VAETrainConfig
 
 logger = logging.getLogger("sdxs.train")

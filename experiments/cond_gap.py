@@ -3,8 +3,8 @@ latents, noise and sigmas with the caption, with the image's own `encode_image` 
 with the empty prompt. "empty - caption" is what the text tells the UNet; it is largest at high noise, where an
 image's identity is decided.
 
-    python scripts/cond_gap.py --cache runs/v2/cache --unet v1=. --unet v2=runs/v2/curve/step-0004400
-    python scripts/cond_gap.py --cache runs/v2/cache --unet a=A --unet b=B --n 256 --json gap.json
+    python experiments/cond_gap.py --cache runs/v2/cache --unet v1=. --unet v2=runs/v2/curve/step-0004400
+    python experiments/cond_gap.py --cache runs/v2/cache --unet a=A --unet b=B --n 256 --json gap.json
 
 The cache must have been made with `sdxs prepare --image-embeds`. Rows are split into skin-toned people (file names
 with a skin-tone modifier) and everything else. Prints Markdown tables.

@@ -7,9 +7,9 @@ such JSON, then the figure is drawn with the issue's targets as dotted lines. Th
 the points that had a full eval (`strict_eval.py` with its default 60 held-out emoji and 60 held-out skin tones): the
 curve checks skip them for time, and held-out emoji are what falls when training emoji are fitted.
 
-    python scripts/plot_v2_curve.py                                            # media/v2-curve.png from the CSV
-    python scripts/plot_v2_curve.py --add E "E step 400" 25600 runs/e/strict/step-400.json
-    python scripts/plot_v2_curve.py --fit --since 250000 --rate 17.5 --rate 57    # compute the targets need
+    python experiments/plot_v2_curve.py                                        # media/v2-curve.png from the CSV
+    python experiments/plot_v2_curve.py --add E "E step 400" 25600 runs/e/strict/step-400.json
+    python experiments/plot_v2_curve.py --fit --since 250000 --rate 17.5 --rate 57  # compute the targets need
 
 `--fit` answers "how much more compute do the targets need" from the curve itself: for each target it fits a straight
 line (least squares) to each recipe line's points at or past `--since` samples (the rising part of its curve) and

@@ -8,7 +8,7 @@ the mapping. Beside it, the same question for the pictures: the RMS distance (32
 measures) from each training render to the nearest render of another emoji. A kind whose emoji look like each other
 shares what the UNet learns across them; a kind of one-off pictures has to be learnt emoji by emoji.
 
-    python scripts/text_separation.py --model . --data /work/runs/data/emoji
+    python experiments/text_separation.py --model . --data /work/runs/data/emoji
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which tags does `refine_prompts` add, and are they the emoji's own? Chooses `min_token_prob` on training names
 that the strict eval's refine set does not use (so that set stays a test).
 
-    python scripts/refine_tags.py --model . --data data/emoji --per-kind 24 --min-token-prob 0 0.02 0.05 0.1
+    python experiments/refine_tags.py --model . --data data/emoji --per-kind 24 --min-token-prob 0 0.02 0.05 0.1
 
 For each threshold: the tags added after the name (style and skin-tone tags aside), how many are among the emoji's
 own caption tags (its lines in splits.jsonl), how many are not, and the prompts whose refinement changed. The same

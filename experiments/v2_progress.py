@@ -1,6 +1,6 @@
 """media/v2-progress.png: the shipped model beside a v2 training checkpoint, same plain prompts and seeds.
 
-    python scripts/v2_progress.py --unet /work/runs/v2/curve/step-0004400 --v2-model /work/runs/v2/model \\
+    python experiments/v2_progress.py --unet /work/runs/v2/curve/step-0004400 --v2-model /work/runs/v2/model \\
         --out media/v2-progress.png
 
 Row 1 is the shipped model (repo root), row 2 the v2 UNet swapped into the v2 model folder (scheduler shift 1);
