@@ -1,163 +1,173 @@
 #!/usr/bin/env bash
-# Train sdxs-emoji from scratch with the project's own commands (issue 5, item 1). See docs/training-emoji.md.
+# Reproduce sdxs-emoji, the model at the repository root, from nothing: every stage that made it, in order, with the
+# step counts as they were run (docs/training-emoji.md says what each stage does, why, and what it cost).
 #
-#   scripts/train-emoji.sh                      # the full recipe (configs/emoji/*.toml) into runs/emoji
-#   SMOKE=1 RUN=runs/emoji-smoke scripts/train-emoji.sh           # 30 steps per stage: checks the chain works
-#   TE_STEPS=200 VAE_STEPS=200 UNET_STEPS=500 scripts/train-emoji.sh   # any stage length
-#   V2=1 scripts/train-emoji.sh                 # sdxs-emoji v2: the shipped v1 fine-tuned (issue 16), see below
+#   scripts/train-emoji.sh                         # into runs/emoji; ~35 h on 2 CPU cores, resumable (rerun it)
+#   GPU=1 scripts/train-emoji.sh                   # the same stages with bf16 autocast on a CUDA GPU
+#   SMOKE=1 RUN=/tmp/smoke scripts/train-emoji.sh  # 2 steps a stage: the whole chain end to end in minutes
+#   DATA=data/emoji scripts/train-emoji.sh         # an existing `sdxs data emoji` folder (no download)
 #
-# Stages (each one project command; a finished stage leaves RUN/.done-STAGE and is skipped on a rerun):
-#   1 te        sdxs train text-encoder   tokenizer + Qwen3.5 VLM on the captions (refine + image->caption pairs)
-#   2 model     sdxs init                 model folder: trained text encoder + fresh emoji VAE, UNet, scheduler
-#   3 vae       sdxs train vae            64 px -> 128 px asymmetric VAE; then `sdxs init --base` swaps it in
-#   3b decoder  sdxs train vae            the same VAE's decoder fine-tuned alone (encoder frozen); swapped in too
-#   4 prepare   sdxs prepare              latent cache with caption and encode_image embeddings
-#   5 unet      sdxs train unet           flow matching, 20% image prompts
-#   6 export    sdxs export               fp16 hub folder in OUT (< 60 MB), loaded back with plain diffusers
-# Resumable: an interrupted training stage continues from its latest checkpoint (--resume latest), prepare skips
-# finished shards, init/export are rewritten whole. Delete RUN/.done-STAGE to redo a stage (and the ones after it).
-#
-# V2=1 (issue 16): instead of stages 1-5 from scratch, start from the model in BASE (default: the repo root, which
-# is v2 itself since 2026-12-02; BASE=a v1 folder from `git archive 0bed702 ...` reproduces the shipped v2):
-#   2v2 model   sdxs init RUN/model-v2 --base BASE --shift 1     the v1 model with the v2 noise shift
-#   4v2 prepare sdxs prepare DATA RUN/cache-v2 (the v2 dataset: bare-name caption lines) --image-embeds
-#   4v2 weights python scripts/kind_weights.py DATA/.. RUN/kind-weights.csv   objects 2x, flags/smileys/symbols 1.5x,
-#               toned people 0.7x (recipe E of docs/training-emoji.md)
-#   5v2 unet    sdxs train unet --config configs/emoji/unet-v2e.toml (shift 1, uniform sigmas, tones balanced,
-#               weighted by kind, image prompts at sigma >= 0.5, constant lr + EMA)
-#   6v2 export  sdxs export RUN/unet-v2 OUT --dtype fp16
-# UNET_STEPS sets how far the v2 run goes (default 3,600: the shipped v2; more resumes the same run).
-#
-# Environment: RUN (runs/emoji), DATA (data/emoji/train), OUT (RUN/export); TE_STEPS, VAE_STEPS, DECODER_STEPS,
-# UNET_STEPS (default: the recipes'); TE_ARGS, VAE_ARGS (both VAE stages), UNET_ARGS, PREPARE_ARGS: extra overrides or
-# flags, split on spaces (e.g. UNET_ARGS="run.mixed_precision=bf16 data.batch_size=128"); SMOKE=1: 30 steps per
-# stage, no sample grids, batch sizes as in the recipes.
+# Stages (one project command each; a finished stage leaves RUN/.done-NAME and is skipped on a rerun; a training
+# stage that was interrupted continues from its latest checkpoint):                                      steps x batch
+#   data      sdxs data emoji                  Fluent Emoji 3D renders + names + keywords (npm, MIT)
+#   te        sdxs train text-encoder          tokenizer + Qwen3.5 VLM (hidden 256, 4 layers) on the captions  1,100 x 32
+#   vae       sdxs train vae                   asymmetric VAE, 64 px -> 128 px                                1,500 x 16
+#   decoder   sdxs train vae                   its decoder alone (encoder and latent space frozen)            4,500 x 16
+#   prepare   sdxs prepare --image-embeds      latents + caption and image embeddings; per-kind draw weights
+#   unet-v1   sdxs train unet (unet.toml)      flow matching from scratch, then a warm restart       1,600 + 3,200 x 64
+#   unet-e    sdxs train unet (unet-v2e.toml)  shift 1, uniform sigmas, weights by kind, image prompts    3,600 x 64
+#   unet-f    the same recipe, fresh optimiser from E's EMA                                               2,000 x 64
+#   unet-g    the same recipe, fresh optimiser from F's EMA                                              11,239 x 64
+#   unet-h    G resumed with a linear cool-down 3e-4 -> 3e-5                                              2,000 x 64
+#   unet-i    H resumed at the floor LR 3e-5                                                                851 x 64
+#   refine    sdxs train text-encoder (text_encoder-refine.toml): the last layer, for refine_prompts 2,400 + 1,600 x 32
+#   unet-v3   sdxs init --text-normalization, sdxs train unet (unet-v3.toml): prompts as people type  V3_STEPS x 64
+#   export    sdxs export --dtype fp16, and the model's default step count in model_index.json
+# Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
+# made them lost or kept their machines, and the script reproduces them as they happened.
+# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), V3_STEPS and DEFAULT_STEPS (the shipped model's).
 set -euo pipefail
 set -f # overrides like sample.prompts=[] must not be globbed
 
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
-DATA=${DATA:-data/emoji/train}
+DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
-if [[ "${SMOKE:-0}" != 0 ]]; then
-  TE_STEPS=${TE_STEPS:-30} VAE_STEPS=${VAE_STEPS:-30} DECODER_STEPS=${DECODER_STEPS:-30} UNET_STEPS=${UNET_STEPS:-30}
-  UNET_ARGS="sample.prompts=[] ${UNET_ARGS:-}"
-fi
-TE_ARGS=${TE_ARGS:-} VAE_ARGS=${VAE_ARGS:-} UNET_ARGS=${UNET_ARGS:-} PREPARE_ARGS=${PREPARE_ARGS:-}
+V3_STEPS=${V3_STEPS:-2000}
+DEFAULT_STEPS=${DEFAULT_STEPS:-40}
+SMOKE=${SMOKE:-0}
+# overrides every training stage gets (smoke: small batches, no periodic checkpoints; GPU: bf16 autocast)
+EXTRA=()
+if [[ "$SMOKE" != 0 ]]; then EXTRA=(run.checkpoint_every=0 run.log_every=1 run.progress_bar=false data.batch_size=4); fi
+if [[ "${GPU:-0}" != 0 ]]; then EXTRA+=(run.mixed_precision=bf16); fi
 mkdir -p "$RUN"
 
 log() { printf '\n== %s  %s\n' "$(date +%H:%M:%S)" "$*"; }
-done_stage() { [[ -f "$RUN/.done-$1" ]]; }
 mark() { date -Iseconds >"$RUN/.done-$1"; }
-steps() { [[ -n "$1" ]] && echo "run.max_steps=$1" || true; }
+# stage NAME DESCRIPTION: true (and logged) when the stage still has to run
+stage() {
+  if [[ -f "$RUN/.done-$1" ]]; then return 1; fi
+  log "$1: $2"
+}
+# steps N [K]: N, or 2 K in smoke mode (K: how many smoke stages this total spans)
+steps() { if [[ "$SMOKE" != 0 ]]; then echo $((2 * ${2:-1})); else echo "$1"; fi; }
 
-# sdxs train KIND CONFIG DIR [overrides...]: resume from the latest complete checkpoint when there is one
+# train KIND CONFIG DIR [overrides...]: resume from the latest complete checkpoint when there is one
 train() {
   local kind=$1 config=$2 dir=$3
   shift 3
-  local resume=()
-  if compgen -G "$dir/checkpoints/step-*/state.json" >/dev/null; then
-    resume=(--resume latest)
-    log "resuming $kind from $(ls -d "$dir"/checkpoints/step-* | tail -1)"
-  fi
-  sdxs train "$kind" --config "$config" "${resume[@]}" run.output_dir="$dir" "$@"
+  local resume=() extra=(${EXTRA[@]+"${EXTRA[@]}"})
+  if compgen -G "$dir/checkpoints/step-*/state.json" >/dev/null; then resume=(--resume latest); fi
+  if [[ "$SMOKE" != 0 && $kind == unet ]]; then extra+=(sample.prompts=[]); fi
+  if [[ "$SMOKE" != 0 && $kind == vae ]]; then extra+=(loss.stats_batches=1); fi
+  sdxs train "$kind" --config "$config" ${resume[@]+"${resume[@]}"} run.output_dir="$dir" run.export_at_end=false \
+    "$@" ${extra[@]+"${extra[@]}"}
 }
 
-if [[ "${V2:-0}" != 0 ]]; then
-  BASE=${BASE:-.}
-  if ! done_stage model-v2; then
-    log "2/4 (v2) model folder: $BASE with scheduler shift 1"
-    sdxs init "$RUN/model-v2" --base "$BASE" --shift 1
-    mark model-v2
-  fi
-  if ! done_stage prepare-v2; then
-    log "3/4 (v2) latent cache (three caption lines per image + encode_image embeddings)"
-    # shellcheck disable=SC2086
-    sdxs prepare "$DATA" "$RUN/cache-v2" --model "$RUN/model-v2" --image-embeds $PREPARE_ARGS
-    mark prepare-v2
-  fi
-  weights=()
-  if [[ -f "$(dirname "$DATA")/splits.jsonl" ]]; then  # an `sdxs data emoji` folder: weight the draws by kind
-    if ! done_stage weights-v2; then
-      log "3b/4 (v2) sampling weights by kind"
-      python scripts/kind_weights.py "$(dirname "$DATA")" "$RUN/kind-weights.csv" --split "$(basename "$DATA")" \
-        --weight objects=2 --weight flags=1.5 --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7 --power 0.5
-      mark weights-v2
-    fi
-    weights=(data.sample_weights="$RUN/kind-weights.csv")
-  else
-    log "no $(dirname "$DATA")/splits.jsonl (not an \`sdxs data emoji\` folder): no weights by kind"
-  fi
-  if ! done_stage unet-v2; then
-    log "4/4 (v2) UNet fine-tune"
-    # shellcheck disable=SC2086
-    train unet configs/emoji/unet-v2e.toml "$RUN/unet-v2" model.pretrained="$RUN/model-v2" data.path="$RUN/cache-v2" \
-      "${weights[@]}" $(steps "${UNET_STEPS:-3600}") $UNET_ARGS
-    mark unet-v2
-  fi
-  if ! done_stage export-v2; then
-    log "export (fp16) to $OUT"
-    sdxs export "$RUN/unet-v2" "$OUT" --dtype fp16
-    mark export-v2
-  fi
-  log "done: $OUT"
-  exit 0
+if stage data "the dataset"; then
+  [[ -f "$DATA/splits.jsonl" ]] || sdxs data emoji "$DATA"
+  mark data
 fi
+TRAIN_DATA="$DATA/train"
 
-if ! done_stage te; then
-  log "1/6 text encoder + tokenizer"
-  # shellcheck disable=SC2086  # word splitting of the extra overrides is intended
-  train text-encoder configs/emoji/text_encoder.toml "$RUN/text_encoder" data.path="$DATA" $(steps "${TE_STEPS:-}") $TE_ARGS
+if stage te "text encoder + tokenizer on the captions"; then
+  train text-encoder configs/emoji/text_encoder.toml "$RUN/text_encoder" data.path="$TRAIN_DATA" \
+    run.max_steps="$(steps 1100)"
+  sdxs init "$RUN/model" --preset emoji --text-encoder "$RUN/text_encoder"
   mark te
 fi
 
-if ! done_stage model; then
-  log "2/6 model folder: trained text encoder + fresh emoji VAE/UNet/scheduler"
-  sdxs init "$RUN/model" --preset emoji --text-encoder "$RUN/text_encoder"
-  mark model
-fi
-
-if ! done_stage vae; then
-  log "3/6 VAE (64 px -> 128 px)"
-  # shellcheck disable=SC2086
-  train vae configs/emoji/vae.toml "$RUN/vae" data.path="$DATA" $(steps "${VAE_STEPS:-}") $VAE_ARGS
+if stage vae "VAE (64 px -> 128 px)"; then
+  train vae configs/emoji/vae.toml "$RUN/vae" data.path="$TRAIN_DATA" run.max_steps="$(steps 1500)"
   sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae"
   mark vae
 fi
 
-if ! done_stage decoder; then
-  log "3b/6 VAE decoder fine-tune (encoder, latent space and scaling factor unchanged)"
-  # shellcheck disable=SC2086
-  train vae configs/emoji/vae-decoder.toml "$RUN/vae-decoder" model.pretrained="$RUN/model" data.path="$DATA" \
-    $(steps "${DECODER_STEPS:-}") $VAE_ARGS
+if stage decoder "VAE decoder fine-tune (encoder frozen)"; then
+  train vae configs/emoji/vae-decoder.toml "$RUN/vae-decoder" model.pretrained="$RUN/model" \
+    data.path="$TRAIN_DATA" run.max_steps="$(steps 4500)"
   sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae-decoder"
   mark decoder
 fi
 
-if ! done_stage prepare; then
-  log "4/6 latent cache (captions + encode_image embeddings)"
-  # shellcheck disable=SC2086
-  sdxs prepare "$DATA" "$RUN/cache" --model "$RUN/model" --image-embeds $PREPARE_ARGS
+if stage prepare "latent cache with caption and image embeddings, draw weights by kind"; then
+  sdxs prepare "$TRAIN_DATA" "$RUN/cache" --model "$RUN/model" --image-embeds --no-progress
+  python scripts/kind_weights.py "$DATA" "$RUN/kind-weights.csv" --weight objects=2 --weight flags=1.5 \
+    --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7 --power 0.5
   mark prepare
 fi
 
-if ! done_stage unet; then
-  log "5/6 UNet (flow matching, image prompts)"
-  # shellcheck disable=SC2086
-  train unet configs/emoji/unet.toml "$RUN/unet" model.pretrained="$RUN/model" data.path="$RUN/cache" \
-    $(steps "${UNET_STEPS:-}") $UNET_ARGS
-  mark unet
+if stage unet-v1 "UNet v1: flow matching from scratch (1,600 steps, then a warm restart to 4,800)"; then
+  train unet configs/emoji/unet.toml "$RUN/unet-v1" model.pretrained="$RUN/model" data.path="$RUN/cache" \
+    run.max_steps="$(steps 1600)"
+  train unet configs/emoji/unet.toml "$RUN/unet-v1" model.pretrained="$RUN/model" data.path="$RUN/cache" \
+    run.max_steps="$(steps 4800 2)"
+  sdxs init "$RUN/model" --base "$RUN/model" --unet "$RUN/unet-v1" --shift 1 # v2 onwards: noise shift 1
+  mark unet-v1
 fi
 
-if ! done_stage export; then
-  log "6/6 export (fp16) to $OUT"
-  sdxs export "$RUN/unet" "$OUT" --dtype fp16
+# v2 runs: a model folder per run (its starting UNet), the same cache, draws weighted by kind
+v2() { echo model.pretrained="$RUN/model-$1" data.path="$RUN/cache" data.sample_weights="$RUN/kind-weights.csv"; }
+# restart NAME FROM STEPS: recipe E from run FROM's EMA UNet with a fresh optimiser (what a new machine forced)
+restart() {
+  sdxs init "$RUN/model-$1" --base "$RUN/model" --unet "$RUN/unet-$2"
+  # shellcheck disable=SC2046  # v2's words are separate overrides
+  train unet configs/emoji/unet-v2e.toml "$RUN/unet-$1" $(v2 "$1") run.max_steps="$3"
+}
+if stage unet-e "UNet v2, recipe E (3,600 steps from v1)"; then
+  sdxs init "$RUN/model-e" --base "$RUN/model"
+  # shellcheck disable=SC2046
+  train unet configs/emoji/unet-v2e.toml "$RUN/unet-e" $(v2 e) run.max_steps="$(steps 3600)"
+  mark unet-e
+fi
+if stage unet-f "run F: recipe E from E's EMA, fresh optimiser (2,000 steps)"; then
+  restart f e "$(steps 2000)"
+  mark unet-f
+fi
+if stage unet-g "run G: recipe E from F's EMA, fresh optimiser (11,239 steps)"; then
+  restart g f "$(steps 11239)"
+  mark unet-g
+fi
+H=$(($(steps 11239) + $(steps 2000)))
+if stage unet-h "run H: G resumed with a 2,000-step linear cool-down to 3e-5"; then
+  # shellcheck disable=SC2046
+  train unet configs/emoji/unet-v2e.toml "$RUN/unet-g" $(v2 g) run.max_steps="$H" optim.decay_steps="$(steps 2000)"
+  mark unet-h
+fi
+if stage unet-i "run I: H resumed at the floor LR 3e-5 (851 steps)"; then
+  # shellcheck disable=SC2046
+  train unet configs/emoji/unet-v2e.toml "$RUN/unet-g" $(v2 g) run.max_steps="$((H + $(steps 851)))" \
+    optim.lr=3e-5 optim.decay_steps=0
+  sdxs init "$RUN/model" --base "$RUN/model" --unet "$RUN/unet-g"
+  mark unet-i
+fi
+
+if stage refine "refine_prompts: the text encoder's last layer on name -> caption pairs (2,400, then to 4,000)"; then
+  train text-encoder configs/emoji/text_encoder-refine.toml "$RUN/refine" model.pretrained="$RUN/model" \
+    data.path="$TRAIN_DATA" run.max_steps="$(steps 2400)"
+  train text-encoder configs/emoji/text_encoder-refine.toml "$RUN/refine" model.pretrained="$RUN/model" \
+    data.path="$TRAIN_DATA" run.max_steps="$(steps 4000 2)" optim.extend=replan
+  sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/refine"
+  mark refine
+fi
+
+if stage unet-v3 "v3: normalised tokenizer, the UNet on prompts as people type them ($V3_STEPS steps)"; then
+  sdxs init "$RUN/model-v3" --base "$RUN/model" --text-normalization nfkc,lowercase,prefix-space
+  sdxs prepare "$TRAIN_DATA" "$RUN/cache-v3" --model "$RUN/model-v3" --image-embeds --no-progress
+  train unet configs/emoji/unet-v3.toml "$RUN/unet-v3" model.pretrained="$RUN/model-v3" data.path="$RUN/cache-v3" \
+    data.sample_weights="$RUN/kind-weights.csv" run.max_steps="$(steps "$V3_STEPS")"
+  mark unet-v3
+fi
+
+if stage export "fp16 hub folder in $OUT"; then
+  sdxs export "$RUN/unet-v3" "$OUT" --dtype fp16
+  python - "$OUT/model_index.json" "$DEFAULT_STEPS" <<'PY'
+import json, sys
+path, steps = sys.argv[1], int(sys.argv[2])
+index = json.load(open(path))
+index["default_num_inference_steps"] = steps  # chosen from bench/bench_steps.py's curve (docs/benchmarks.md)
+open(path, "w").write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+PY
   mark export
 fi
-
-set +f
-size=$(du -cb "$OUT"/{unet,vae,text_encoder,tokenizer,scheduler,vision_processor} "$OUT"/*.json "$OUT"/pipeline.py 2>/dev/null | tail -1 | cut -f1)
-log "done: $OUT ($((size / 1000000)) MB; limit for the repo root: 60 MB)"
-if ((size > 60000000)); then
-  echo "warning: $OUT is over 60 MB" >&2
-fi
+log "done: $OUT"

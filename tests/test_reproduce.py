@@ -1,0 +1,53 @@
+"""One command reproduces the shipped model (issue 37): scripts/train-emoji.sh runs every stage that made the model
+at the root, in order, in its smoke mode (2 steps a stage) on emoji data made from fake npm tarballs; the chain
+ends in a hub folder that plain diffusers loads, with the model's default step count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+    from test_readme_training import EMOJI, fake_npm_cache
+
+    from sdxs.data.emoji import make_emoji_dataset
+
+    fake_npm_cache(tmp_path / "npm")
+    data = tmp_path / "data"
+    make_emoji_dataset(data, cache_dir=tmp_path / "npm", min_images=len(EMOJI))
+    run = tmp_path / "run"
+    env = {**os.environ, "SMOKE": "1", "RUN": str(run), "DATA": str(data), "OMP_NUM_THREADS": "2"}
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = ["data", "te", "vae", "decoder", "prepare", "unet-v1", "unet-e", "unet-f", "unet-g", "unet-h"]
+    stages += ["unet-i", "refine", "unet-v3", "export"]
+    assert all((run / f".done-{s}").is_file() for s in stages), sorted(p.name for p in run.glob(".done-*"))
+    # the resumed stages went on from their checkpoints: G's run holds H's and I's steps too
+    steps = [json.loads(line)["step"] for line in (run / "unet-g" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2 + 2 + 2
+    out = run / "export"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["default_num_inference_steps"] > 0
+    tok = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    assert tok["pre_tokenizer"]["add_prefix_space"] is True  # v3's normalised tokenizer shipped with the model
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("Red Apples!", num_inference_steps=2, seed=0).images[0]
+    assert np.asarray(image).std() > 0
+    # a rerun finds every stage done and does nothing
+    again = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "sdxs train" not in again.stdout
+    print(f"smoke chain: {time.perf_counter() - start:.0f} s")
