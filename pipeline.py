@@ -1634,7 +1634,6 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return type(self)(**components, **config)
 
 
-
 def _repeat_rows(x: torch.Tensor, n: int, device) -> torch.Tensor:
     """(B, ...) -> (B * n, ...) on `device`, each row n times in a row (prompt i's images stay together)."""
     return x.to(device).repeat_interleave(n, dim=0)

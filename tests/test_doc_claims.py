@@ -64,3 +64,22 @@ def test_readme_training_sequence_makes_what_the_config_reads():
     assert prepare[2].startswith(emoji[3])  # prepare reads the folder `sdxs data emoji` wrote
     export = lines[commands.index("export")]
     assert export[2] == config["run"]["output_dir"]
+
+
+def test_every_example_prompt_was_checked_and_passed():
+    """Every prompt a user is shown draws what it names: docs/examples-check.md records the strict check of each
+    (scripts/check_examples.py, with the shipped model); an example added or changed since fails here."""
+    from sdxs.eval.examples import find_examples
+
+    record = (ROOT / "docs" / "examples-check.md").read_text()
+    rows = {}
+    for line in record.splitlines():
+        m = re.match(r"\| `(.+?)` \| .+? \| (\d+) \| (pass|FAIL) \|", line)
+        if m:
+            rows[m.group(1)] = m.group(3)
+    examples = find_examples(ROOT)
+    assert examples, "no example prompts found: the extractor is broken"
+    missing = sorted({e.prompt for e in examples} - set(rows))
+    assert not missing, f"examples not checked yet (run scripts/check_examples.py): {missing}"
+    failed = sorted(p for p in {e.prompt for e in examples} if rows[p] != "pass")
+    assert not failed, f"examples that do not draw what they name: {failed}"

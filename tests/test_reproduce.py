@@ -1,11 +1,13 @@
 """One command reproduces the shipped model (issue 37): scripts/train-emoji.sh runs every stage that made the model
 at the root, in order, in its smoke mode (2 steps a stage) on emoji data made from fake npm tarballs; the chain
-ends in a hub folder that plain diffusers loads, with the model's default step count."""
+ends in a hub folder that plain diffusers loads. With V3=1 it goes on to the next model (normalised tokenizer,
+rewritten captions) and exports that, with the model's default step count."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def stages_run(stdout: str) -> list[str]:
+    """The stages a run of the script logged as started (`== HH:MM:SS  NAME: what`)."""
+    return [s for s in re.findall(r"^== \S+  (\S+):", stdout, re.M) if s != "done"]
 
 
 @pytest.mark.slow
@@ -33,12 +40,21 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ["data", "te", "vae", "decoder", "prepare", "unet-v1", "unet-e", "unet-f", "unet-g", "unet-h"]
-    stages += ["unet-i", "refine", "unet-v3", "export"]
+    stages += ["unet-i", "refine", "export"]
     assert all((run / f".done-{s}").is_file() for s in stages), sorted(p.name for p in run.glob(".done-*"))
     # the resumed stages went on from their checkpoints: G's run holds H's and I's steps too
     steps = [json.loads(line)["step"] for line in (run / "unet-g" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2 + 2 + 2
-    out = run / "export"
+    shipped = run / "export"
+    assert json.loads((shipped / "scheduler" / "scheduler_config.json").read_text())["shift"] == 1.0
+    # V3=1: the stages already done are skipped, the v3 ones run
+    env_v3 = {**env, "V3": "1", "OUT": str(run / "export-v3")}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env_v3, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert stages_run(proc.stdout) == ["unet-v3", "export-v3"]
+    out = run / "export-v3"
     index = json.loads((out / "model_index.json").read_text())
     assert index["default_num_inference_steps"] > 0
     tok = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
@@ -48,6 +64,8 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     image = pipe("Red Apples!", num_inference_steps=2, seed=0).images[0]
     assert np.asarray(image).std() > 0
     # a rerun finds every stage done and does nothing
-    again = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and "sdxs train" not in again.stdout
+    again = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env_v3, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and stages_run(again.stdout) == []
     print(f"smoke chain: {time.perf_counter() - start:.0f} s")

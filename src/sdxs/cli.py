@@ -323,7 +323,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 EPILOG = """\
 examples:
   sdxs generate "smiling face with heart-eyes" -o face.png
-  sdxs generate "a red apple" --steps 20 --seed 7 --num-images 4 -o apples.png
+  sdxs generate "red apple" --steps 20 --seed 7 --num-images 4 -o apples.png
   sdxs generate -i --steps 20                 # interactive prompt loop, model stays loaded
   sdxs upscale face.png                        # -> face-2x.png
   sdxs refine "a cat"                          # print a detailed prompt
@@ -393,7 +393,7 @@ def add_generate_parser(sub, model: argparse.ArgumentParser, gen: argparse.Argum
         "generate",
         cmd_generate,
         "text to image: write PNG(s), print paths, seeds and timing",
-        epilog='examples:\n  sdxs generate "a red apple, 3d render" -o apple.png --seed 1\n'
+        epilog='examples:\n  sdxs generate "red apple, 3d render" -o apple.png --seed 1\n'
         "  sdxs generate -i -o out/img.png   # prompts from stdin -> out/img-001.png, out/img-002.png, ...",
         parents=(model, gen),
     )
