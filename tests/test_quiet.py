@@ -77,3 +77,12 @@ def test_loading_a_model_folder_for_training_logs_no_warnings(root_model_dir, ca
         diffusers.utils.logging.set_verbosity(verbosity)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
     assert "float32" not in out + err and "warn" not in (out + err).lower(), out + err
+
+
+def test_init_hides_library_warnings_unless_verbose(tmp_path, capfd):
+    """`sdxs init` (like train and export) prints what it did, not the libraries' notes, unless -v."""
+    from sdxs.cli import main
+
+    assert main(["init", str(tmp_path / "quiet"), "--preset", "tiny", "--no-verify"]) == 0
+    err = capfd.readouterr().err
+    assert "[transformers]" not in err and "Warning" not in err, err[-2000:]
