@@ -40,7 +40,8 @@ def test_fresh_preset_folder_loads_with_plain_diffusers(tmp_path):
 def test_swap_trained_text_encoder_vae_and_unet(tmp_path, tiny_pipe):
     from diffusers import AsymmetricAutoencoderKL
 
-    from sdxs.presets import build_text_encoder, get_preset, train_tokenizer
+    from sdxs.presets import build_text_encoder, get_preset
+    from sdxs.tokenizer import train_tokenizer
 
     # stage 1: a text encoder run with its own tokenizer (and EMA weights, which win)
     tokenizer = train_tokenizer(["a red apple", "a green frog", "a blue sky"], 300)

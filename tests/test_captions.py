@@ -178,7 +178,7 @@ def test_loader_rewrites_are_seeded_and_resumable(tmp_path, tiny_hub_dir):
 def test_tokenizer_normalisation_gives_one_form_per_word(tmp_path):
     from transformers import AutoTokenizer
 
-    from sdxs.presets import normalize_tokenizer, tokenizer_normalization, train_tokenizer
+    from sdxs.tokenizer import normalize_tokenizer, tokenizer_normalization, train_tokenizer
 
     corpus = ["penguin, 3d render", "a penguin on ice", "red apple, fruit", "rocket, space"] * 20
     plain = train_tokenizer(corpus, 300)

@@ -313,7 +313,7 @@ def test_cache_with_another_fingerprint_is_refused(cache, dataset, tiny_pipe, tm
         next(vae.encoder.parameters()).sub_(0.1)
     loader.check_fingerprint(vae=vae)
     # another tokenizer normalisation gives other ids, hence other caption embeddings
-    from sdxs.presets import normalize_tokenizer
+    from sdxs.tokenizer import normalize_tokenizer
 
     tok = copy.deepcopy(tiny_pipe.tokenizer)
     normalize_tokenizer(tok, ["nfkc"])

@@ -27,6 +27,7 @@ SOURCES = (
     "docs/server.md",
     "docs/training-lora.md",
     "src/sdxs/cli.py",
+    "src/sdxs/cli_parsers.py",
     "src/sdxs/pipeline.py",
     "src/sdxs/server/static/index.html",
 )

@@ -62,12 +62,13 @@ def assemble(
     must match the UNet's cross-attention width; when the UNet is not given and the base's does not fit, a fresh one
     is built to fit. `shift` sets the scheduler's noise shift (training reads it from the model folder, so it must
     be set before a UNet is trained for it). `text_normalization` sets how the tokenizer reads text
-    (`sdxs.presets.TEXT_NORMALIZATIONS`; our own byte-level tokenizers only): the text encoder and the UNet then
+    (`sdxs.tokenizer.TEXT_NORMALIZATIONS`; our own byte-level tokenizers only): the text encoder and the UNet then
     need fine-tuning to the new token forms.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from sdxs.presets import PRESETS, build_pipeline, fresh_component, get_preset, normalize_tokenizer
+    from sdxs.presets import PRESETS, build_pipeline, fresh_component, get_preset
+    from sdxs.tokenizer import normalize_tokenizer
 
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}.")

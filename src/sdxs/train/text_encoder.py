@@ -6,7 +6,7 @@ Three kinds of sequences, mixed in every batch (next-token loss on the answer pa
     instruction  chat(system=refine instruction, user=short prompt) -> caption    what `refine_prompts` asks
     image        chat(user=<|vision_start|><|image_pad|>*n<|vision_end|>) -> caption   what `encode_image` feeds
 
-The tokenizer is trained on the captions with `tokenizers` (presets.train_tokenizer) unless a pretrained one is
+The tokenizer is trained on the captions with `tokenizers` (sdxs.tokenizer.train_tokenizer) unless a pretrained one is
 given. Weights are fp32 or bf16; fp16 is refused (Qwen3.5's linear-attention layers overflow in it).
 """
 
@@ -116,8 +116,9 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
     from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from sdxs.presets import fresh_component, get_preset, train_tokenizer
+    from sdxs.presets import fresh_component, get_preset
     from sdxs.runtime import torch_dtype
+    from sdxs.tokenizer import train_tokenizer
 
     m = cfg.model
     preset = get_preset(m.preset)
