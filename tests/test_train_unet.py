@@ -137,3 +137,38 @@ def _pipeline_with(hub_dir, unet_folder):
         pipe.register_modules(unet=UNet2DConditionModel.from_pretrained(unet_folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_rewritten_captions_are_encoded_on_the_fly(tmp_path, tiny_hub_dir):
+    """With `[captions]` on, each batch's prompts (the caption or its rewrite) go through the frozen text encoder in
+    the loop: the UNet sees exactly encode_text of those prompts, and the run trains and resumes as usual."""
+    from sdxs.data.loader import pad_text
+    from sdxs.pipeline import encode_text
+    from sdxs.train.unet import load_base_pipeline, text_encoder_fn, unet_task
+
+    cache = make_colour_cache(tmp_path, tiny_hub_dir)
+    cfg = load_config(
+        UNetTrainConfig,
+        TINY_UNET_CONFIG,
+        [
+            f"model.pretrained={tiny_hub_dir}",
+            f"data.path={cache}",
+            "captions.probability=1.0",
+            "captions.template=1.0",
+            f"run.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    base = load_base_pipeline(str(tiny_hub_dir))
+    from accelerate import Accelerator
+
+    task = unet_task(cfg, base, base.unet, Accelerator(cpu=True))
+    batch = next(task.data)
+    assert batch["prompts"] != batch["captions"]  # every caption rewritten (a template each time)
+    embeds, mask = text_encoder_fn(base, "cpu")(batch["prompts"])
+    ref, ref_mask = encode_text(base.text_encoder, base.tokenizer, batch["prompts"], base.config.text_recipe)
+    ref, ref_mask = pad_text(ref, ref_mask, embeds.shape[1])
+    torch.testing.assert_close(embeds, ref)
+    assert torch.equal(mask, ref_mask)
+    assert not any(p.requires_grad for p in base.text_encoder.parameters())  # frozen
+    loss, _ = task.loss_fn(base.unet, batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
