@@ -705,7 +705,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
         if image is not None:
-            self._check_image(image, n_prompts * num_images_per_prompt)
+            self._check_image(image, n_prompts, n_prompts * num_images_per_prompt)
 
     def _check_size_and_sampling(
         self, height, width, num_inference_steps, guidance_scale, strength, image, output_type
@@ -779,8 +779,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             )
 
     @staticmethod
-    def _check_image(image, total: int) -> None:
-        """img2img sources: 1 or `total` images; tensors (B, 3, H, W) or (3, H, W)."""
+    def _check_image(image, n_prompts: int, total: int) -> None:
+        """img2img sources: 1, one per prompt or `total` images; tensors (B, 3, H, W) or (3, H, W)."""
         images = image if isinstance(image, list) else [image]
         count = 0
         for im in images:
@@ -790,8 +790,11 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 count += im.shape[0] if im.ndim == 4 else 1
             else:
                 count += 1
-        if count not in (1, total):
-            raise ValueError(f"Got {count} `image`s for {total} images to make; pass 1 or {total}.")
+        if count not in (1, n_prompts, total):
+            raise ValueError(
+                f"Got {count} `image`s for {n_prompts} prompt(s) and {total} images to make; pass 1, one per prompt "
+                f"({n_prompts}) or one per image ({total})."
+            )
 
     def check_scheduler(self) -> None:
         """Refuse a scheduler the flow-matching loop cannot drive, naming the supported ones."""
@@ -862,7 +865,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ) -> torch.Tensor:
         """img2img source: resize to the output size, shrink by decoder factor / encoder factor (the VAE config's
         `vae_scale_factor // vae_encoder_scale_factor`) so the encoder's latents have the output's latent size,
-        encode. `check_inputs` has checked the count (1 or `batch_size`) and the tensor shapes."""
+        encode. `check_inputs` has checked the count (1, one per prompt or `batch_size`) and the tensor shapes."""
         images = image if isinstance(image, list) else [image]
         if all(isinstance(im, torch.Tensor) for im in images):  # (B, 3, H, W) or (3, H, W) in [0, 1]
             pixels = torch.cat([im if im.ndim == 4 else im[None] for im in images]).float()
@@ -884,8 +887,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if r > 1:
             pixels = torch.nn.functional.interpolate(pixels, scale_factor=1 / r, mode="area")
         latents = self._vae_encode(pixels.to(device)).to(device)
-        if latents.shape[0] == 1:
-            latents = latents.expand(batch_size, -1, -1, -1)
+        if latents.shape[0] != batch_size:  # one image for all, or one per prompt (kept with its prompt's images)
+            latents = latents.repeat_interleave(batch_size // latents.shape[0], dim=0)
         return latents
 
     def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> None:
@@ -1010,6 +1013,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        image = _numpy_to_tensor_images(image)
         height, width = self._default_size(image, height, width)
         if num_inference_steps is None:
             num_inference_steps = int(self.config.default_num_inference_steps)
@@ -1478,8 +1482,13 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/e, W/e), e = `vae_encoder_scale_factor`; H, W
         multiples of e."""
         vae = self.vae
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if sample else posterior.mode()
+        out = vae.encode(pixels.to(vae.device, vae.dtype))
+        if hasattr(out, "latent_dist"):  # diffusers' retrieve_latents rule: a KL VAE's posterior, or plain latents
+            latents = out.latent_dist.sample(generator) if sample else out.latent_dist.mode()
+        elif hasattr(out, "latents"):  # e.g. AutoencoderTiny
+            latents = out.latents
+        else:
+            raise AttributeError(f"{type(vae).__name__}.encode returned neither `latent_dist` nor `latents`.")
         return normalize_latents(latents, vae)  # with the config's latents_mean/latents_std when it has them
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -1566,6 +1575,17 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # Saving: a reloadable custom-code repository
     # ------------------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        # A saved SDXS folder names its class as custom code (["pipeline", "SDXSPipeline"], for the hub), which makes
+        # diffusers load the folder's own pipeline.py even when this class's from_pretrained was called explicitly,
+        # and demand trust_remote_code. Called on this class, the class is this one: no remote code runs. (Through
+        # DiffusionPipeline.from_pretrained, cls is DiffusionPipeline and the custom-code path is unchanged.)
+        config = super()._dict_from_json_file(json_file)
+        if list(config.get("_class_name") or ()) == HUB_CLASS_NAME:
+            config["_class_name"] = cls.__name__
+        return config
+
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -1634,6 +1654,24 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return type(self)(**components, **config)
 
 
+def _numpy_to_tensor_images(image):
+    """diffusers' numpy images ((H, W, 3) or (N, H, W, 3) float in [0, 1]) -> one (N, 3, H, W) tensor (the tensor
+    path: no 8-bit rounding); uint8 batches -> a list of (H, W, 3) arrays (the PIL path). Anything else as it is."""
+
+    def convert(im):
+        if not isinstance(im, np.ndarray) or im.ndim not in (3, 4) or im.shape[-1] != 3:
+            return [im]
+        if im.dtype == np.uint8:
+            return list(im) if im.ndim == 4 else [im]
+        arr = im.astype(np.float32)
+        return [torch.from_numpy(arr if arr.ndim == 4 else arr[None]).permute(0, 3, 1, 2).contiguous()]
+
+    if image is None:
+        return None
+    items = [x for im in (image if isinstance(image, list) else [image]) for x in convert(im)]
+    return items if isinstance(image, list) or len(items) > 1 else items[0]
+
+
 def _repeat_rows(x: torch.Tensor, n: int, device) -> torch.Tensor:
     """(B, ...) -> (B * n, ...) on `device`, each row n times in a row (prompt i's images stay together)."""
     return x.to(device).repeat_interleave(n, dim=0)
@@ -1658,7 +1696,9 @@ def _blend_tiles(
     """Apply `fn` ((B, C, h, w) -> (B, C', h*scale, w*scale)) to overlapping tiles of `x` and blend the results.
 
     Tiles start every `tile - overlap` pixels (the last one flush with the edge); inside overlaps the weights ramp
-    linearly and sum to one, so a local `fn` gives exactly the untiled result.
+    linearly and sum to one. Only an `fn` whose every output pixel depends on its own input pixel alone gives
+    exactly the untiled result; a VAE decoder (convolutions, mid-block attention) sees one tile at a time, so the
+    tiled image is close to the untiled one, not equal, and the ramps hide the seams.
     """
     _, _, h, w = x.shape
     out = weight = None

@@ -330,3 +330,38 @@ def test_encode_prompt_outputs_feed_back_by_name(pipe):
     np.testing.assert_allclose(
         pipe(**outputs, **kwargs).images, pipe("a cat", negative_prompt="dark", **kwargs).images, atol=1e-5
     )
+
+
+def test_img2img_takes_numpy_batches_and_one_image_per_prompt(pipe):
+    """As diffusers' img2img pipelines: a float numpy batch (N, H, W, 3) in [0, 1] is the tensor path (no 8-bit
+    rounding), and one image per prompt serves all of that prompt's images."""
+    rng = np.random.default_rng(0)
+    arr = rng.random((2, 32, 32, 3)).astype(np.float32)
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="np", strength=0.5)
+    from_np = pipe(["a", "b"], image=arr, **kwargs).images
+    from_pt = pipe(["a", "b"], image=torch.from_numpy(arr).permute(0, 3, 1, 2), **kwargs).images
+    np.testing.assert_allclose(from_np, from_pt, atol=1e-5)  # 8-bit rounding would move pixels by ~4e-3
+    out = pipe(["a", "b"], image=torch.from_numpy(arr).permute(0, 3, 1, 2), num_images_per_prompt=2, **kwargs).images
+    assert out.shape[0] == 4
+    # image i of the batch uses seed + i and starts from its prompt's image: image 2 is prompt "b"'s first
+    np.testing.assert_allclose(out[0], from_pt[0], atol=1e-5)
+    kwargs_b = {**kwargs, "seed": 2}
+    np.testing.assert_allclose(
+        out[2], pipe("b", image=torch.from_numpy(arr[1:]).permute(0, 3, 1, 2), **kwargs_b).images[0], atol=1e-5
+    )
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe(["a", "b"], image=[arr[0]] * 3, **kwargs)
+
+
+def test_explicit_class_loads_its_own_saved_folder_without_remote_code(pipe, tmp_path):
+    """`SDXSPipeline.from_pretrained(folder)` uses this class (no trust_remote_code needed); DiffusionPipeline with
+    trust_remote_code=True still loads the folder's own pipeline.py, as on the hub."""
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "m")
+    mine = type(pipe).from_pretrained(tmp_path / "m")
+    assert type(mine) is type(pipe)
+    hub = DiffusionPipeline.from_pretrained(tmp_path / "m", trust_remote_code=True)
+    assert type(hub).__name__ == "SDXSPipeline" and type(hub) is not type(pipe)
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="np")
+    np.testing.assert_allclose(mine("a cat", **kwargs).images, hub("a cat", **kwargs).images, atol=1e-6)
