@@ -10,6 +10,9 @@
 raw` for the raw weights; a run folder means its latest checkpoint), so a run's checkpoints can be scored while it
 trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on a fixed batch of that latent cache
 (the same noise for every model compared).
+On a dataset of several styles (`sdxs data emoji --styles 3d,twemoji,noto`) every group is scored on the default
+style among its renders, and the held-out (emoji, style) pairs add rows per style ("held-out style pairs, twemoji":
+`NAME, TAG` among that style's renders, up to `--held-out` per style) and for all styles together.
 Prints a Markdown table; `--json` keeps the numbers (per group and kind, and per prompt: `scripts/compare_strict.py`
 compares two such files prompt by prompt), `--grid` writes the labelled bare-name grid.
 """
@@ -85,7 +88,7 @@ def main() -> None:
     )
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--per-kind", type=int, default=24)
-    parser.add_argument("--held-out", type=int, default=60)
+    parser.add_argument("--held-out", type=int, default=60, help="held-out emoji, skin tones, style pairs per style")
     parser.add_argument("--image-prompts", type=int, default=48)
     parser.add_argument("--refine-per-kind", type=int, default=8)
     parser.add_argument("--no-refine", action="store_true")
@@ -138,7 +141,7 @@ def main() -> None:
         from sdxs.eval import robust as er
 
         robust = er.robust_eval(
-            renders,
+            es.in_style(renders, es.styles_of(renders)[0]),  # the default style: prompts without a style tag
             es.load_caption_lines(args.data),
             generate,
             per_kind=args.robust_per_kind,

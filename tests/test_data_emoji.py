@@ -13,6 +13,7 @@ import tarfile
 import pytest
 from PIL import Image
 
+from sdxs.data import emoji_styles
 from sdxs.data.cli import register
 from sdxs.data.emoji import (
     IMAGES_PACKAGE,
@@ -24,6 +25,7 @@ from sdxs.data.emoji import (
     make_emoji_dataset,
     parse_codepoints,
 )
+from sdxs.data.emoji_styles import DATASOURCE_PACKAGES, parse_styles
 from sdxs.data.folder import scan_folder
 
 
@@ -82,6 +84,123 @@ def test_emoji_dataset_offline_from_cached_tarballs(tmp_path):
         make_emoji_dataset(tmp_path / "again", cache_dir=cache, min_images=6)
 
 
+def _png(colour, side: int = 8) -> bytes:
+    """A square on a transparent background, as the emoji-datasource pngs are."""
+    im = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    im.paste(colour + (255,), (2, 2, side - 2, side - 2))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _datasource_tarball(cache, style: str, entries: list[dict], colour_shift: int) -> None:
+    """A fake emoji-datasource package: emoji.json and one small png per image it claims (`has_img_<set>`)."""
+    spec, image_set = DATASOURCE_PACKAGES[style]
+    files = {"package/emoji.json": json.dumps(entries).encode(), "package/LICENSE": b"The MIT License (MIT)"}
+    for e in entries:
+        for v in [e, *e.get("skin_variations", {}).values()]:
+            if v[f"has_img_{image_set}"]:
+                shade = sum(int(c, 16) for c in v["unified"].split("-")) % 200
+                files[f"package/img/{image_set}/64/{v['image']}"] = _png((shade, colour_shift, 255 - shade))
+    files["package/img/apple/64/1f600.png"] = _png((1, 2, 3))  # a sibling set's image: never read
+    _tarball(cache, spec, files)
+
+
+def _entry(unified: str, category: str, **variations) -> dict:
+    variant = {"unified": unified, "image": unified.lower() + ".png", "has_img_twitter": True, "has_img_google": True}
+    skins = {k: dict(variant, unified=v, image=v.lower() + ".png") for k, v in variations.items()}
+    return dict(variant, category=category, **({"skin_variations": skins} if skins else {}))
+
+
+def _styled_cache(cache) -> list[str]:
+    """Fake tarballs of all five packages for `--styles 3d,twemoji,noto`; returns the 3d stems."""
+    cache.mkdir()
+    stems = ["1f600", "1f44b-1f3fb", "1f44b-1f3ff", "2764-fe0f", "1f1ef-1f1f5"]
+    stems += [f"{cp:x}" for cp in range(0x1F330, 0x1F358)]  # 40 plants and foods: enough for held-out pairs
+    _tarball(cache, IMAGES_PACKAGE, {f"package/assets/{s}.webp": _webp((200, 100, i)) for i, s in enumerate(stems)})
+    names = {
+        "\U0001f600": {"name": "grinning face", "group": "Smileys & Emotion"},
+        "\U0001f44b": {"name": "waving hand", "group": "People & Body"},
+        "\u2764\ufe0f": {"name": "red heart", "group": "Smileys & Emotion"},
+    }
+    _name_and_keyword_tarballs(cache, names)
+    entries = [
+        _entry("1F600", "Smileys & Emotion"),
+        _entry("1F44B", "People & Body", **{"1F3FB": "1F44B-1F3FB", "1F3FF": "1F44B-1F3FF"}),
+        _entry("2764-FE0F", "Smileys & Emotion"),
+        _entry("1F1EF-1F1F5", "Flags"),
+        _entry("1FAE9", "Smileys & Emotion"),  # only in the emoji-datasource sets
+        _entry("1F3FB", "Component"),  # a skin-tone swatch: not an emoji
+        *[_entry(f"{cp:X}", "Food & Drink") for cp in range(0x1F330, 0x1F358)],
+    ]
+    entries[3]["has_img_google"] = False  # the Noto set lacks the flag: no image from another set instead
+    _datasource_tarball(cache, "twemoji", entries, 10)
+    _datasource_tarball(cache, "noto", entries, 240)
+    return stems
+
+
+def test_emoji_dataset_in_three_styles_offline(tmp_path, monkeypatch):
+    """`--styles 3d,twemoji,noto`: one dataset, a tag per style, the split per emoji, held-out (emoji, style) pairs,
+    each source's licence; and the default 3d dataset is the same with or without the other packages."""
+    cache = tmp_path / "npm"
+    stems = _styled_cache(cache)
+    summary = make_emoji_dataset(tmp_path / "three", cache_dir=cache, min_images=5, styles="3d,twemoji,noto")
+    out = tmp_path / "three"
+    rows = [json.loads(line) for line in (out / "splits.jsonl").read_text().splitlines()]
+    by_style = {s: {r["emoji"]: r for r in rows if r["style"] == s} for s in ("3d", "twemoji", "noto")}
+    # the flat sets also have the untoned waving hand and 1fae9; Noto lacks the flag
+    assert [len(by_style[s]) for s in ("3d", "twemoji", "noto")] == [len(stems), len(stems) + 2, len(stems) + 1]
+    assert summary["images"] == len(rows) and summary["per_style"]["noto"]["images"] == len(stems) + 1
+    assert "\U0001f1ef\U0001f1f5" not in by_style["noto"] and "\U0001fae9" in by_style["twemoji"]
+    assert not any(r["emoji"] == "\U0001f3fb" for r in rows)
+    # captions: the 3d lines of the 3d-only dataset (the bare name is the default style's), a tag on every other
+    default = make_emoji_dataset(tmp_path / "default", cache_dir=cache, min_images=5)
+    default_rows = [json.loads(line) for line in (tmp_path / "default/splits.jsonl").read_text().splitlines()]
+    assert "style" not in default_rows[0] and default["images"] == len(stems)
+    assert all(by_style["3d"][r["emoji"]]["text"] == r["text"] for r in default_rows)
+    face = by_style["twemoji"]["\U0001f600"]
+    assert face["text"] == ["grinning face, flat", "grinning face, smile, happy, flat"]
+    assert by_style["noto"]["\U0001f600"]["text"][0] == "grinning face, cartoon"
+    assert face["file_name"].endswith("/twemoji/1f600.webp")
+    assert (out / face["file_name"]).with_suffix(".txt").read_text().splitlines() == face["text"]
+    with Image.open(out / face["file_name"]) as im:
+        assert im.size == (256, 256) and im.mode == "RGBA"
+    # the split is per emoji: held out in one style = held out in all; the 3d split is the 3d-only dataset's
+    for e, r in by_style["3d"].items():
+        assert {by_style[s][e]["holdout"] for s in by_style if e in by_style[s]} - {"style"} <= {r["holdout"]} | {""}
+    assert {(r["emoji"], r["split"]) for r in default_rows} == {
+        (e, "validation" if r["holdout"] in ("emoji", "skin tone") else "train") for e, r in by_style["3d"].items()
+    }
+    # held-out pairs (here for half the emoji, to have many): the emoji trains in another style; deterministic, and
+    # independent of the order of --styles (which only decides the default style, the one with bare names)
+    monkeypatch.setattr(emoji_styles, "HOLDOUT_STYLE_PERCENT", 50)
+    many = make_emoji_dataset(tmp_path / "a", cache_dir=cache, min_images=5, styles="3d,twemoji,noto")
+    again = make_emoji_dataset(tmp_path / "b", cache_dir=cache, min_images=5, styles=["noto", "3d", "twemoji"])
+    assert many["held_out_pairs"] > summary["held_out_pairs"] and many["held_out_pairs"] == again["held_out_pairs"]
+    rows_a, rows_b = ([json.loads(ln) for ln in (tmp_path / d / "splits.jsonl").open()] for d in "ab")
+    held = {(r["emoji"], r["style"], r["holdout"]) for r in rows_a if r["split"] == "validation"}
+    assert held == {(r["emoji"], r["style"], r["holdout"]) for r in rows_b if r["split"] == "validation"}
+    pairs = [r for r in rows_a if r["holdout"] == "style"]
+    assert {r["style"] for r in pairs} == {"3d", "twemoji", "noto"}
+    for r in pairs:
+        assert r["file_name"].startswith("validation/") and r["name"] not in STAPLES
+        assert any(o["emoji"] == r["emoji"] and o["split"] == "train" for o in rows_a if o["style"] != r["style"])
+    noto_face = next(r["text"] for r in rows_b if r["emoji"] == "\U0001f600")
+    assert noto_face[:2] == ["grinning face", "grinning face, cartoon"]
+    # licences: each source's terms, Twemoji's attribution, no Apple image anywhere
+    licences = {p.name: p.read_text() for p in (out / "LICENSES").iterdir()}
+    assert {"fluent-emoji-MIT.txt", "twemoji-graphics-CC-BY-4.0.txt", "noto-emoji-Apache-2.0.txt"} <= set(licences)
+    assert {"emoji-datasource-twitter-MIT.txt", "emoji-datasource-google-MIT.txt"} <= set(licences)
+    tw = licences["twemoji-graphics-CC-BY-4.0.txt"]
+    assert "Twitter, Inc and other contributors" in tw and "Attribution 4.0 International Public License" in tw
+    assert "Apache License" in licences["noto-emoji-Apache-2.0.txt"]
+    readme = (out / "README.md").read_text()
+    assert "CC-BY 4.0" in readme and "`flat`" in readme and "held-out pairs" in readme
+    assert not list(out.rglob("*apple*"))
+    with pytest.raises(ValueError, match="`--styles`.*unknown: apple"):
+        parse_styles("3d,apple")
+
+
 def test_names_compose_tones_flags_and_keycaps():
     names = {"🏄\u200d♀": "woman surfing"}
     assert emoji_name(parse_codepoints("1f3c4-1f3fd-200d-2640-fe0f"), names) == ("woman surfing", ["medium skin tone"])
@@ -123,3 +242,17 @@ def test_emoji_dataset_for_real(tmp_path):
     assert all(r["group"] for r in rows)
     assert "emoji" not in {r["holdout"] for r in rows if r["name"] in STAPLES}  # (one tone of "man" may be)
     assert {"red heart", "hamburger", "airplane"} <= {r["name"] for r in rows}
+
+
+@pytest.mark.skipif(
+    shutil.which("npm") is None or os.environ.get("SDXS_NETWORK_TESTS") != "1",
+    reason="downloads from the npm registry: opt in with SDXS_NETWORK_TESTS=1 (needs npm; ~5 min of image encoding)",
+)
+def test_emoji_dataset_in_three_styles_for_real(tmp_path):
+    summary = make_emoji_dataset(tmp_path / "emoji", cache_dir=tmp_path / "npm", styles="3d,twemoji,noto")
+    assert all(c["images"] >= 3000 and c["held_out_pairs"] > 0 for c in summary["per_style"].values())
+    rows = [json.loads(line) for line in (tmp_path / "emoji/splits.jsonl").read_text().splitlines()]
+    assert {r["holdout"] for r in rows} == {"", "emoji", "skin tone", "style"}
+    apple = {r["style"]: r["text"] for r in rows if r["name"] == "red apple"}
+    assert apple["twemoji"][0] == "red apple, flat" and apple["noto"][0] == "red apple, cartoon"
+    assert (tmp_path / "emoji/LICENSES/twemoji-graphics-CC-BY-4.0.txt").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -137,3 +138,60 @@ def test_paired_changes_counts_prompts_gained_and_lost_and_tests_them(data):
     lost = [dict(r, rank=99) for r in many]
     assert es.paired_changes({"g": many}, {"g": lost}, k=1)[0]["p"] == pytest.approx(2 / 2**8, abs=1e-3)
     assert all(r["p"] == 1.0 for r in es.paired_changes({"g": records}, {"g": records}))
+
+
+@pytest.fixture(scope="module")
+def styled(tmp_path_factory):
+    """Two styles: 3d discs and flat squares of the same colours; the flat blue heart is a held-out pair."""
+    root = tmp_path_factory.mktemp("styled")
+    rows = []
+    for style, shape in (("3d", "disc"), ("twemoji", "square")):
+        for i, (name, tones, group, colour, split, holdout) in enumerate(ROWS[:6]):
+            if style == "twemoji" and name == "blue heart":
+                split, holdout = "validation", "style"
+            folder = root / split / ("" if style == "3d" else style)
+            folder.mkdir(parents=True, exist_ok=True)
+            im = disc(colour)
+            if shape == "square":
+                im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+                im.paste(colour + (255,), (4, 4, 60, 60))
+            im.save(folder / f"{i:04x}.webp", lossless=True)
+            tag = "3d render" if style == "3d" else "flat"
+            text = [", ".join([name, *tones]), ", ".join([name, *tones, tag])]
+            row = dict(file_name=(folder / f"{i:04x}.webp").relative_to(root).as_posix(), split=split, holdout=holdout)
+            rows.append(dict(row, name=name, skin_tones=tones, group=group, text=text, style=style))
+    (root / "splits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_held_out_style_pairs_are_scored_among_their_styles_renders(data, styled):
+    renders = es.load_renders(styled)
+    assert es.styles_of(renders) == ["3d", "twemoji"] and renders[8].exact == "blue heart, flat"
+    flat = es.in_style(renders, "twemoji")
+    assert [r.index for r in flat] == list(range(6)) and flat[2].holdout == "style"
+    paths = {r.exact: r.path for r in renders} | {r.bare: r.path for r in renders if r.style == "3d"}
+    asked = []
+
+    def generate(prompts):  # a perfect model
+        asked.extend(prompts)
+        return [Image.open(paths[p]) for p in prompts]
+
+    scores = es.style_pair_scores(renders, generate)
+    assert [s.label for s in scores] == ["held-out style pairs, twemoji"] and asked == ["blue heart, flat"]
+    assert scores[0].gallery_size == 6 and scores[0].top(1) == 100.0 and scores[0].prompts == ["blue heart, flat"]
+    assert scores[0].rows()[1]["kind"] == "smileys"
+    # strict_eval: the other groups on the default style's renders only, then the pairs; one style: no pair rows
+    result = es.strict_eval(renders, generate, per_kind=2, seed=0, image_prompts=0)
+    labels = [s.label for s in result.scores]
+    assert labels[-1] == "held-out style pairs, twemoji" and all(s.top(1) == 100.0 for s in result.scores)
+    assert all(s.gallery_size == 6 for s in result.scores)
+    single = es.strict_eval(es.load_renders(data), lambda ps: [Image.new("RGB", (8, 8))] * len(ps), image_prompts=0)
+    assert not any("style pairs" in s.label for s in single.scores)
+    # two styles with pairs: one group each and one for all, whose chance level uses the mean gallery size
+    both = [
+        replace(r, split="validation", holdout="style") if (r.style, r.name) == ("3d", "red apple") else r
+        for r in renders
+    ]
+    scores = es.style_pair_scores(both, generate)
+    assert [s.label.split(", ")[1] for s in scores] == ["3d", "twemoji", "all styles"]
+    assert scores[-1].count == 2 and scores[-1].top(1) == 100.0 and scores[-1].gallery_size == 6

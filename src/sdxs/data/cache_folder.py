@@ -85,8 +85,9 @@ def check_existing_cache(out: Path, fingerprint: dict, options: dict, overwrite:
 
 
 def remove_stale_shards(out: Path, plans: list[ShardPlan], worker: int, num_workers: int = 1) -> None:
-    """Delete this worker's shard files that the current plan no longer has (the source folder changed), and the
-    temp files a killed run of this worker left (a save is temp file + rename: `.NAME.PID.tmp`).
+    """Delete this worker's shard files that the current plan no longer has (the source folder changed), the
+    temp files a killed run of this worker left (a save is temp file + rename: `.NAME.PID.tmp`) and, in a split,
+    this worker's partial manifest (written again at the end).
 
     Only files made with the same model and options reach here (`check_existing_cache` runs first). Other workers
     of a `--num-shards` split may be writing into the same folder right now: their temp files are never touched
@@ -99,6 +100,9 @@ def remove_stale_shards(out: Path, plans: list[ShardPlan], worker: int, num_work
     if num_workers == 1:
         leftovers += [*out.glob(f".{MANIFEST_NAME}.*.tmp"), *out.glob(f".{EMPTY_PROMPT_NAME}.*.tmp")]
     else:
+        # this worker's earlier part describes shards that may have just been removed: until this run writes it
+        # again, a merge (the last rank of `accelerate launch`, `sdxs data merge`) must find it missing
+        leftovers += [out / partial_manifest_name(worker, num_workers)]
         leftovers += [*out.glob(f".{partial_manifest_name(worker, num_workers)}.*.tmp")]
     for f in leftovers:
         f.unlink(missing_ok=True)

@@ -9,16 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 
+from sdxs.data.sources import SOURCE_FORMATS
 from sdxs.runtime import DTYPE_NAMES
 
 PREPARE_EPILOG = """examples:
   sdxs prepare photos/ cache/photos --model path/to/sdxs-emoji
   sdxs prepare emoji/train cache/emoji --model . --batch-size 64 --device cuda
   sdxs prepare big/ cache/big --model . --num-shards 4 --shard-index 0   # then: sdxs data merge cache/big
+  sdxs prepare laion/{00000..00099}.tar cache/laion --model .         # WebDataset shards (img2dataset)
+  sdxs prepare hf_saved/ cache/hf --model . --image-column jpg --caption-column caption   # HF dataset
+  accelerate launch --num_processes 8 -m sdxs prepare laion/ cache/laion --model .   # one part per rank, merged
 """
 
 DATA_EPILOG = """examples:
   sdxs data emoji data/emoji                       # Fluent Emoji 3D via npm: train/ validation/ splits.jsonl
+  sdxs data emoji data/emoji3 --styles 3d,twemoji,noto   # + Twemoji and Noto, style tags, held-out pairs
   sdxs data merge cache/big                        # after all --shard-index runs wrote into cache/big
   sdxs data merge cache/big host1/cache host2/cache
 """
@@ -29,12 +34,16 @@ def register(subparsers) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
         "prepare",
-        help="encode a folder of images + captions into latent shards for training",
+        help="encode images + captions (folder, WebDataset tars, HF dataset) into latent shards for training",
         description="Encode images (VAE encoder) and captions (text encoder) into a resumable latent cache.",
         epilog=PREPARE_EPILOG,
         formatter_class=fmt,
     )
-    p.add_argument("src", help="folder of images with .txt sidecars or metadata.jsonl/csv (searched recursively)")
+    p.add_argument(
+        "src",
+        help="folder of images with .txt sidecars or metadata.jsonl/csv (searched recursively); WebDataset .tar "
+        "shards (a folder, one .tar or a brace pattern); or a local HF dataset (save_to_disk folder, parquet/arrow)",
+    )
     p.add_argument("out", help="cache folder (reruns resume)")
     p.add_argument("--model", required=True, help="exported SDXS model folder (only vae, text encoder, tokenizer load)")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder pass (default 16)")
@@ -49,10 +58,22 @@ def register(subparsers) -> None:
     p.add_argument("--allow-upscale", action="store_true", help="keep images smaller than their bucket")
     p.add_argument("--max-upscale", type=float, default=1.25, help="tolerated upscale onto the encoder input")
     p.add_argument("--background", default="255,255,255", help="R,G,B behind transparent pixels (default white)")
-    p.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl/csv")
+    p.add_argument(
+        "--format",
+        dest="source_format",
+        choices=SOURCE_FORMATS,
+        default="auto",
+        help="what SRC is (default auto: .tar shards -> webdataset, save_to_disk/parquet/arrow -> hf, else folder)",
+    )
+    p.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl/csv or the HF dataset")
+    p.add_argument("--image-column", default="image", help="image column of the HF dataset (default image)")
     p.add_argument("--shard-size", type=int, default=512, help="images per shard (one bucket per shard)")
-    p.add_argument("--num-shards", type=int, default=1, help="split the files over this many workers")
-    p.add_argument("--shard-index", type=int, default=0, help="this worker's index in [0, num-shards)")
+    p.add_argument(
+        "--num-shards", type=int, default=None, help="split the inputs over this many workers (default 1, or the ranks)"
+    )
+    p.add_argument(
+        "--shard-index", type=int, default=None, help="this worker's index in [0, num-shards) (default 0, or the rank)"
+    )
     p.add_argument("--offload-text-encoder", action="store_true", help="text encoder on CPU during the VAE pass")
     p.add_argument("--num-workers", type=int, default=2, help="image decoding threads")
     p.add_argument(
@@ -76,6 +97,12 @@ def register(subparsers) -> None:
     e = sub.add_parser("emoji", help="download Fluent Emoji 3D via npm and write the captioned folder")
     e.add_argument("out", help="target folder (train/, validation/, splits.jsonl, LICENSES/)")
     e.add_argument("--cache-dir", default=None, help="npm tarball cache (default ~/.cache/sdxs/npm or $SDXS_CACHE)")
+    e.add_argument(
+        "--styles",
+        default="3d",
+        help="comma-separated styles: 3d (Fluent 3D, MIT), twemoji (CC-BY 4.0), noto (Apache-2.0); the first is the "
+        "default style (bare-name captions); more than one adds held-out (emoji, style) pairs (default: 3d)",
+    )
     e.set_defaults(func=run_emoji)
     m = sub.add_parser("merge", help="combine the partial manifests of a --num-shards run into manifest.json")
     m.add_argument("out", help="cache folder to write manifest.json in")
@@ -98,10 +125,12 @@ def run_prepare(args) -> int:
     from sdxs.runtime import flag_values, quiet_libraries, torch_dtype
 
     quiet_libraries(verbose=args.verbose, progress=not args.no_progress)
+    launched = _launched_part(args)
     flags = flag_values(
         args,
-        "model batch_size device min_side max_side step max_area allow_upscale max_upscale caption_column shard_size "
-        "num_shards shard_index offload_text_encoder num_workers image_embeds overwrite",
+        "model batch_size device min_side max_side step max_area allow_upscale max_upscale caption_column "
+        "source_format image_column shard_size num_shards shard_index offload_text_encoder num_workers image_embeds "
+        "overwrite",
     )
     manifest = prepare(
         args.src,
@@ -111,21 +140,51 @@ def run_prepare(args) -> int:
         progress=not args.no_progress,
         **flags,
     )
+    part = f" (part {args.shard_index + 1} of {args.num_shards})" if args.num_shards > 1 else ""
     print(
-        f"{manifest['count_written']} of {manifest['count_in']} files written to {args.out} "
+        f"{manifest['count_written']} of {manifest['count_in']} inputs written to {args.out}{part} "
         f"({manifest['count_skipped']} skipped, reasons in the manifest); buckets: {json.dumps(manifest['counts'])}"
     )
+    if launched:
+        from sdxs.data.launch import merge_if_complete
+
+        merged = merge_if_complete(args.out, args.num_shards)
+        if merged is not None:
+            print(f"merged all {args.num_shards} parts: {merged['count_written']} of {merged['count_in']} written")
     return 0
+
+
+def _launched_part(args) -> bool:
+    """Under `accelerate launch` (or torchrun, mpirun) set `--num-shards/--shard-index` (and the device) from the
+    rank -> True; else fill in the defaults -> False."""
+    from sdxs.data.launch import launched_rank, rank_device
+
+    rank = launched_rank()
+    if rank is None:
+        args.num_shards = 1 if args.num_shards is None else args.num_shards
+        args.shard_index = 0 if args.shard_index is None else args.shard_index
+        return False
+    if args.num_shards is not None or args.shard_index is not None:
+        raise ValueError(
+            f"`--num-shards`/`--shard-index` are taken from the launcher (rank {rank[0]} of {rank[1]}) under "
+            "accelerate launch; drop them, or run `sdxs prepare` without the launcher to choose them yourself."
+        )
+    args.shard_index, args.num_shards = rank[0], rank[1]
+    args.device = args.device or str(rank_device(rank[2]))
+    return True
 
 
 def run_emoji(args) -> int:
     from sdxs.data.emoji import make_emoji_dataset
 
-    s = make_emoji_dataset(args.out, cache_dir=args.cache_dir)
+    s = make_emoji_dataset(args.out, cache_dir=args.cache_dir, styles=args.styles)
     print(
         f"{s['images']} captioned emoji in {s['out']}: train {s['train']}, validation {s['validation']} "
-        f"({s['held_out_emoji']} unseen emoji, {s['held_out_tones']} unseen skin-tone variants)"
+        f"({s['held_out_emoji']} unseen emoji, {s['held_out_tones']} unseen skin-tone variants"
+        + (f", {s['held_out_pairs']} unseen (emoji, style) pairs)" if "per_style" in s else ")")
     )
+    for style, c in s.get("per_style", {}).items():
+        print(f"  {style}: {c['images']} images, train {c['train']}, validation {c['validation']}")
     return 0
 
 

@@ -22,6 +22,10 @@ users type first (`STAPLES`: hearts, everyday food, animals and faces) are never
     OUT/train/<codepoints>.webp + .txt        `sdxs prepare OUT/train CACHE --model MODEL`
     OUT/validation/<codepoints>.webp + .txt
     OUT/splits.jsonl  OUT/README.md  OUT/LICENSES/
+
+`--styles 3d,twemoji,noto` adds the same emoji as Twemoji (CC-BY 4.0) and Noto Color Emoji (Apache-2.0) images, a
+style tag in every caption and held-out (emoji, style) pairs: see `sdxs.data.emoji_styles`. The default, `3d`,
+makes exactly the dataset above.
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ import shutil
 import subprocess
 import tarfile
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from sdxs.data import emoji_styles as styles_
 
 # Pinned versions: the same command makes the same dataset.
 IMAGES_PACKAGE = "@lobehub/fluent-emoji-3d@1.1.0"
@@ -175,16 +182,20 @@ def emoji_name(cps: tuple[int, ...], names: dict[str, str]) -> tuple[str, list[s
     return name, tones
 
 
-def captions_for(name: str, tones: list[str], keywords: list[str], max_keywords: int = 6) -> list[str]:
-    """Caption lines: the bare name, the name in the dataset's style, then with keywords (when there are new ones)."""
+def captions_for(
+    name: str, tones: list[str], keywords: list[str], max_keywords: int = 6, tag: str = "3d render", bare: bool = True
+) -> list[str]:
+    """Caption lines: the bare name (when `bare`: the default style), the name with the style's `tag`, then with
+    keywords (when there are new ones)."""
     head = ", ".join([name, *tones])
     words = [w.replace("_", " ") for w in keywords]
     head_words = set(re.findall(r"[\w'-]+", head.lower()))
     # drop keywords the name already says word for word ("andorra" for "flag of Andorra")
     words = [w for w in dict.fromkeys(words) if w and not set(w.lower().split()) <= head_words][:max_keywords]
-    lines = [head, f"{head}, 3d render"]
+    lines = [head] if bare else []
+    lines.append(f"{head}, {tag}")
     if words:
-        lines.append(f"{head}, {', '.join(words)}, 3d render")
+        lines.append(f"{head}, {', '.join(words)}, {tag}")
     return lines
 
 
@@ -208,6 +219,9 @@ class Emoji:
     group: str = ""  # Unicode's group: "Smileys & Emotion", "People & Body", "Food & Drink", "Flags", ...
     split: str = "train"
     holdout: str = ""  # "emoji" (the whole emoji is unseen) or "skin tone" (this tone of a seen emoji)
+    keywords: list[str] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)  # style -> member of that style's tarball
+    held_style: str = ""  # the style held out of training for this emoji (`emoji_styles.assign_style_holdouts`)
 
 
 def assign_splits(emoji: list[Emoji]) -> None:
@@ -237,23 +251,28 @@ def _read_json(tar: tarfile.TarFile, member: str):
 
 
 def make_emoji_dataset(
-    out: str | os.PathLike, cache_dir: str | os.PathLike | None = None, min_images: int = MIN_IMAGES
+    out: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    min_images: int = MIN_IMAGES,
+    styles: str | Sequence[str] = (styles_.DEFAULT_STYLE,),
 ) -> dict:
-    """Write the Fluent Emoji 3D dataset to `out` (train/, validation/, splits.jsonl, README.md, LICENSES/).
+    """Write the emoji dataset to `out` (train/, validation/, splits.jsonl, README.md, LICENSES/).
 
     Args:
         out: target folder (created; existing files of the same names are replaced).
         cache_dir: where npm tarballs are cached (default `default_cache_dir()`; never inside the repository).
-        min_images: fewer images than this in the package is an error (a broken or wrong package).
+        min_images: fewer images than this in a style's package is an error (a broken or wrong package).
+        styles: "3d", "twemoji", "noto" (a list or a comma-separated string); the first is the default style, whose
+            captions include the bare name. `("3d",)` is the Fluent Emoji 3D dataset of the shipped model.
 
     Returns:
-        A summary: {"images", "train", "validation", "held_out_emoji", "held_out_tones", "out"}.
+        A summary: {"images", "train", "validation", "held_out_emoji", "held_out_tones", "out"}, with "styles",
+        "held_out_pairs" and "per_style" (style -> counts) for any other `styles`. Counts are of images.
     """
     out = Path(out)
+    styles = styles_.parse_styles(styles if isinstance(styles, str) else ",".join(styles))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    images_tgz, names_tgz, keywords_tgz = (
-        npm_pack(s, cache) for s in (IMAGES_PACKAGE, NAMES_PACKAGE, KEYWORDS_PACKAGE)
-    )
+    names_tgz, keywords_tgz = (npm_pack(s, cache) for s in (NAMES_PACKAGE, KEYWORDS_PACKAGE))
     with tarfile.open(names_tgz) as t:
         table = _read_json(t, "package/data-by-emoji.json")
         names = {_key(map(ord, k)): v["name"] for k, v in table.items()}
@@ -264,64 +283,153 @@ def make_emoji_dataset(
         keywords = {_key(map(ord, k)): v[1:] for k, v in _read_json(t, "package/dist/emoji-en-US.json").items()}
         keywords_license = t.extractfile("package/LICENSE").read().decode()
 
+    def new_emoji(stem: str, cps: tuple[int, ...], category: str = "") -> Emoji:
+        name, tones = emoji_name(cps, names)
+        base = tuple(c for c in cps if c not in SKIN_TONES)
+        kw = keywords.get(_key(base), [])
+        group = groups.get(_key(base)) or category or ("Flags" if name.startswith("flag of") else "")
+        return Emoji(stem, cps, _key(base), name, tones, captions_for(name, tones, kw), group, keywords=kw)
+
+    # 1. The emoji of every style, matched by codepoints (without variation selectors)
+    tarballs = {"3d": npm_pack(IMAGES_PACKAGE, cache)} if "3d" in styles else {}
+    emoji: list[Emoji] = []
+    by_key: dict[str, Emoji] = {}
+    if "3d" in styles:
+        with tarfile.open(tarballs["3d"]) as tar:
+            for m in sorted((m for m in tar.getmembers() if m.name.endswith(".webp")), key=lambda m: m.name):
+                stem = Path(m.name).stem
+                cps = parse_codepoints(stem)
+                if _key(cps) in by_key:  # the package has a few duplicates ("23-fe0f-20e3" and "0023-fe0f-20e3")
+                    continue
+                by_key[_key(cps)] = e = new_emoji(stem, cps)
+                e.images["3d"] = m.name
+                emoji.append(e)
+    reference = list(emoji)  # the 3d emoji keep the split of the 3d-only dataset
+    datasource_licenses = {}
+    for style in styles:
+        if style == "3d":
+            continue
+        spec, image_set = styles_.DATASOURCE_PACKAGES[style]
+        tarballs[style] = npm_pack(spec, cache)
+        images, categories, datasource_licenses[style] = styles_.read_datasource(tarballs[style], image_set)
+        for cps, member in sorted(images.items(), key=lambda kv: kv[1]):
+            if all(c in SKIN_TONES for c in cps):  # the five tone swatches (Unicode "Component"): no emoji
+                continue
+            if _key(cps) not in by_key:
+                category = categories.get("-".join(f"{c:04X}" for c in cps), "")
+                by_key[_key(cps)] = new_emoji(Path(member).stem, cps, category)
+                emoji.append(by_key[_key(cps)])
+            by_key[_key(cps)].images[style] = member
+
+    # 2. Splits per emoji (the same in every style), then the held-out (emoji, style) pairs
+    assign_splits(reference)
+    assign_splits([e for e in emoji if "3d" not in e.images])
+    styles_.assign_style_holdouts(emoji, styles, STAPLES)
+
+    # 3. Images and captions, style by style
     for split in ("train", "validation"):
         shutil.rmtree(out / split, ignore_errors=True)
         (out / split).mkdir(parents=True)
-    with tarfile.open(images_tgz) as tar:
-        members = sorted((m for m in tar.getmembers() if m.name.endswith(".webp")), key=lambda m: m.name)
-        emoji, member_of, seen = [], {}, set()
-        for m in members:
-            stem = Path(m.name).stem
-            cps = parse_codepoints(stem)
-            if _key(cps) in seen:  # the package has a few duplicates ("23-fe0f-20e3" and "0023-fe0f-20e3")
-                continue
-            seen.add(_key(cps))
-            name, tones = emoji_name(cps, names)
-            base = tuple(c for c in cps if c not in SKIN_TONES)
-            kw = keywords.get(_key(base), [])
-            group = groups.get(_key(base)) or ("Flags" if name.startswith("flag of") else "")
-            emoji.append(Emoji(stem, cps, _key(base), name, tones, captions_for(name, tones, kw), group))
-            member_of[stem] = m
-        assign_splits(emoji)
-        for e in emoji:  # copy the webp bytes as they are: no re-encoding
-            folder = out / e.split
-            (folder / f"{e.stem}.webp").write_bytes(tar.extractfile(member_of[e.stem]).read())
-            (folder / f"{e.stem}.txt").write_text("\n".join(e.captions) + "\n", encoding="utf-8")
+    rows = []
+    for style in styles:
+        wanted = {e.images[style] for e in emoji if style in e.images}
+        with tarfile.open(tarballs[style]) as tar:  # one pass in archive order: gzip cannot seek back cheaply
+            data = {m.name: tar.extractfile(m).read() for m in tar if m.name in wanted}
+        for e in emoji:
+            if style in e.images:
+                rows.append(_write_image(out, e, style, styles, data[e.images[style]]))
 
     with open(out / "splits.jsonl", "w", encoding="utf-8") as f:
-        for e in emoji:
-            row = {
-                "file_name": f"{e.split}/{e.stem}.webp",
-                "split": e.split,
-                "holdout": e.holdout,
-                "emoji": "".join(map(chr, e.cps)),
-                "name": e.name,
-                "skin_tones": e.tones,
-                "group": e.group,
-                "text": e.captions,
-            }
+        for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_licenses(out, names_license, keywords_license)
-    summary = {
-        "images": len(emoji),
-        "train": sum(e.split == "train" for e in emoji),
-        "validation": sum(e.split == "validation" for e in emoji),
-        "held_out_emoji": sum(e.holdout == "emoji" for e in emoji),
-        "held_out_tones": sum(e.holdout == "skin tone" for e in emoji),
-        "out": str(out),
-    }
-    (out / "README.md").write_text(_readme(summary), encoding="utf-8")
-    if summary["images"] < min_images:
-        raise RuntimeError(f"Only {summary['images']} emoji images found in {images_tgz}; expected >= {min_images}.")
+    _write_licenses(out, names_license, keywords_license, "3d" in styles)
+    styles_.write_style_licenses(out / "LICENSES", styles, datasource_licenses)
+    summary = _summary(rows, out)
+    if styles != (styles_.DEFAULT_STYLE,):
+        summary |= {
+            "styles": list(styles),
+            "held_out_pairs": sum(r["holdout"] == "style" for r in rows),
+            "per_style": {s: _summary([r for r in rows if r["style"] == s], out) for s in styles},
+        }
+        for style, counts in summary["per_style"].items():
+            counts["package"] = IMAGES_PACKAGE if style == "3d" else styles_.DATASOURCE_PACKAGES[style][0]
+            counts["held_out_pairs"] = sum(r["holdout"] == "style" and r["style"] == style for r in rows)
+        (out / "README.md").write_text(_readme_styles(summary), encoding="utf-8")
+    else:
+        (out / "README.md").write_text(_readme(summary), encoding="utf-8")
+    for style in styles:
+        count = sum(style in e.images for e in emoji)
+        if count < min_images:
+            raise RuntimeError(f"Only {count} emoji images found in {tarballs[style]}; expected >= {min_images}.")
     return summary
 
 
-def _write_licenses(out: Path, names_license: str, keywords_license: str) -> None:
+def _write_image(out: Path, e: Emoji, style: str, styles: tuple[str, ...], data: bytes) -> dict:
+    """Write one (emoji, style) image and its caption sidecar; its splits.jsonl row."""
+    split, holdout = (e.split, e.holdout) if style != e.held_style else ("validation", "style")
+    folder = out / split if style == "3d" else out / split / style  # 3d where the 3d-only dataset has it
+    folder.mkdir(exist_ok=True)
+    if style == "3d":
+        captions = e.captions if style == styles[0] else captions_for(e.name, e.tones, e.keywords, bare=False)
+        image = data  # the webp bytes as they are: no re-encoding
+    else:
+        tag = styles_.STYLE_TAGS[style]
+        captions = captions_for(e.name, e.tones, e.keywords, tag=tag, bare=style == styles[0])
+        image = styles_.to_dataset_image(data)
+    (folder / f"{e.stem}.webp").write_bytes(image)
+    (folder / f"{e.stem}.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+    row = {
+        "file_name": (folder / f"{e.stem}.webp").relative_to(out).as_posix(),
+        "split": split,
+        "holdout": holdout,
+        "emoji": "".join(map(chr, e.cps)),
+        "name": e.name,
+        "skin_tones": e.tones,
+        "group": e.group,
+        "text": captions,
+    }
+    if styles != (styles_.DEFAULT_STYLE,):  # the 3d-only dataset stays byte for byte what it was
+        row["style"] = style
+    return row
+
+
+def _summary(rows: list[dict], out: Path) -> dict:
+    return {
+        "images": len(rows),
+        "train": sum(r["split"] == "train" for r in rows),
+        "validation": sum(r["split"] == "validation" for r in rows),
+        "held_out_emoji": sum(r["holdout"] == "emoji" for r in rows),
+        "held_out_tones": sum(r["holdout"] == "skin tone" for r in rows),
+        "out": str(out),
+    }
+
+
+def _write_licenses(out: Path, names_license: str, keywords_license: str, fluent: bool = True) -> None:
     folder = out / "LICENSES"
     folder.mkdir(exist_ok=True)
-    (folder / "fluent-emoji-MIT.txt").write_text(FLUENT_LICENSE)
+    if fluent:
+        (folder / "fluent-emoji-MIT.txt").write_text(FLUENT_LICENSE)
     (folder / "unicode-emoji-json-MIT.txt").write_text(names_license)
     (folder / "emojilib-MIT.txt").write_text(keywords_license)
+
+
+def _readme_styles(s: dict) -> str:
+    return f"""# Emoji in {len(s["styles"])} styles (SDXS training set)
+
+{s["images"]} images of emoji in the styles {", ".join(s["styles"])} (256x256 webp), with captions from Unicode/CLDR names (`{NAMES_PACKAGE}`) and keywords \
+(`{KEYWORDS_PACKAGE}`), both MIT. The licence texts of every source are in LICENSES/.
+
+- train/: {s["train"]} images, validation/: {s["validation"]} images
+- held out as whole emoji (all skin tones and all styles unseen): {s["held_out_emoji"]} images
+- held out as single skin-tone variants of emoji that stay in training (in all styles): {s["held_out_tones"]} images
+- held out as (emoji, style) pairs: the emoji trains in its other styles: {s["held_out_pairs"]} images
+- splits.jsonl: one row per image (file_name, split, holdout reason: "emoji", "skin tone" or "style", emoji,
+  name, skin_tones, Unicode group, captions, style)
+
+{styles_.styles_readme(s)}
+Made by `sdxs data emoji --styles {",".join(s["styles"])}`; prepare with \
+`sdxs prepare {s["out"]}/train CACHE --model MODEL`.
+"""
 
 
 def _readme(s: dict) -> str:

@@ -91,7 +91,11 @@ def scan_folder(
 
 def read_caption_file(path: Path) -> list[str]:
     """Non-empty, stripped lines of a caption sidecar (several lines = several captions)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    return caption_lines(path.read_text(encoding="utf-8", errors="replace"))
+
+
+def caption_lines(text: str) -> list[str]:
+    """The non-empty, stripped lines of a caption text (several lines = several captions)."""
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -103,14 +107,12 @@ def _walk(root: Path):
                 yield Path(dirpath) / name
 
 
-def _captions_from_value(value) -> list[str]:
+def captions_from_value(value) -> list[str]:
+    """The captions of a metadata or dataset cell: a string (one caption per line), a list of them, or None."""
     if value is None:
         return []
     values = value if isinstance(value, list) else [value]
-    lines = []
-    for v in values:
-        lines += [line.strip() for line in str(v).splitlines() if line.strip()]
-    return lines
+    return [line for v in values for line in caption_lines(str(v))]
 
 
 def _read_metadata(root: Path, metadata_files: list[Path], column: str) -> dict[Path, list[str]]:
@@ -124,7 +126,7 @@ def _read_metadata(root: Path, metadata_files: list[Path], column: str) -> dict[
                     f"{meta} row {i + 1} lacks the `file_name` or `{column}` column (has {sorted(row)}); "
                     "pass `caption_column` to name the caption column."
                 )
-            out[(meta.parent / str(row["file_name"])).resolve().absolute()] = _captions_from_value(row[column])
+            out[(meta.parent / str(row["file_name"])).resolve().absolute()] = captions_from_value(row[column])
     # keys are resolved paths; map them back onto the walked (unresolved) paths
     return {p: out[p.resolve().absolute()] for p in _walk(root) if p.resolve().absolute() in out}
 

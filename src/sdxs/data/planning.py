@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,20 +10,22 @@ from pathlib import Path
 import PIL.Image
 
 from sdxs.data.buckets import cover_scale, nearest_bucket
-from sdxs.data.folder import FolderItem, scan_folder
+from sdxs.data.folder import FolderItem
 from sdxs.data.shards import shard_name
+from sdxs.data.sources import SourceItem, item_header
 
 
 @dataclass
 class ShardPlan:
     name: str  # relative path of the shard file
     bucket: tuple[int, int]  # (width, height) at output resolution
-    items: list[FolderItem]
+    items: list[FolderItem | SourceItem]
 
 
-def probe_size(path: Path) -> tuple[int, int]:
+def probe_size(path: Path | io.BytesIO) -> tuple[int, int]:
     """(width, height) after EXIF rotation, from the file header only (no pixel decoding)."""
-    if path.stat().st_size == 0:
+    size = path.getbuffer().nbytes if isinstance(path, io.BytesIO) else path.stat().st_size
+    if size == 0:
         raise ValueError("empty file (0 bytes)")
     try:
         with PIL.Image.open(path) as im:
@@ -51,10 +54,10 @@ def assign_bucket(
 
 
 def plan_shards(
-    items: list[FolderItem], sizes: dict[str, tuple[int, int]], shard_size: int, worker: int
+    items: list[FolderItem | SourceItem], sizes: dict[str, tuple[int, int]], shard_size: int, worker: int
 ) -> list[ShardPlan]:
-    """Group items by bucket (sorted by path) and cut each bucket into shards of at most `shard_size` images."""
-    by_bucket: dict[tuple[int, int], list[FolderItem]] = {}
+    """Group items by bucket (sorted by key) and cut each bucket into shards of at most `shard_size` images."""
+    by_bucket: dict[tuple[int, int], list[FolderItem | SourceItem]] = {}
     for item in items:
         by_bucket.setdefault(sizes[item.rel], []).append(item)
     plans = []
@@ -72,20 +75,16 @@ def skip_reason(e: Exception) -> str:
     return f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _try_probe(path: Path):
+def _try_probe(item: FolderItem | SourceItem):
     try:
-        return probe_size(path), None
+        return probe_size(item_header(item)), None
     except Exception as e:
         return None, skip_reason(e)
 
 
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
 def plan_worker(
-    src: Path,
-    caption_column: str,
+    items: list[FolderItem | SourceItem],
+    scan_skipped: list[tuple[str, str]],
     buckets: list[tuple[int, int]],
     ratio: int,
     max_upscale: float | None,
@@ -94,16 +93,16 @@ def plan_worker(
     num_shards: int,
     num_workers: int,
 ) -> tuple[list[ShardPlan], list[list[str]]]:
-    """This worker's files (every `num_shards`-th by sorted path), their buckets from the file headers only, and
-    the shards they go in -> (plans, [[rel, reason]] of the files skipped so far)."""
-    items, scan_skipped = scan_folder(src, caption_column)
-    entries = sorted([(it.rel, it) for it in items] + [(_rel(p, src), r) for p, r in scan_skipped], key=lambda e: e[0])
+    """This worker's part of a scanned source (`sources.scan_source`: items, `(key, reason)` skipped), every
+    `num_shards`-th entry by sorted key; their buckets from the image headers only, and the shards they go in
+    -> (plans, [[key, reason]] of the entries skipped so far)."""
+    entries = sorted([(it.rel, it) for it in items] + list(scan_skipped), key=lambda e: e[0])
     mine = entries[shard_index::num_shards]
-    my_items = [e[1] for e in mine if isinstance(e[1], FolderItem)]
+    my_items = [e[1] for e in mine if not isinstance(e[1], str)]
     skipped = [[rel, r] for rel, r in mine if isinstance(r, str)]
     sizes, kept = {}, []
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        probed = list(pool.map(_try_probe, [it.path for it in my_items]))
+        probed = list(pool.map(_try_probe, my_items))
     for item, (size, reason) in zip(my_items, probed, strict=True):
         if reason is None:
             try:

@@ -1,4 +1,6 @@
-"""`sdxs prepare`: a folder of image–caption pairs -> a latent cache (see `sdxs.data.shards` for the format).
+"""`sdxs prepare`: image–caption pairs -> a latent cache (see `sdxs.data.shards` for the format).
+
+The pairs come from a folder, WebDataset tar shards or a local Hugging Face dataset (`sdxs.data.sources`).
 
 Each image is encoded once by the VAE encoder and each caption once by the text encoder, with the pipeline's own
 `encode_text` and `load_rgb_image`, so training reads small tensors and cannot drift from inference.
@@ -7,11 +9,11 @@ Each image is encoded once by the VAE encoder and each caption once by the text 
 
 Only the VAE, the text encoder and the tokenizer are loaded, never the UNet. The work is split in shards of one
 bucket each; a shard is written with temp file + rename, so a rerun skips every finished shard and a crash never
-leaves half a shard. `num_shards` / `shard_index` split the files over machines (interleaved by sorted path);
+leaves half a shard. `num_shards` / `shard_index` split the files over machines (interleaved by sorted key);
 `merge` combines their manifests.
 
 The parts live in `encoders` (the model's VAE/text encoder and their batched calls), `planning` (buckets and
-shards), `shard_encoding` (one shard's tensors), `cache_folder` (resume, foreign-cache refusal, leftovers) and
+shards), `sources` (the readers of each input format), `shard_encoding` (one shard's tensors), `cache_folder` (resume, foreign-cache refusal, leftovers) and
 `manifest` (`build_manifest`, `merge`); this module runs them in order.
 """
 
@@ -32,6 +34,7 @@ from sdxs.data.manifest import build_manifest, merge
 from sdxs.data.planning import ShardPlan, assign_bucket, plan_shards, plan_worker, probe_size
 from sdxs.data.shard_encoding import encode_shard, load_pixels
 from sdxs.data.shards import MANIFEST_NAME, atomic_save, partial_manifest_name, read_shard_meta
+from sdxs.data.sources import SOURCE_FORMATS, scan_source
 from sdxs.files import write_json
 
 __all__ = [  # the names `from sdxs.data.prepare import ...` has always offered
@@ -69,6 +72,8 @@ def prepare(
     max_upscale: float = 1.25,
     background: tuple[int, int, int] = (255, 255, 255),
     caption_column: str = "text",
+    source_format: str = "auto",
+    image_column: str = "image",
     shard_size: int = 512,
     num_shards: int = 1,
     shard_index: int = 0,
@@ -81,10 +86,12 @@ def prepare(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     r"""
-    Encode the images and captions under `src` into a latent cache in `out`.
+    Encode the images and captions of `src` into a latent cache in `out`.
 
     Args:
-        src: folder of images with captions (`.txt` sidecars or metadata.jsonl/csv, see `scan_folder`).
+        src: folder of images with captions (`.txt` sidecars or metadata.jsonl/csv, see `scan_folder`); or
+            WebDataset `.tar` shards (a folder of them, one file or a brace pattern); or a local Hugging Face dataset
+            (a `save_to_disk` folder, or `.parquet` / `.arrow` files). See `sdxs.data.sources`.
         out: cache folder; reruns resume (finished shards are kept, the rest is made).
         model: an exported SDXS model folder; only vae/, text_encoder/ and tokenizer/ are loaded.
         pipe: an in-memory SDXSPipeline instead of `model` (used as it is: no device or dtype change).
@@ -97,9 +104,11 @@ def prepare(
         allow_upscale: keep images that need more than `max_upscale` upscaling to fill their bucket's encoder input.
         max_upscale: the largest tolerated upscale of an image onto the encoder input (bucket / 2 for 8x/16x).
         background: RGB colour transparent images are composited on.
-        caption_column: caption column of metadata.jsonl / metadata.csv.
+        caption_column: caption column of metadata.jsonl / metadata.csv, or of the Hugging Face dataset.
+        source_format: "folder", "webdataset", "hf", or "auto" (from `src`, see `sources.detect_format`).
+        image_column: image column of the Hugging Face dataset (`datasets.Image`, bytes or file paths).
         shard_size: at most this many images per shard (one bucket per shard).
-        num_shards, shard_index: make only this worker's part (every `num_shards`-th file by sorted path) and write
+        num_shards, shard_index: make only this worker's part (every `num_shards`-th input by sorted key) and write
             `manifest.{index}-of-{N}.json`; run `merge` when all parts are done.
         offload_text_encoder: move the text encoder to the CPU during each shard's VAE pass (small GPUs).
         storage_dtype: dtype of latents and embeddings in the shards (float16; bfloat16 where float16 overflows).
@@ -115,26 +124,30 @@ def prepare(
     Returns:
         The manifest (also written to `out/manifest.json`, or the partial manifest of this worker).
     """
-    src, out = Path(src), Path(out)
-    _check_args(model, pipe, batch_size, shard_size, num_shards, shard_index, max_upscale)
+    out = Path(out)
+    _check_args(model, pipe, batch_size, shard_size, num_shards, shard_index, max_upscale, source_format)
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    enc = _load_encoders(model, pipe, device, dtype, offload_text_encoder)
 
-    # 1. Buckets and fingerprint
+    # 1. The inputs (scanned before the model loads: a wrong `src` fails fast), buckets and fingerprint
+    fmt, items, scan_skipped = scan_source(src, source_format, caption_column, image_column)
+    enc = _load_encoders(model, pipe, device, dtype, offload_text_encoder)
     buckets = _buckets(enc, min_side, max_side, step, max_area)
     fingerprint = model_fingerprint(enc.vae, enc.text_encoder, enc.text_recipe, enc.tokenizer)
     options = _options(
         enc, buckets, allow_upscale, max_upscale, background, caption_column, shard_size, storage_dtype, image_embeds
     )
+    if fmt == "hf":  # a row's key is its number: another image column would resume into the wrong images
+        options["image_column"] = image_column
 
-    # 2. This worker's files, their sizes and buckets (file headers only), cut into shards
+    # 2. This worker's inputs, their sizes and buckets (image headers only), cut into shards
     ratio = enc.scale_factors[1] // enc.scale_factors[0]
     max_up = None if allow_upscale else max_upscale
     plans, skipped = plan_worker(
-        src, caption_column, buckets, ratio, max_up, shard_size, shard_index, num_shards, num_workers
+        items, scan_skipped, buckets, ratio, max_up, shard_size, shard_index, num_shards, num_workers
     )
+    del items, scan_skipped  # the plans hold this worker's items
 
     # 3. Resume: keep finished shards made with the same model and options; refuse (or, with `overwrite`, clear)
     # a cache made with another model or other options before anything in `out` changes
@@ -160,7 +173,7 @@ def prepare(
     return manifest
 
 
-def _check_args(model, pipe, batch_size, shard_size, num_shards, shard_index, max_upscale) -> None:
+def _check_args(model, pipe, batch_size, shard_size, num_shards, shard_index, max_upscale, source_format) -> None:
     if (model is None) == (pipe is None):
         raise ValueError("Pass exactly one of `model` (a model folder) and `pipe` (an SDXSPipeline).")
     if batch_size < 1 or shard_size < 1:
@@ -169,6 +182,8 @@ def _check_args(model, pipe, batch_size, shard_size, num_shards, shard_index, ma
         raise ValueError(f"`shard_index` must be in [0, num_shards={num_shards}), got {shard_index}.")
     if max_upscale < 1:
         raise ValueError(f"`max_upscale` must be >= 1 (1 = never upscale), got {max_upscale}.")
+    if source_format not in SOURCE_FORMATS:
+        raise ValueError(f"`source_format` must be one of {', '.join(SOURCE_FORMATS)}, got {source_format!r}.")
 
 
 def _load_encoders(model, pipe, device: torch.device, dtype, offload_text_encoder: bool) -> Encoders:

@@ -13,12 +13,15 @@ from sdxs.data.encoders import Encoders, encode_captions, encode_images, encode_
 from sdxs.data.folder import FolderItem
 from sdxs.data.planning import ShardPlan, skip_reason
 from sdxs.data.shards import to_storage
+from sdxs.data.sources import SourceItem, item_image
 from sdxs.pipeline import load_rgb_image
 
 
-def load_pixels(item: FolderItem, encoder_size: tuple[int, int], background: tuple[int, int, int]) -> np.ndarray:
+def load_pixels(
+    item: FolderItem | SourceItem, encoder_size: tuple[int, int], background: tuple[int, int, int]
+) -> np.ndarray:
     """The image as uint8 (H, W, 3) at the encoder input size: RGB conversion, Lanczos resize, centre crop."""
-    image = load_rgb_image(item.path, background=background)
+    image = load_rgb_image(item_image(item), background=background)
     return np.asarray(resize_and_crop(image, encoder_size), dtype=np.uint8)
 
 
@@ -78,7 +81,7 @@ def encode_shard(
     return tensors, meta
 
 
-def _encode_pixels(vae, items: list[FolderItem], loaded, batch_size: int, device, progress):
+def _encode_pixels(vae, items: list[FolderItem | SourceItem], loaded, batch_size: int, device, progress):
     """VAE-encode the loaded images in batches -> (kept items, [[rel, reason]] skipped, means, logvars)."""
     kept, skipped, batch, means, logvars = [], [], [], [], []
     for item, (pixels, reason) in zip(items, loaded, strict=True):
@@ -132,7 +135,7 @@ def _image_prompt_tensors(enc: Encoders, kept, dim: int, background, device, sto
     """`image_embeds` (N, T, D) / `image_mask` (N, T): the pipeline's `encode_image` of each written image."""
     move_to(enc.text_encoder, device, offload)
     if kept:
-        images = [load_rgb_image(it.path, background=background) for it in kept]
+        images = [load_rgb_image(item_image(it), background=background) for it in kept]
         img_embeds, img_mask = encode_images(enc, images, device)
     else:
         img_embeds, img_mask = torch.zeros(0, 1, dim), torch.zeros(0, 1, dtype=torch.long)

@@ -10,6 +10,11 @@ retrieves a blue one among its five nearest). This measure is strict and plain:
 - results are split by kind (`KINDS`), so that a large, easy group (skin-toned people) cannot hide the others,
   and prompts are given as the user types them (the bare name) and in the dataset's style (`NAME, 3d render`).
 
+A dataset of several styles (`sdxs data emoji --styles 3d,twemoji,noto`) is scored per style: the groups above
+on the default style (the first, whose captions have the bare name) among that style's renders, and the held-out
+(emoji, style) pairs (`holdout` "style": the emoji trained in its other styles only) as `NAME, TAG` among the
+renders of the asked style, per style and kind. With one style nothing changes.
+
 Two image-quality figures go with it, for every generation:
 
 - nearest-render distance: the RMS per pixel (RGB in [0, 1], 32x32, on white) to the nearest render. Renders are a
@@ -23,12 +28,13 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 
+from sdxs.data.emoji_styles import DEFAULT_STYLE, STYLE_TAGS
 from sdxs.eval.dataset import read_splits
 
 THUMB = 32  # side of the pixel space
@@ -69,6 +75,7 @@ class Render:
     name: str
     skin_tones: list[str]
     kind: str
+    style: str = DEFAULT_STYLE  # splits.jsonl's `style` (absent in the 3d-only dataset)
 
     @property
     def bare(self) -> str:
@@ -77,8 +84,8 @@ class Render:
 
     @property
     def exact(self) -> str:
-        """The prompt in the dataset's style: "red apple, 3d render"."""
-        return f"{self.bare}, 3d render"
+        """The prompt in the render's style: "red apple, 3d render", "red apple, flat"."""
+        return f"{self.bare}, {STYLE_TAGS.get(self.style, self.style)}"
 
 
 def load_renders(data_dir: str | os.PathLike) -> list[Render]:
@@ -90,8 +97,19 @@ def load_renders(data_dir: str | os.PathLike) -> list[Render]:
         kind = kind_of(row.get("group", ""), name, tones)
         holdout = str(row.get("holdout") or "")
         path = Path(data_dir) / row["file_name"]
-        renders.append(Render(len(renders), path, row.get("split", "train"), holdout, name, tones, kind))
+        style = row.get("style") or DEFAULT_STYLE
+        renders.append(Render(len(renders), path, row.get("split", "train"), holdout, name, tones, kind, style))
     return renders
+
+
+def styles_of(renders: Sequence[Render]) -> list[str]:
+    """The styles of the renders in file order; the first is the dataset's default style."""
+    return list(dict.fromkeys(r.style for r in renders))
+
+
+def in_style(renders: Sequence[Render], style: str) -> list[Render]:
+    """The renders of one `style`, re-indexed as a gallery of their own (the identity for a one-style dataset)."""
+    return [replace(r, index=i) for i, r in enumerate(r for r in renders if r.style == style)]
 
 
 def load_caption_lines(data_dir: str | os.PathLike, split: str = "train") -> list[list[str]]:
@@ -341,7 +359,9 @@ def strict_eval(
 
     On: training emoji per kind as bare names and exact captions (the same emoji), held-out emoji and skin tones
     (bare names), refined bare names (with the share of refined prompts that still name their emoji), and image
-    prompts of training images. The gallery is every render (train and validation).
+    prompts of training images. The gallery is every render (train and validation). A dataset of several styles:
+    all that on its default style (the gallery is that style's renders), and held-out (emoji, style) pairs as
+    exact captions ("red apple, flat") among the renders of the asked style, per style and all together.
 
     Chance level: k / gallery size (0.03% top-1, 0.15% top-5 for 3,375 renders); the refine share has no chance
     level (a refined prompt that keeps the user's words names the emoji: 100%).
@@ -352,7 +372,7 @@ def strict_eval(
         generate_images: fn(list of image paths) -> images generated from their `encode_image`; `None` skips it.
         refine: fn(list of prompts) -> refined prompts (`pipe.refine_prompts`); `None` skips the refine rows.
         per_kind: training emoji per kind (the same emoji for bare names and exact captions).
-        held_out, image_prompts, refine_per_kind: sizes of the other groups.
+        held_out, image_prompts, refine_per_kind: sizes of the other groups (`held_out`: per style for pairs).
         grid_images: bare-name generations kept for a labelled grid (taken across kinds).
         seed: the choice of emoji (generation seeds are the callables').
         progress: an object with `set_postfix_str(text)`, or `None`.
@@ -360,6 +380,8 @@ def strict_eval(
     Returns:
         [`StrictResult`].
     """
+    styles = styles_of(renders)
+    every_style, renders = renders, in_style(renders, styles[0])
     gallery = PixelGallery(renders)
     train = [r for r in renders if r.split == "train"]
     rng = random.Random(seed + 1)
@@ -370,6 +392,10 @@ def strict_eval(
         result.scores.append(score_images(gallery, images, targets, label))
         if label == "training, bare name":
             result.grid = _across_kinds(images, prompts, targets, grid_images)
+    if len(styles) > 1:
+        _stage(progress, "strict: held-out style pairs")
+        galleries = {styles[0]: gallery}
+        result.scores += style_pair_scores(every_style, generate_prompts, held_out, seed, galleries)
     if refine is not None:
         _stage(progress, "strict: refine")
         _refine_rows(result, gallery, train, refine, generate_prompts, refine_per_kind, seed)
@@ -379,6 +405,57 @@ def strict_eval(
         images = generate_images([r.path for r in pick])
         result.scores.append(score_images(gallery, images, pick, "image prompts, training images"))
     return result
+
+
+def style_pair_scores(
+    renders: Sequence[Render], generate_prompts, held_out: int = 60, seed: int = 0, galleries: dict | None = None
+) -> list[StrictScores]:
+    """What: concept x style generalisation: for held-out (emoji, style) pairs (the emoji trained in its other
+    styles only), does the exact caption of the missing style ("red apple, flat") retrieve that render among the
+    renders of that style (L2 at 32x32 on white, `score_images`)? One group per style ("held-out style pairs,
+    STYLE", per kind in its rows), and one of all styles together.
+
+    On: up to `held_out` pairs per style (fixed random choice, `seed`); `generate_prompts` as in `strict_eval`;
+    `galleries` (style -> `PixelGallery` of `in_style(renders, style)`) reuses galleries already built.
+
+    Chance level: k / the style's render count (the "all styles" group: the mean over its prompts); no groups when
+    the dataset has one style.
+    """
+    styles = styles_of(renders)
+    if len(styles) < 2:
+        return []
+    galleries = dict(galleries or {})
+    rng = random.Random(seed + 3)  # its own stream: the other groups' choice is the same with or without pairs
+    out = []
+    for style in styles:
+        own = in_style(renders, style)
+        pool = [r for r in own if r.holdout == "style"]
+        if not pool:
+            continue
+        pick = sorted(rng.sample(pool, min(held_out, len(pool))), key=lambda r: r.index)
+        if style not in galleries:
+            galleries[style] = PixelGallery(own)
+        prompts = [r.exact for r in pick]
+        scores = score_images(galleries[style], generate_prompts(prompts), pick, f"held-out style pairs, {style}")
+        scores.prompts = prompts
+        out.append(scores)
+    if len(out) > 1:
+        out.append(_merged("held-out style pairs, all styles", out))
+    return out
+
+
+def _merged(label: str, scores: Sequence[StrictScores]) -> StrictScores:
+    """Several groups as one (gallery size: the mean over the prompts, for the chance level)."""
+    n = sum(s.count for s in scores)
+    return StrictScores(
+        label,
+        np.concatenate([s.ranks for s in scores]),
+        np.concatenate([s.nearest for s in scores]),
+        np.concatenate([s.edge_ratio for s in scores]),
+        [k for s in scores for k in s.kinds],
+        round(sum(s.gallery_size * s.count for s in scores) / max(n, 1)),
+        prompts=[p for s in scores for p in s.prompts],
+    )
 
 
 def _stage(progress, text: str) -> None:
