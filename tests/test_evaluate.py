@@ -97,6 +97,15 @@ def test_edge_error_zero_for_identical_and_positive_for_a_shifted_edge():
     assert mag[5, 0].item() == 0.0 and mag[5, 15].item() == 0.0  # replicated borders: no false edge
 
 
+def test_edge_energy_ratio_one_for_identical_and_below_one_when_blurred():
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8] = 1.0  # a one-pixel line (a blurred single step keeps its mean gradient: only detail loses energy)
+    assert ev.edge_energy_ratio_per_image(x, x).item() == pytest.approx(1.0)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    assert 0 < ev.edge_energy_ratio_per_image(blurred, x).item() < 1
+    assert ev.edge_energy_ratio_per_image(x, blurred).item() > 1
+
+
 def test_kl_to_standard_normal():
     zeros = torch.zeros(1, 4, 2, 2)
     assert ev.kl_per_image(zeros, zeros).item() == 0.0  # the posterior is N(0, 1) itself
@@ -221,6 +230,64 @@ def test_evaluate_writes_every_section(tiny_pipe, fake_emoji, tmp_path):
     assert all(s.count <= 2 * len(es_kinds(result)) for s in result.strict.scores)
     assert "| training, bare name | all |" in text and "keeps the named emoji in" in text
     assert result.strict_grid_path.is_file() and "](../media/grid-strict.png)" in text
+
+
+def styled_copy(src, dst, styles: dict[str, str | None]):
+    """`src` (the fake emoji set) as a multi-style dataset: style -> image folder under the split (None: the split's
+    own folder, as the 3d renders); other styles draw the shape with a dark outline (flat-art stand-in)."""
+    rows = []
+    for style, sub in styles.items():
+        for row in map(json.loads, (src / "splits.jsonl").read_text().splitlines()):
+            split, stem = row["file_name"].split("/")
+            name = f"{split}/{sub}/{stem}" if sub else row["file_name"]
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            image = Image.open(src / row["file_name"])
+            if sub:
+                ImageDraw.Draw(image).rectangle((4, 4, SIDE - 5, SIDE - 5), outline=(0, 0, 0, 255), width=3)
+            image.save(dst / name, lossless=True)
+            rows.append({**row, "file_name": name, "style": style})
+    (dst / "splits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def test_vae_table_per_style_on_a_multi_style_dataset(tiny_pipe, fake_emoji, tmp_path):
+    from sdxs.eval.report import vae_style_table
+
+    # one style, tagged or not: the same sets, labels and numbers as before styles existed
+    plain = ev.plan_subsets(ev.load_emoji_dataset(fake_emoji), 0, 3, 3, 2, None)
+    tagged = ev.load_emoji_dataset(styled_copy(fake_emoji, tmp_path / "one", {"3d": None}))
+    one = ev.plan_subsets(tagged, 0, 3, 3, 2, None)
+    assert list(plain.vae_sets) == list(one.vae_sets) == ["validation", "training"] and one.vae_styles == {}
+    for label in plain.vae_sets:
+        assert [it.path.name for it in plain.vae_sets[label]] == [it.path.name for it in one.vae_sets[label]]
+    a = ev.evaluate_vae(tiny_pipe, plain.vae_sets["training"], "training", 2)
+    b = ev.evaluate_vae(tiny_pipe, one.vae_sets["training"], "training", 2, style="3d")
+    assert a.rows == b.rows and a.psnr_wins == b.psnr_wins and (a.style, b.style) == ("", "3d")
+
+    # two styles: each set within one style, the training sets drawn per style with the same seed
+    items = ev.load_emoji_dataset(styled_copy(fake_emoji, tmp_path / "two", {"3d": None, "flat": "flat"}))
+    assert ev.styles_of(items) == ["3d", "flat"] and len(items) == 24
+    plan = ev.plan_subsets(items, 0, 3, 3, 2, None)
+    assert list(plan.vae_sets) == ["3d validation", "flat validation", "3d training", "flat training"]
+    for label, subset in plan.vae_sets.items():
+        assert {it.style for it in subset} == {plan.vae_styles[label]} == {label.split()[0]}
+    assert [len(s) for s in plan.vae_sets.values()] == [4, 4, 3, 3]
+    names = {label: [it.path.name for it in s] for label, s in plan.vae_sets.items()}
+    assert names["3d training"] == names["flat training"]  # same emoji in each style: the comparison is paired
+
+    # the style filter: all items in, one style's numbers out (the same as that style's items alone)
+    train = [it for it in items if it.split == "train"]
+    flat = ev.evaluate_vae(tiny_pipe, train, "flat training", 4, style="flat", keep=6)
+    alone = ev.evaluate_vae(tiny_pipe, [it for it in train if it.style == "flat"], "flat training", 4)
+    assert flat.count == 8 and flat.rows == alone.rows and flat.style == "flat" and alone.samples == {}
+    assert [len(v) for v in flat.samples.values()] == [6, 6, 6] and flat.samples["VAE"][5].shape == (SIDE, SIDE, 3)
+    assert all(r["EdgeEnergy"] > 0 for r in flat.rows.values())
+    with pytest.raises(ValueError, match="no images"):
+        ev.evaluate_vae(tiny_pipe, train, "x", 4, style="noto")
+
+    table = vae_style_table([a, flat])
+    assert table[2].startswith("| set | n | PSNR VAE | PSNR bicubic |") and len(table) == 4 + 2 + 1
+    assert table[5].startswith("| flat training | 8 | ") and table[5].count("|") == 8
 
 
 def es_kinds(result) -> set[str]:

@@ -3,7 +3,8 @@
 One module per measurement; each measurement is a function whose docstring says what it measures, on what, and its
 chance level:
 
-- `vae`: `evaluate_vae`, the R/2 -> R reconstruction against bicubic 2x (MSE, PSNR, Sobel edge error, KL);
+- `vae`: `evaluate_vae`, the R/2 -> R reconstruction against bicubic 2x (MSE, PSNR, Sobel edge error and energy,
+  KL), per style on a multi-style dataset (`suite.vae_subsets`);
 - `fidelity`: `prompt_fidelity` (captions -> generation -> retrieval of the prompted emoji in a lenient CIELAB
   feature space), `split_by_kind` (people with skin tones / flags / other), `feature_ceiling` (the feature
   space's best case: reconstructions retrieving their original);
@@ -20,7 +21,15 @@ group) and `refine_prompts`' sampling.
 """
 
 from sdxs.eval.cli import EPILOG, cmd_eval, register
-from sdxs.eval.dataset import HOLDOUT_EMOJI, HOLDOUT_TONE, EmojiItem, load_emoji_dataset, load_image01, pick_subset
+from sdxs.eval.dataset import (
+    HOLDOUT_EMOJI,
+    HOLDOUT_TONE,
+    EmojiItem,
+    load_emoji_dataset,
+    load_image01,
+    pick_subset,
+    styles_of,
+)
 from sdxs.eval.features import (
     FEATURE_SIDE,
     HIST_BINS,
@@ -49,6 +58,7 @@ from sdxs.eval.image_prompts import image_prompt_fidelity
 from sdxs.eval.metrics import (
     bicubic_upscale2x,
     downsample2x,
+    edge_energy_ratio_per_image,
     edge_error_per_image,
     kl_per_image,
     mse_per_image,
@@ -66,7 +76,7 @@ from sdxs.eval.report import (
     write_report,
 )
 from sdxs.eval.strict import StrictResult, StrictScores, strict_eval
-from sdxs.eval.suite import EvalPlan, evaluate, plan_subsets, strict_fidelity
+from sdxs.eval.suite import EvalPlan, evaluate, plan_subsets, strict_fidelity, vae_subsets
 from sdxs.eval.vae import VAEResult, evaluate_vae
 
 __all__ = [
@@ -98,6 +108,7 @@ __all__ = [
     "cmd_eval",
     "describe_hardware",
     "downsample2x",
+    "edge_energy_ratio_per_image",
     "edge_error_per_image",
     "evaluate",
     "evaluate_vae",
@@ -125,7 +136,9 @@ __all__ = [
     "srgb_to_lab",
     "strict_eval",
     "strict_fidelity",
+    "styles_of",
     "thumbnail_features",
     "topk_percent",
+    "vae_subsets",
     "write_report",
 ]

@@ -27,6 +27,7 @@ class EmojiItem:
     holdout: str
     name: str
     caption: str  # the first caption line: "<name>, 3d render"
+    style: str = ""  # the row's `style` ("3d", "twemoji", ...) on a multi-style dataset; "" when the row has none
 
 
 Groups = dict[str, Sequence[EmojiItem]]  # labelled groups of items, e.g. "training captions (200)" -> its items
@@ -62,8 +63,16 @@ def load_emoji_dataset(data_dir: str | os.PathLike) -> list[EmojiItem]:
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image {path} does not exist")
         holdout = str(row.get("holdout") or "").replace("_", " ")
-        items.append(EmojiItem(len(items), path, row.get("split", "train"), holdout, row.get("name", ""), caption))
+        style = str(row.get("style") or "")
+        items.append(
+            EmojiItem(len(items), path, row.get("split", "train"), holdout, row.get("name", ""), caption, style)
+        )
     return items
+
+
+def styles_of(items: Sequence[EmojiItem]) -> list[str]:
+    """The distinct styles of `items` in first-seen order (`[""]` for a dataset whose rows have none)."""
+    return list(dict.fromkeys(it.style for it in items))
 
 
 def load_image01(path: str | os.PathLike, size: int | None = None) -> np.ndarray:

@@ -36,6 +36,12 @@ def edge_error_per_image(a, b):
     return (sobel_magnitude(a) - sobel_magnitude(b)).abs().flatten(1).mean(1)
 
 
+def edge_energy_ratio_per_image(a, b):
+    """Edge energy of `a` over that of `b`, per image: mean Sobel magnitude ratio, (B, C, H, W) x2 -> (B,).
+    1 is as sharp as `b`; below 1 blurred, above 1 over-sharpened or noisy (a flat `b` counts as energy 1e-12)."""
+    return sobel_magnitude(a).flatten(1).mean(1) / sobel_magnitude(b).flatten(1).mean(1).clamp_min(1e-12)
+
+
 def kl_per_image(mean, logvar):
     """KL(N(mean, exp(logvar)) || N(0, 1)) averaged over latent elements, per image: (B, C, h, w) x2 -> (B,)."""
     mean, logvar = mean.double(), logvar.double()

@@ -10,11 +10,11 @@ import datetime
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdxs.eval import strict as eval_strict
-from sdxs.eval.dataset import HOLDOUT_EMOJI, HOLDOUT_TONE, EmojiItem, load_emoji_dataset, pick_subset
+from sdxs.eval.dataset import HOLDOUT_EMOJI, HOLDOUT_TONE, EmojiItem, load_emoji_dataset, pick_subset, styles_of
 from sdxs.eval.features import RetrievalIndex, gallery_features
 from sdxs.eval.fidelity import feature_ceiling, prompt_fidelity, split_by_kind
 from sdxs.eval.generation import (
@@ -40,6 +40,7 @@ class EvalPlan:
     vae_sets: dict[str, list[EmojiItem]]
     image_sets: dict[str, list[EmojiItem]]
     caption_set: list[EmojiItem]
+    vae_styles: dict[str, str] = field(default_factory=dict)  # VAE set label -> its style (multi-style data only)
 
     @property
     def total(self) -> int:
@@ -69,15 +70,44 @@ def plan_subsets(
         "held-out emoji": pick_subset([it for it in items if it.holdout == HOLDOUT_EMOJI], cap(None), seed),
         "held-out skin-tone variants": pick_subset([it for it in items if it.holdout == HOLDOUT_TONE], cap(None), seed),
     }
-    vae_sets = {"validation": pick_subset(validation, cap(None), seed)}
-    if vae_train_images and cap(vae_train_images):
-        vae_sets["training"] = pick_subset(train, cap(vae_train_images), seed + 1)
+    vae_sets, vae_styles = vae_subsets(train, validation, seed, cap(vae_train_images) if vae_train_images else 0, cap)
     image_sets = {
         "training images": pick_subset(caption_set, cap(image_prompts), seed + 2),
         "validation images": pick_subset(validation, cap(image_prompts), seed + 2),
     }
     image_sets = {k: v for k, v in image_sets.items() if v}
-    return EvalPlan(items, prompt_groups, vae_sets, image_sets, caption_set)
+    return EvalPlan(items, prompt_groups, vae_sets, image_sets, caption_set, vae_styles)
+
+
+def vae_subsets(
+    train: Sequence[EmojiItem], validation: Sequence[EmojiItem], seed: int, train_images: int, cap=lambda n: n
+) -> tuple[dict[str, list[EmojiItem]], dict[str, str]]:
+    """The VAE table's image sets -> (label -> items, label -> style).
+
+    One style (every 3d-only dataset): "validation" (the whole split, capped by `cap(None)`) and "training" (a fixed
+    random `train_images` of the split, seed `seed + 1`; none when 0), the style map empty. Several styles (`sdxs
+    data emoji --styles`): the same two sets per style, drawn within that style with the same seeds
+    ("3d validation", "twemoji validation", ..., then "3d training", ...); a style without images in a split has no
+    set there.
+    """
+    styles = styles_of([*train, *validation])
+    if len(styles) <= 1:
+        sets = {"validation": pick_subset(validation, cap(None), seed)}
+        if train_images:
+            sets["training"] = pick_subset(train, train_images, seed + 1)
+        return sets, {}
+    sets, style_of = {}, {}
+    for split, pool, n, split_seed in (
+        ("validation", validation, cap(None), seed),
+        ("training", train, train_images, seed + 1),
+    ):
+        if split == "training" and not train_images:
+            continue
+        for style in styles:
+            chosen = pick_subset([it for it in pool if it.style == style], n, split_seed)
+            if chosen:
+                sets[f"{style} {split}"], style_of[f"{style} {split}"] = chosen, style
+    return sets, style_of
 
 
 def strict_fidelity(pipe, data_dir, gen: GenerationSettings, per_kind: int, limit: int | None, refine: bool, progress):
@@ -189,7 +219,8 @@ def _measure(pipe, plan: EvalPlan, gen, data_dir, bar, refine_prompts, refine_ma
     vae_results, oracle = [], []
     for label, subset in plan.vae_sets.items():
         bar.set_postfix_str(f"vae {label}")
-        vae_results.append(evaluate_vae(pipe, subset, label, gen.batch_size, bar, resolution=vae_res))
+        style = plan.vae_styles.get(label)
+        vae_results.append(evaluate_vae(pipe, subset, label, gen.batch_size, bar, resolution=vae_res, style=style))
         oracle += feature_ceiling(index, vae_results[-1], subset, vae_res)
     # 3. Prompt fidelity, and the training captions split by kind
     prompts, samples = prompt_fidelity(pipe, index, plan.prompt_groups, gen, bar)
