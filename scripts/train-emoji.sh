@@ -36,7 +36,7 @@ RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
 V3_STEPS=${V3_STEPS:-2000}  # the run in progress: see CHANGELOG.md
-DEFAULT_STEPS=${DEFAULT_STEPS:-40}
+DEFAULT_STEPS=${DEFAULT_STEPS:-8}  # from bench/bench_steps.py (docs/benchmarks.md, "Steps")
 SMOKE=${SMOKE:-0}
 # overrides every training stage gets (smoke: small batches, no periodic checkpoints; GPU: bf16 autocast)
 EXTRA=()
@@ -155,7 +155,7 @@ fi
 
 if [[ "${V3:-0}" == 0 ]]; then
   if stage export "fp16 hub folder in $OUT (the model at the root)"; then
-    sdxs init "$OUT" --base "$RUN/model" --dtype fp16
+    sdxs init "$OUT" --base "$RUN/model" --dtype fp16 --default-steps "$DEFAULT_STEPS"
     mark export
   fi
   log "done: $OUT"
@@ -171,14 +171,7 @@ if stage unet-v3 "v3: normalised tokenizer, the UNet on prompts as people type t
 fi
 
 if stage export-v3 "fp16 hub folder of v3 in $OUT"; then
-  sdxs init "$OUT" --base "$RUN/model-v3" --unet "$RUN/unet-v3" --dtype fp16
-  python - "$OUT/model_index.json" "$DEFAULT_STEPS" <<'PY'
-import json, sys
-path, steps = sys.argv[1], int(sys.argv[2])
-index = json.load(open(path))
-index["default_num_inference_steps"] = steps  # chosen from bench/bench_steps.py's curve (docs/benchmarks.md)
-open(path, "w").write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-PY
+  sdxs init "$OUT" --base "$RUN/model-v3" --unet "$RUN/unet-v3" --dtype fp16 --default-steps "$DEFAULT_STEPS"
   mark export-v3
 fi
 log "done: $OUT"

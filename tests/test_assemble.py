@@ -106,3 +106,19 @@ def test_shift_sets_the_scheduler_of_a_based_folder(tmp_path, tiny_hub_dir):
     assert all(torch.equal(base_unet[k], v) for k, v in read_weights(out / "unet").items())  # only the shift changed
     with pytest.raises(ValueError, match="--shift"):
         assemble(tmp_path / "bad", base=tiny_hub_dir, shift=0.0, verify=False)
+
+
+def test_default_steps_is_the_models_own_and_is_kept_by_later_inits(tmp_path, tiny_hub_dir):
+    """`sdxs init --default-steps N` writes the step count `__call__` takes when none is given; a folder built on it
+    keeps it."""
+    from sdxs.model_folder import load_local_pipeline
+
+    assert main(["init", str(tmp_path / "m"), "--base", str(tiny_hub_dir), "--default-steps", "3", "--no-verify"]) == 0
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["default_num_inference_steps"] == 3
+    pipe = load_local_pipeline(tmp_path / "m", dtype=torch.float32)
+    seen = []
+    pipe("a cat", seed=0, callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert len(seen) == 3
+    again = assemble(tmp_path / "again", base=tmp_path / "m", verify=False)
+    assert json.loads((again / "model_index.json").read_text())["default_num_inference_steps"] == 3
+    assert main(["init", str(tmp_path / "x"), "--base", str(tiny_hub_dir), "--default-steps", "0"]) == 2

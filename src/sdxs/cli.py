@@ -318,6 +318,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         shift=args.shift,
         text_normalization=None if args.text_normalization is None else _names(args.text_normalization),
+        default_steps=args.default_steps,
     )
     print(out)
     return 0

@@ -204,5 +204,11 @@ def add_init_parser(sub, func: Handler) -> None:
         help="how the tokenizer reads text: comma list of nfkc, lowercase, prefix-space ('' for none); our own "
         "byte-level tokenizers only (default: as the base's or the preset's)",
     )
+    p.add_argument(
+        "--default-steps",
+        type=positive_int,
+        metavar="N",
+        help="Euler steps the model takes when none are given (default: as the base's; bench/bench_steps.py)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")

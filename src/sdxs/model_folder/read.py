@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-PIPELINE_CONFIG_KEYS = ("text_recipe", "default_width", "default_height", "refine_instruction")
+PIPELINE_CONFIG_KEYS = (
+    "text_recipe",
+    "default_width",
+    "default_height",
+    "default_num_inference_steps",
+    "refine_instruction",
+)
 CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-0000200/: one complete checkpoint (state.json written last)
 
 

@@ -54,6 +54,7 @@ def assemble(
     verify: bool = True,
     shift: float | None = None,
     text_normalization: list[str] | None = None,
+    default_steps: int | None = None,
 ) -> Path:
     """Write a model folder to `out` from `base` (or fresh `preset` components) with the given components swapped in.
 
@@ -63,7 +64,8 @@ def assemble(
     is built to fit. `shift` sets the scheduler's noise shift (training reads it from the model folder, so it must
     be set before a UNet is trained for it). `text_normalization` sets how the tokenizer reads text
     (`sdxs.tokenizer.TEXT_NORMALIZATIONS`; our own byte-level tokenizers only): the text encoder and the UNet then
-    need fine-tuning to the new token forms.
+    need fine-tuning to the new token forms. `default_steps` is the step count `__call__`, the CLI, the server and
+    the eval take when none is given (`default_num_inference_steps`; choose it from `bench/bench_steps.py`'s curve).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -74,6 +76,8 @@ def assemble(
         raise ValueError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}.")
     if shift is not None and not shift > 0:
         raise ValueError(f"--shift must be > 0, got {shift}.")
+    if default_steps is not None and not (isinstance(default_steps, int) and default_steps >= 1):
+        raise ValueError(f"--default-steps must be a whole number >= 1, got {default_steps!r}.")
     p = get_preset(preset)
     given = {k: v for k, v in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)) if v is not None}
     folders = {name: resolve_component(src, name) for name, src in given.items()}
@@ -114,6 +118,8 @@ def assemble(
     if text_normalization is not None:
         normalize_tokenizer(pipe.tokenizer, text_normalization)
         sources["tokenizer"] += f" (normalization: {', '.join(text_normalization) or 'none'})"
+    if default_steps is not None:
+        pipe.register_to_config(default_num_inference_steps=default_steps)
     extra = {"assembled_by": "sdxs init", "preset": preset, "base": str(base) if base else None, "sources": sources}
     out = save_hub_layout(pipe, out, dtype=dtype, extra_config=extra, verify=verify)
     for name in COMPONENT_FOLDERS:
