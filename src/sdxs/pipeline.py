@@ -32,7 +32,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import PIL.Image
@@ -241,6 +241,23 @@ def unet_size_multiple(unet) -> int:
     return 2 ** max(num_down - 1, 0)
 
 
+def open_image_file(fp: str | os.PathLike | BinaryIO, label: str) -> PIL.Image.Image:
+    """Open an image file (a path or a binary file object): its first frame loaded, palette -> RGBA, info and EXIF
+    kept. A file that is not a readable image is a ValueError naming `label`."""
+    try:
+        with PIL.Image.open(fp) as im:
+            im.seek(0)
+            im.load()
+            image = im.copy() if im.mode != "P" else im.convert("RGBA")
+            image.info.update(im.info)
+            exif = im.getexif()
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"`image` {label} is not a readable image ({e}).") from e
+    if exif:
+        image.info["exif"] = exif.tobytes()
+    return image
+
+
 def load_rgb_image(
     image: PIL.Image.Image | np.ndarray | str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)
 ) -> PIL.Image.Image:
@@ -253,17 +270,7 @@ def load_rgb_image(
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"`image` path {path!r} does not exist or is not a file.")
-        try:
-            with PIL.Image.open(path) as im:
-                im.seek(0)
-                im.load()
-                image = im.copy() if im.mode != "P" else im.convert("RGBA")
-                image.info.update(im.info)
-                exif = im.getexif()
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"`image` file {path!r} is not a readable image ({e}).") from e
-        if exif:
-            image.info["exif"] = exif.tobytes()
+        image = open_image_file(path, f"file {path!r}")
     elif isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:

@@ -26,6 +26,7 @@ from typing import Any
 import PIL.Image
 
 from sdxs.data.folder import IMAGE_EXTENSIONS, FolderItem, caption_lines, captions_from_value, scan_folder
+from sdxs.pipeline import open_image_file
 
 SOURCE_FORMATS = ("auto", "folder", "webdataset", "hf")
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
@@ -316,18 +317,7 @@ def item_image(item: FolderItem | SourceItem) -> Path | PIL.Image.Image:
     data = item.blob.read()
     if not data:
         raise ValueError("empty file (0 bytes)")
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as im:
-            im.seek(0)
-            im.load()
-            image = im.copy() if im.mode != "P" else im.convert("RGBA")
-            image.info.update(im.info)
-            exif = im.getexif()
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"`image` {item.rel!r} is not a readable image ({e}).") from e
-    if exif:
-        image.info["exif"] = exif.tobytes()
-    return image
+    return open_image_file(io.BytesIO(data), repr(item.rel))
 
 
 def item_header(item: FolderItem | SourceItem) -> Path | io.BytesIO:

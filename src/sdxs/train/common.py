@@ -87,49 +87,22 @@ class Task:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# what `accelerate launch` sets for each engine (accelerate/commands/launch.py), whatever the device turns out to be
-_ENGINE_ENV = {
-    "FSDP": "ACCELERATE_USE_FSDP",
-    "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED",
-    "MEGATRON_LM": "ACCELERATE_USE_MEGATRON_LM",
-}
-
-
-def _requested_engine() -> str | None:
-    """The sharded engine `accelerate launch` was asked for (its config file or flags), if any."""
-    import os
-
-    return next((name for name, var in _ENGINE_ENV.items() if os.environ.get(var, "").lower() in ("1", "true")), None)
-
-
-def _refuse_sharded_engines(engine: str) -> None:
-    """Sharded engines are refused: checkpoints save the main process's optimizer state and unwrapped weights and the
-    EMA is a full copy per rank (right for DDP, where every rank holds everything, wrong for sharded training), and
-    FSDP cannot be tested on our CPU-only machines (accelerate selects FSDP for GPU launches only). docs/scale.md."""
-    if engine not in _ENGINE_ENV:
-        return
-    raise ValueError(
-        f"`accelerate launch` with {engine} is not supported by sdxs train yet: its checkpoints and EMA assume every "
-        "rank holds the full model and optimizer, and sharded checkpoints (accelerate save_state/load_state) are not "
-        "wired in. Use DDP (`accelerate launch --config_file configs/accelerate/ddp.yaml` or `--multi_gpu`): "
-        "sdxs-1b fits a 24 GB GPU with 8-bit Adam and gradient checkpointing without EMA (docs/scale.md)."
-    )
-
-
 def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
+
+    from sdxs.train.engines import refuse_sharded_engines, requested_engine
 
     if run.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"`run.mixed_precision` must be 'no', 'bf16' or 'fp16', got {run.mixed_precision!r}.")
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
     # Checked before the Accelerator is built: with no GPU, accelerate turns an FSDP launch into plain multi-process
     # CPU data parallelism (MULTI_CPU) without a word, so the launch's request is read from its environment.
-    _refuse_sharded_engines(_requested_engine() or "")
+    refuse_sharded_engines(requested_engine() or "")
     # With no accelerator present, say so: otherwise multi-process CPU launches (gloo) fall back to one process each.
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=run.mixed_precision, kwargs_handlers=kwargs, cpu=cpu)
-    _refuse_sharded_engines(accelerator.distributed_type.value)
+    refuse_sharded_engines(accelerator.distributed_type.value)
     if accelerator.device.type == "cpu":
         # Masked attention (-10000 bias) and small activations make subnormal floats; on x86 CPUs they run ~10-30x
         # slower. Flushing them to zero changes nothing a model can learn from.
