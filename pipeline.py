@@ -490,9 +490,11 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    # vision_processor: absent in the published layout (its image processor lives in tokenizer/); text_encoder and
-    # tokenizer: absent when generating from precomputed `prompt_embeds`
-    _optional_components = ["vision_processor", "text_encoder", "tokenizer"]
+    # vision_processor: absent in the published layout (its image processor lives in tokenizer/). Any component may
+    # still be passed as None (`from_pretrained(folder, text_encoder=None)` to denoise precomputed `prompt_embeds`,
+    # `unet=None, vae=None` to only encode prompts), as in diffusers' own pipelines, whose optional components are
+    # the ones a text-to-image call works without.
+    _optional_components = ["vision_processor"]
     # diffusers' contract (as StableDiffusionPipeline): with CFG "prompt_embeds" is the batched [negative, positive]
     # conditioning the UNet sees; a callback may return a replacement (e.g. SDCFGCutoffCallback keeps the last rows).
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask"]
