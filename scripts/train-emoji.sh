@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
-V3_STEPS=${V3_STEPS:-2000}  # the run in progress: see CHANGELOG.md
+V3_STEPS=${V3_STEPS:-2000}  # route v3-A, not shipped: docs/experiments-log.md, "v3"
 DEFAULT_STEPS=${DEFAULT_STEPS:-8}  # from bench/bench_steps.py (docs/benchmarks.md, "Steps")
 SMOKE=${SMOKE:-0}
 # overrides every training stage gets (smoke: small batches, no periodic checkpoints; GPU: bf16 autocast)
