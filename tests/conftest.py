@@ -69,3 +69,19 @@ def copy_model_folder(src: Path, dst: Path) -> Path:
         if isinstance(spec, list) and (src / name).is_dir():
             shutil.copytree(src / name, dst / name)
     return dst
+
+
+def slow_prepare_script(seconds: float) -> str:
+    """Python source of `sdxs <args>` with every prepare shard saved `seconds` later: a test that kills a prepare
+    run mid-way must find it still running (a tiny image encodes in a few ms)."""
+    return f"""
+import sys, time
+import sdxs.data.prepare as p
+save = p.atomic_save
+def slow_save(*args, **kwargs):
+    time.sleep({seconds})
+    return save(*args, **kwargs)
+p.atomic_save = slow_save
+from sdxs.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""

@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import slow_prepare_script
 
 from sdxs.model_folder import checkpoint_dirs, find_checkpoint
 from sdxs.train.common import read_weights
@@ -102,17 +103,7 @@ def make_images(folder: Path) -> Path:
 # `sdxs prepare` with every shard taking >= 0.1 s longer before it is saved. A tiny image encodes in a few ms, so
 # the >= 5 shards left after a kill point took less than the test's 0-50 ms delay on a busy machine and the run
 # ended by itself before the kill (a flake seen in CI); with 0.5 s left the kill lands inside the run.
-SLOW_SHARDS = """
-import sys, time
-import sdxs.data.prepare as p
-save = p.atomic_save
-def slow_save(*args, **kwargs):
-    time.sleep(0.1)
-    return save(*args, **kwargs)
-p.atomic_save = slow_save
-from sdxs.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
+SLOW_SHARDS = slow_prepare_script(0.1)
 
 
 def _files(folder: Path) -> dict[str, Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import slow_prepare_script
 from safetensors import safe_open
 
 from sdxs.data.prepare import prepare
@@ -21,17 +22,7 @@ from sdxs.data.prepare import prepare
 REPO = Path(__file__).resolve().parents[1]
 
 # atomic_save slowed by 0.3 s, so that rank 1 is still working when the test kills it after its first shard
-SLOW_SHARDS = """
-import sys, time
-import sdxs.data.prepare as p
-save = p.atomic_save
-def slow_save(*args, **kwargs):
-    time.sleep(0.3)
-    return save(*args, **kwargs)
-p.atomic_save = slow_save
-from sdxs.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
+SLOW_SHARDS = slow_prepare_script(0.3)
 
 
 def _env():
