@@ -8,7 +8,8 @@
 
 `--unet` swaps a UNet folder into the model (a checkpoint's `unet_ema/` when it has one, else its `unet/`; `--weights
 raw` for the raw weights; a run folder means its latest checkpoint), so a run's checkpoints can be scored while it
-trains. `--loss-bands CACHE` also prints the flow-matching loss per noise band on a fixed batch of that latent cache
+trains; `--text-encoder` does the same for a text encoder (with the tokenizer saved beside it: `sdxs train
+text-align` runs). `--loss-bands CACHE` also prints the flow-matching loss per noise band on a fixed batch of that latent cache
 (the same noise for every model compared).
 On a dataset of several styles (`sdxs data emoji --styles 3d,twemoji,noto`) every group is scored on the default
 style among its renders, and the held-out (emoji, style) pairs add rows per style ("held-out style pairs, twemoji":
@@ -70,6 +71,7 @@ def robust_payload(args, robust) -> dict:
     return {
         "model": args.model,
         "unet": str(args.unet) if args.unet else None,
+        "text_encoder": str(args.text_encoder) if args.text_encoder else None,
         "steps": args.steps,
         "robust_rows": [row for s in robust.scores for row in s.rows()],
         "robust_summary": robust.summary(),
@@ -84,7 +86,15 @@ def main() -> None:
     parser.add_argument("--model", default=".")
     parser.add_argument("--unet", type=Path, help="a UNet folder, training checkpoint or run folder to swap in")
     parser.add_argument(
-        "--weights", choices=("auto", "ema", "raw"), default="auto", help="a checkpoint's EMA or raw UNet (auto: EMA)"
+        "--text-encoder",
+        type=Path,
+        help="a text encoder folder, checkpoint or run folder to swap in (with its tokenizer: `sdxs train text-align`)",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("auto", "ema", "raw"),
+        default="auto",
+        help="a checkpoint's EMA or raw weights (auto: EMA)",
     )
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--per-kind", type=int, default=24)
@@ -128,6 +138,12 @@ def main() -> None:
         unet_dir = resolve_component(args.unet, "unet", args.weights)
         print(f"UNet weights: {unet_dir}", flush=True)
         pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir).eval()
+    if args.text_encoder is not None:
+        from sdxs.model_folder.read import swap_component
+
+        te_dir = resolve_component(args.text_encoder, "text_encoder", args.weights)
+        print(f"text encoder weights: {te_dir}", flush=True)
+        swap_component(pipe, "text_encoder", te_dir)
     pipe.set_progress_bar_config(disable=True)
     refine_kwargs = {} if args.min_token_prob is None else {"min_token_prob": args.min_token_prob}
     if args.cut_after_unlikely is not None:
@@ -150,7 +166,10 @@ def main() -> None:
         )
     if args.robust_only:
         print(
-            f"model {args.model}" + (f", UNet {args.unet}" if args.unet else "") + f", {args.steps} steps, "
+            f"model {args.model}"
+            + (f", UNet {args.unet}" if args.unet else "")
+            + (f", text encoder {args.text_encoder}" if args.text_encoder else "")
+            + f", {args.steps} steps, "
             f"{time.time() - t0:.0f} s\n"
         )
         print(er.markdown_table(robust))
@@ -170,7 +189,10 @@ def main() -> None:
         seed=args.seed,
     )
     print(
-        f"model {args.model}" + (f", UNet {args.unet}" if args.unet else "") + f", {args.steps} steps, "
+        f"model {args.model}"
+        + (f", UNet {args.unet}" if args.unet else "")
+        + (f", text encoder {args.text_encoder}" if args.text_encoder else "")
+        + f", {args.steps} steps, "
         f"guidance {args.guidance}, {len(renders)} renders in the gallery, {time.time() - t0:.0f} s\n"
     )
     print(es.markdown_table(result.scores))

@@ -10,6 +10,7 @@ import pytest
 from sdxs.train.config import (
     LoRATrainConfig,
     OptimConfig,
+    TextAlignTrainConfig,
     TextEncoderTrainConfig,
     UNetTrainConfig,
     VAETrainConfig,
@@ -100,5 +101,5 @@ def test_recipes_are_found():
 def test_shipped_recipes_load(path):
     kind = path.rsplit("/", 1)[-1].removesuffix(".toml").split("-")[0]  # vae-decoder.toml: a VAE recipe
     classes = {"unet": UNetTrainConfig, "vae": VAETrainConfig, "text_encoder": TextEncoderTrainConfig}
-    cls = {**classes, "lora": LoRATrainConfig}[kind]
+    cls = {**classes, "lora": LoRATrainConfig, "text": TextAlignTrainConfig}[kind]  # text-align.toml
     load_config(cls, ROOT / path)

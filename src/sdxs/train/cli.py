@@ -1,6 +1,7 @@
 """`sdxs train unet|lora|vae|text-encoder`, `sdxs export`, `sdxs push`.
 
     sdxs train unet --config configs/tiny/unet.toml [section.key=value ...] [--resume latest]
+    sdxs train text-align --config configs/emoji/text-align.toml   (the text encoder learns rewritten captions)
     sdxs train lora --config configs/emoji/lora-sepia.toml    (UNet LoRA -> RUN/export/pytorch_lora_weights.safetensors)
     accelerate launch --num_processes 2 -m sdxs.train.cli train unet --config ...    (multi-GPU / multi-node)
     sdxs export runs/unet out/ [--weights ema|raw] [--dtype fp16 --variant fp16]
@@ -17,16 +18,19 @@ import logging
 import os
 import sys
 
-TRAINERS = ("unet", "lora", "vae", "text-encoder")
+TRAINERS = ("unet", "lora", "vae", "text-encoder", "text-align")
 
 
 def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="train a UNet, UNet LoRA, VAE or text encoder (runs under accelerate launch)"
     )
-    kinds = train.add_subparsers(dest="trainer", required=True, metavar="{unet,lora,vae,text-encoder}")
+    kinds = train.add_subparsers(dest="trainer", required=True, metavar="{unet,lora,vae,text-encoder,text-align}")
     for kind in TRAINERS:
-        what = "LoRA adapters of a pretrained UNet" if kind == "lora" else f"the {kind}"
+        what = {
+            "lora": "LoRA adapters of a pretrained UNet",
+            "text-align": "the text encoder on rewritten captions, through the frozen UNet",
+        }.get(kind, f"the {kind}")
         p = kinds.add_parser(kind, help=f"train {what} (see configs/ for recipes)")
         p.add_argument("--config", help="recipe file (.toml or .json); omitted keys keep their defaults")
         p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue the run in run.output_dir exactly")
@@ -59,6 +63,7 @@ def cmd_train(args) -> int:
     from sdxs.train.common import NonFiniteLossError, TrainingStopped
     from sdxs.train.config import (
         LoRATrainConfig,
+        TextAlignTrainConfig,
         TextEncoderTrainConfig,
         UNetTrainConfig,
         VAETrainConfig,
@@ -78,6 +83,10 @@ def cmd_train(args) -> int:
         from sdxs.train.vae import train_vae as train
 
         cls = VAETrainConfig
+    elif args.trainer == "text-align":
+        from sdxs.train.text_align import train_text_align as train
+
+        cls = TextAlignTrainConfig
     else:
         from sdxs.train.text_encoder import train_text_encoder as train
 

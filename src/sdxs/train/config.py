@@ -288,6 +288,44 @@ class TextEncoderTrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Text alignment (the text encoder through the frozen UNet)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextAlignModelConfig:
+    """The model whose text encoder learns the rewrites (its UNet stays frozen; also prepare's model)."""
+
+    pretrained: str = ""  # hub folder
+    train_layers: int = -1  # decoder layers trained from the bottom (-1: every layer below text_recipe.hidden_layer)
+    # also train the token-embedding rows (special tokens excepted). Off by default: a row gets gradient only when
+    # its token is in the batch, and Adam's momentum keeps moving it for steps after, so names drift (measured)
+    train_embeddings: bool = False
+
+
+@dataclass
+class AlignConfig:
+    """What the text encoder is pulled towards and what anchors it (`sdxs.train.text_align`)."""
+
+    min_sigma: float = 0.1  # noise levels from [min_sigma, 1]: the prompt decides the picture at mid and high noise
+    anchor_weight: float = 4.0  # loss weight of exact captions and image prompts (keep what the model already does)
+    empty_weight: float = 8.0  # loss weight of the one empty prompt per batch (CFG's unconditional branch; 0: none)
+    image_prompts: int = 4  # encode_image anchors per batch (needs `sdxs prepare --image-embeds`; 0: none)
+    image_folder: str = ""  # where the cached images are ("": the folder the cache was prepared from)
+
+
+@dataclass
+class TextAlignTrainConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/text_align"))
+    model: TextAlignModelConfig = field(default_factory=TextAlignModelConfig)
+    data: LatentDataConfig = field(default_factory=lambda: LatentDataConfig(batch_size=48))
+    captions: CaptionAugmentConfig = field(default_factory=lambda: CaptionAugmentConfig(probability=0.75))
+    align: AlignConfig = field(default_factory=AlignConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50, weight_decay=0.0))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading, overrides, serialisation
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -251,15 +251,13 @@ def train_unet(cfg: UNetTrainConfig, resume: str | None = None) -> Path:
     return fit(unet_task(cfg, base, unet, accelerator), cfg, resume=resume, accelerator=accelerator)
 
 
-def unet_task(cfg, base, unet, accelerator) -> Task:
-    """The flow-matching Task for `unet` on the latent cache `cfg.data.path` (shared with the LoRA trainer).
-
-    `cfg` needs the `run`, `data`, `flow` and `sample` sections of `UNetTrainConfig`."""
+def latent_loader(cfg, accelerator):
+    """This rank's `LatentShardLoader` of the cache `cfg.data.path` (the `data` and `captions` sections)."""
     from sdxs.data.loader import LatentShardLoader
 
     if not cfg.data.path:
         raise ValueError("`data.path` is required: the latent cache written by `sdxs prepare`.")
-    loader = LatentShardLoader(
+    return LatentShardLoader(
         cfg.data.path,
         cfg.data.batch_size,
         seed=cfg.run.seed,
@@ -272,6 +270,13 @@ def unet_task(cfg, base, unet, accelerator) -> Task:
         sample_weights=cfg.data.sample_weights or None,
         caption_augment=getattr(cfg, "captions", None),
     )
+
+
+def unet_task(cfg, base, unet, accelerator) -> Task:
+    """The flow-matching Task for `unet` on the latent cache `cfg.data.path` (shared with the LoRA trainer).
+
+    `cfg` needs the `run`, `data`, `flow` and `sample` sections of `UNetTrainConfig`."""
+    loader = latent_loader(cfg, accelerator)
     loader.check_fingerprint(base)  # latents and embeddings must come from this VAE / text encoder / recipe
     encode = None
     if loader.augmenter is not None or getattr(cfg.data, "text_on_the_fly", False):

@@ -1,0 +1,249 @@
+"""Teach the text encoder the ways people phrase the captions, through the frozen UNet (`sdxs train text-align`).
+
+A model trained on exact captions answers only those strings: other phrasings of the same request ("a penguin",
+"Penguin", "penguin icon") give text states the UNet never learnt. This trainer changes the text encoder so that
+they give what the caption gave, measured where it matters, in the UNet's output. For a cached training image
+(latent x0 and its caption's embedding T(C) from `sdxs prepare`, made with this model's text encoder) and the prompt P
+the loader hands out (`[captions]`: a training-template rewrite of C, or C itself), at a random noise level s:
+
+    loss = w * || UNet(x_s, s, S(P)) - UNet(x_s, s, T(C)) ||^2       (UNet frozen; S = the text encoder trained)
+
+The target is the model's own prediction for the exact caption, not the noisy flow-matching velocity, so every sample
+says precisely "draw for P what you drew for C". Three anchors keep what the model already does: samples whose prompt
+is the exact caption (weight `align.anchor_weight`), one empty prompt per batch (CFG's unconditional branch,
+`align.empty_weight`) and a few image prompts per batch (`encode_image` of the sample's image against the cached
+image embedding, `align.image_prompts`). Only the decoder layers below the recipe's `hidden_layer` are trained (and,
+with `model.train_embeddings`, the token-embedding rows less the special tokens); the layers above it, the final
+norm and the vision tower are untouched.
+
+    sdxs prepare DATA CACHE --model MODEL --image-embeds
+    sdxs train text-align --config configs/emoji/text-align.toml model.pretrained=MODEL data.path=CACHE
+    sdxs export RUN OUT           # MODEL with the trained text encoder
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from sdxs.model_folder import load_base_pipeline
+from sdxs.train.common import Task, fit, make_accelerator
+from sdxs.train.config import TextAlignTrainConfig
+from sdxs.train.unet import Endless, latent_loader
+
+logger = logging.getLogger("sdxs.train")
+
+
+class PromptEncoder(torch.nn.Module):
+    """The pipeline's text and image conditioning as one module (one forward per step, as DDP wants)."""
+
+    def __init__(self, text_encoder, tokenizer, vision_processor, recipe: dict):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.tokenizer, self.vision_processor, self.recipe = tokenizer, vision_processor, dict(recipe)
+
+    def forward(self, prompts: list[str], images: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds (B + N, 1 + L, D), mask): `encode_text` of the prompts, then `encode_images` of the images,
+        trimmed to the longest real length."""
+        from sdxs.pipeline import encode_images, encode_text
+
+        parts = [encode_text(self.text_encoder, self.tokenizer, list(prompts), self.recipe)]
+        if images:
+            parts.append(encode_images(self.text_encoder, self.tokenizer, self.vision_processor, images, self.recipe))
+        return cat_text(parts)
+
+
+def cat_text(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate (embeds, mask) pairs along the batch, all trimmed or zero-padded to the longest real length."""
+    from sdxs.data.loader import pad_text
+
+    n = max(int(m.sum(1).max()) for _, m in parts if len(m))
+    parts = [pad_text(e, m, n) for e, m in parts]
+    return torch.cat([e.float() for e, _ in parts]), torch.cat([m.long() for _, m in parts])
+
+
+def select_trainable(
+    text_encoder, hidden_layer: int, train_layers: int, special_ids: list[int], embeddings: bool = False
+) -> str:
+    """Freeze all but the lowest decoder layers (and with `embeddings` the token embeddings, whose special-token rows
+    get no gradient).
+
+    `train_layers` -1: every layer below `hidden_layer` (the ones the UNet reads), else that many from the bottom.
+    Returns a one-line description."""
+    lm = text_encoder.model.language_model
+    n_total = len(lm.layers)
+    feeding = n_total + hidden_layer + 1 if hidden_layer < 0 else hidden_layer  # hidden_states[0] = embeddings
+    n = feeding if train_layers < 0 else train_layers
+    if not 0 <= n <= n_total:
+        raise ValueError(f"`model.train_layers` must be -1 or in [0, {n_total}], got {train_layers}.")
+    text_encoder.requires_grad_(False)
+    what = []
+    if embeddings:
+        emb = lm.embed_tokens.weight
+        emb.requires_grad_(True)
+        if special_ids:
+            rows = torch.tensor(sorted(special_ids), device=emb.device)
+            emb.register_hook(lambda g: g.index_fill(0, rows.to(g.device), 0))
+        what.append(f"token embeddings (less {len(special_ids)} special rows)")
+    for layer in lm.layers[:n]:
+        layer.requires_grad_(True)
+    if n:
+        what.append(f"decoder layers 0-{n - 1}")
+    count = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
+    if not count:
+        raise ValueError("nothing to train: set `model.train_layers` > 0 or `model.train_embeddings = true`.")
+    return f"{' + '.join(what)}, {count / 1e6:.2f}M parameters"
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's special and added tokens (pad, vision markers, chat markers)."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def image_source(cfg: TextAlignTrainConfig, loader) -> Path | None:
+    """The folder of the cached images (for image-prompt anchors): `align.image_folder` or the cache's source."""
+    if cfg.align.image_prompts <= 0:
+        return None
+    if not loader.has_image_embeds:
+        raise ValueError(
+            f"`align.image_prompts` is {cfg.align.image_prompts} but the latent cache {cfg.data.path!r} holds no image "
+            "embeddings: make it with `sdxs prepare ... --image-embeds` (or set align.image_prompts=0)."
+        )
+    folder = Path(cfg.align.image_folder or loader.manifest.get("source", ""))
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"the images of {cfg.data.path!r} are not at {str(folder)!r}: set `align.image_folder` to the folder "
+            "`sdxs prepare` read (or align.image_prompts=0)."
+        )
+    return folder
+
+
+def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
+    """The Task: a `PromptEncoder` around `base.text_encoder` (partly trainable), the frozen UNet in the loss."""
+    from sdxs.data.loader import pad_text
+    from sdxs.pipeline import load_rgb_image, sigma_to_timestep
+
+    if not cfg.model.pretrained:
+        raise ValueError("`model.pretrained` is required: the model whose text encoder is trained (and its UNet).")
+    if cfg.captions.probability <= 0:
+        raise ValueError(
+            "`captions.probability` must be > 0: the rewrites of the captions are what the text encoder learns "
+            "(with 0 every prompt is the exact caption and there is nothing to learn)."
+        )
+    a = cfg.align
+    if not 0.0 <= a.min_sigma < 1.0:
+        raise ValueError(f"`align.min_sigma` must be in [0, 1), got {a.min_sigma}.")
+    if a.anchor_weight < 0 or a.empty_weight < 0:
+        raise ValueError("`align.anchor_weight` and `align.empty_weight` must be >= 0.")
+    if base.text_encoder is None or base.unet is None:
+        raise ValueError(f"{cfg.model.pretrained!r} needs both a text encoder and a UNet for `sdxs train text-align`.")
+    loader = latent_loader(cfg, accelerator)
+    loader.check_fingerprint(base)  # the cached embeddings are the targets: they must be this text encoder's
+    images_dir = image_source(cfg, loader)
+    background = tuple(loader.manifest.get("options", {}).get("background", (255, 255, 255)))  # as prepare saw them
+    recipe = base.config.text_recipe
+    te = base.text_encoder.float().to(accelerator.device)
+    described = select_trainable(
+        te,
+        int(recipe["hidden_layer"]),
+        cfg.model.train_layers,
+        special_token_ids(base.tokenizer),
+        embeddings=cfg.model.train_embeddings,
+    )
+    te.train()
+    model = PromptEncoder(te, base.tokenizer, base.vision_processor, recipe)
+    unet = base.unet.float().to(accelerator.device).eval().requires_grad_(False)
+    empty = loader.empty_prompt()  # (1, 1+L, D): the cache's empty prompt, CFG's unconditional branch
+    if accelerator.is_main_process:
+        logger.info(
+            "text-align: %s; %.0f%% of prompts rewritten, anchors x%g, empty prompt x%g, %d image prompt(s) per "
+            "batch; %d samples",
+            described,
+            100 * cfg.captions.probability,
+            a.anchor_weight,
+            a.empty_weight,
+            a.image_prompts if images_dir else 0,
+            loader.num_samples,
+        )
+
+    def loss_fn(model, batch, generator):
+        device = generator.device
+        prompts = list(batch.get("prompts", batch["captions"]))
+        b = len(prompts)
+        exact = torch.tensor([p == c for p, c in zip(prompts, batch["captions"], strict=True)], device=device)
+        teacher = [(batch["embeds"].float(), batch["mask"])]
+        if a.empty_weight > 0:  # the first sample asks for nothing
+            prompts[0] = ""
+            e, m = cat_text([teacher[0], empty])
+            teacher = [(torch.cat([e[-1:], e[1:b]]), torch.cat([m[-1:], m[1:b]]))]
+        k = min(a.image_prompts, b) if images_dir else 0
+        images = [load_rgb_image(images_dir / key, background=background) for key in batch["keys"][:k]]
+        if k:
+            teacher.append((batch["image_embeds"][:k].float(), batch["image_mask"][:k]))
+        t_emb, t_mask = cat_text(teacher)
+        s_emb, s_mask = model(prompts, images)
+        n = max(t_emb.shape[1], s_emb.shape[1])
+        t_emb, t_mask = pad_text(t_emb.to(device), t_mask.to(device), n)
+        s_emb, s_mask = pad_text(s_emb, s_mask, n)
+        latents = batch["latents"].to(device, torch.float32)
+        latents = torch.cat([latents, latents[:k]])
+        sigmas = a.min_sigma + (1 - a.min_sigma) * torch.rand(latents.shape[0], generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        s = sigmas.view(-1, 1, 1, 1)
+        noisy, timesteps = (1 - s) * latents + s * noise, sigma_to_timestep(sigmas)
+        with torch.no_grad():
+            target = unet(noisy, timesteps, encoder_hidden_states=t_emb, encoder_attention_mask=t_mask).sample
+        pred = unet(noisy, timesteps, encoder_hidden_states=s_emb, encoder_attention_mask=s_mask).sample
+        per = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B + k,)
+        weight = torch.ones_like(per)
+        weight[:b][exact] = a.anchor_weight
+        weight[b:] = a.anchor_weight
+        if a.empty_weight > 0:
+            weight[0] = a.empty_weight
+        loss = (weight * per).sum() / weight.sum()
+        rewritten = ~exact
+        if a.empty_weight > 0:
+            rewritten[0] = False
+        per = per.detach()
+        logs = {"rewrite": float(per[:b][rewritten].mean()) if rewritten.any() else 0.0}
+        anchored = per[:b][exact & (torch.arange(b, device=device) > 0)]
+        logs["caption"] = float(anchored.mean()) if len(anchored) else 0.0
+        if k:
+            logs["image"] = float(per[b:].mean())
+        return loss, logs
+
+    def save(encoder, folder: Path) -> None:
+        encoder.save_pretrained(folder, safe_serialization=True)
+        base.tokenizer.save_pretrained(folder.parent / "tokenizer")  # export finds it beside the text encoder
+        if base.vision_processor is not None:
+            base.vision_processor.save_pretrained(folder.parent / "vision_processor")
+
+    return Task(
+        name="text_encoder",
+        model=model,
+        loss_fn=loss_fn,
+        data=Endless(loader),
+        batch_size=cfg.data.batch_size,
+        save_model=save,
+        inner=lambda m: m.text_encoder,
+        export_fn=lambda run_dir: _export(run_dir),
+    )
+
+
+def _export(run_dir: Path) -> None:
+    from sdxs.model_folder import export_run
+
+    export_run(run_dir, Path(run_dir) / "export")
+
+
+def train_text_align(cfg: TextAlignTrainConfig, resume: str | None = None) -> Path:
+    """Train `cfg.model.pretrained`'s text encoder through its frozen UNet on the latent cache `cfg.data.path`."""
+    accelerator = make_accelerator(cfg.run)
+    base = load_base_pipeline(cfg.model.pretrained)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return fit(text_align_task(cfg, base, accelerator), cfg, resume=resume, accelerator=accelerator)

@@ -1,0 +1,142 @@
+"""`sdxs train text-align`: the text encoder learns rewritten captions through the frozen UNet, and keeps the rest."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+
+from sdxs.train.config import TextAlignTrainConfig, load_config
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+
+
+def make_cache(tmp_path, hub_dir, image_embeds=True):
+    from sdxs.data.prepare import prepare
+
+    images = tmp_path / "colours"
+    images.mkdir()
+    for name, rgb in COLOURS.items():
+        PIL.Image.new("RGB", (64, 64), rgb).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(f"{name} square\n{name} square, flat colour")
+    prepare(images, tmp_path / "cache", model=hub_dir, progress=False, num_workers=0, image_embeds=image_embeds)
+    return tmp_path / "cache"
+
+
+def config(tmp_path, hub_dir, cache, *extra):
+    return load_config(
+        TextAlignTrainConfig,
+        None,
+        [
+            f"model.pretrained={hub_dir}",
+            f"data.path={cache}",
+            "data.batch_size=4",
+            f"run.output_dir={tmp_path / 'run'}",
+            "run.progress_bar=false",
+            "run.checkpoint_every=0",
+            "captions.probability=0.75",
+            "captions.template=1.0",
+            "align.image_prompts=2",
+            *extra,
+        ],
+    )
+
+
+def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
+    """The distillation loss of a fixed batch of rewrites falls; exact captions, the empty prompt and image prompts
+    still give the UNet what they gave; the untrained parts are bit for bit the same; the export is the base model
+    with the new text encoder."""
+    from accelerate import Accelerator
+    from conftest import copy_model_folder
+
+    from sdxs.model_folder import load_base_pipeline, load_local_pipeline
+    from sdxs.train.common import fit
+    from sdxs.train.text_align import text_align_task
+
+    # the shipped model: its UNet follows its text encoder (a random tiny UNet barely reads the text)
+    hub = copy_model_folder(root_model_dir, tmp_path / "hub")
+    cache = make_cache(tmp_path, hub)
+    cfg = config(tmp_path, hub, cache, "run.max_steps=40", "optim.lr=1e-4", "optim.warmup_steps=0")
+    base = load_base_pipeline(str(hub))
+    before = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
+    acc = Accelerator(cpu=True)
+    task = text_align_task(cfg, base, acc)
+    batch = next(task.data)
+    assert batch["prompts"] != batch["captions"]  # rewrites ("a red square", "red square emoji", ...)
+    lm = base.text_encoder.model.language_model
+    trained = {n for n, p in base.text_encoder.named_parameters() if p.requires_grad}
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in trained
+    assert "model.language_model.embed_tokens.weight" not in trained  # the default: decoder layers only
+    assert not any(".visual." in n or "layers.3." in n or n.startswith("model.language_model.norm") for n in trained)
+
+    def loss(b):
+        with torch.no_grad():
+            return task.loss_fn(task.model, b, torch.Generator().manual_seed(0))
+
+    start, logs = loss(batch)
+    assert logs["rewrite"] > 0 and "image" in logs
+    fit(task, cfg, accelerator=acc)
+    end, logs_end = loss(batch)
+    assert logs_end["rewrite"] < 0.5 * logs["rewrite"], (logs, logs_end)  # measured: 0.119 -> 0.036
+    assert float(end) < float(start)  # the weighted loss, anchors included
+    assert max(logs_end["caption"], logs_end["image"]) < 0.25 * logs["rewrite"], (logs, logs_end)
+
+    after = base.text_encoder.state_dict()
+    for name, value in after.items():
+        if name not in trained:
+            assert torch.equal(value, before[name]), name  # frozen: the vision tower, the layers above hidden_layer
+    up = "model.language_model.layers.2.mlp.up_proj.weight"  # the highest layer the UNet reads (hidden_layer -2 of 4)
+    assert len(lm.layers) == 4 and not torch.equal(after[up], before[up])
+
+    out = load_local_pipeline(tmp_path / "run" / "export", dtype=torch.float32)
+    for name, value in out.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=0)
+    for name, value in out.unet.state_dict().items():
+        assert torch.equal(value, base.unet.state_dict()[name])
+
+
+def test_trained_embeddings_leave_special_tokens_alone(tiny_pipe):
+    """With `model.train_embeddings`, every row but the special tokens' (pad, vision markers) gets gradient."""
+    import copy
+
+    from sdxs.pipeline import encode_text
+    from sdxs.train.text_align import select_trainable, special_token_ids
+
+    te = copy.deepcopy(tiny_pipe.text_encoder)
+    special = special_token_ids(tiny_pipe.tokenizer)
+    assert special
+    select_trainable(te, -2, -1, special, embeddings=True)
+    emb = te.model.language_model.embed_tokens.weight
+    assert emb.requires_grad and not any(p.requires_grad for p in te.model.language_model.layers[3].parameters())
+    embeds, _ = encode_text(te, tiny_pipe.tokenizer, ["a red apple", "<|vision_start|> two cats"], {})
+    (embeds**2).sum().backward()
+    assert emb.grad[special].abs().sum() == 0
+    assert emb.grad.abs().sum() > 0
+
+
+def test_bad_recipes_are_refused(tmp_path, tiny_hub_dir):
+    from accelerate import Accelerator
+
+    from sdxs.model_folder import load_base_pipeline
+    from sdxs.train.text_align import text_align_task
+
+    cache = make_cache(tmp_path, tiny_hub_dir, image_embeds=False)
+    base = load_base_pipeline(str(tiny_hub_dir))
+    acc = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match="captions.probability"):
+        text_align_task(config(tmp_path, tiny_hub_dir, cache, "captions.probability=0"), base, acc)
+    with pytest.raises(ValueError, match="--image-embeds"):
+        text_align_task(config(tmp_path, tiny_hub_dir, cache), base, acc)
+    with pytest.raises(ValueError, match="model.train_layers"):
+        text_align_task(
+            config(tmp_path, tiny_hub_dir, cache, "align.image_prompts=0", "model.train_layers=9"), base, acc
+        )
+    with pytest.raises(ValueError, match="nothing to train"):
+        text_align_task(
+            config(tmp_path, tiny_hub_dir, cache, "align.image_prompts=0", "model.train_layers=0"), base, acc
+        )
+    make = tmp_path / "with-embeds"
+    make.mkdir()
+    cache2 = make_cache(make, tiny_hub_dir)
+    with pytest.raises(FileNotFoundError, match="align.image_folder"):
+        text_align_task(config(tmp_path, tiny_hub_dir, cache2, f"align.image_folder={tmp_path / 'nowhere'}"), base, acc)
