@@ -20,7 +20,8 @@ What a rewrite can do (each with its own probability in `CaptionAugmentConfig`):
     tags        a few of the image's tags after the subject, or one before it ("fruit, red apple")
     style       the style tag kept at the end, moved to the front, or dropped
     case        lower / Title / UPPER / first letter capitalised
-    punctuation a trailing "." or "!", commas dropped, hyphens as spaces
+    punctuation a trailing mark or brackets around the prompt (`TRAIN_PUNCTUATION`), commas dropped, hyphens as spaces
+    order       the comma parts shuffled ("medium skin tone, woman surfing")
 
 Qualifiers after the subject's first comma ("woman surfing, medium skin tone") stay with every form: they are part
 of what the image shows. Every choice comes from the `random.Random` the caller passes, so a loader that seeds it
@@ -42,22 +43,69 @@ from functools import lru_cache
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
 
+# Many forms of each kind, so the model learns that words around a name do not change it, not which few words do not.
+# Every content word here is kept out of `sdxs.eval.robust`'s lists (tests/test_captions.py checks).
 TRAIN_TEMPLATES = [
+    # articles and other determiners
     "a {}",
     "the {}",
+    "our {}",
+    "his {}",
+    "her {}",
+    "another {}",
+    "any {}",
+    "each {}",
+    # what it is
     "a picture of {}",
     "an image of {}",
     "a drawing of {}",
+    "a photo of {}",
+    "a render of {}",
+    "a cartoon of {}",
+    "a doodle of {}",
+    "a painting of {}",
+    "an emoji of {}",
+    "an icon of {}",
+    # requests
     "draw {}",
+    "make {}",
+    "create {}",
+    "paint {}",
+    "render {}",
+    "depict {}",
+    "please draw {}",
+    "can you draw {}",
+    "we need {}",
+    "here is {}",
+    "just {}",
+    # words after the name
     "{} emoji",
     "{} icon",
     "{} sticker",
-    "an emoji of {}",
+    "{} art",
+    "{} image",
+    "{} picture",
+    "{} drawing",
+    "{} logo",
+    "{} badge",
+    "{} pictogram",
+    "{} design",
+    "{} please",
     "{}, emoji",
     "{} on a white background",
+    "{} on white",
 ]
-TRAIN_ADJECTIVES = ["cute", "little", "big", "small", "simple", "nice", "funny", "pretty", "cool", "shiny", "3d"]
-TRAIN_QUANTITIES = ["some", "several", "many", "a group of", "a pair of"]
+TRAIN_ADJECTIVES = [
+    "cute", "little", "big", "small", "simple", "nice", "funny", "pretty", "cool", "shiny", "3d", "happy", "new",
+    "old", "round", "bright", "soft", "plain", "neat", "modern", "vintage", "fancy", "great", "good", "sweet",
+    "minimal", "clean", "bold", "basic", "huge", "mini", "glowing", "realistic", "stylized", "smooth", "cheerful",
+]  # fmt: skip
+TRAIN_QUANTITIES = [
+    "some", "several", "many", "a group of", "a pair of", "four", "five", "ten", "a couple of", "a bunch of",
+    "dozens of", "multiple", "a set of", "a row of",
+]  # fmt: skip
+# punctuation around the whole prompt ("{}" is the prompt); besides these, commas dropped and hyphens as spaces
+TRAIN_PUNCTUATION = ["{}.", "{}!", "{}!!", "{};", "{}:", "[{}]", "*{}*", "{} -", "<{}>", "{}~"]
 
 
 @dataclass
@@ -70,6 +118,7 @@ class CaptionAugmentConfig:
     templates: list[str] = field(default_factory=lambda: list(TRAIN_TEMPLATES))  # "{}" is the subject
     adjectives: list[str] = field(default_factory=lambda: list(TRAIN_ADJECTIVES))
     quantities: list[str] = field(default_factory=lambda: list(TRAIN_QUANTITIES))  # before a plural
+    punctuation_marks: list[str] = field(default_factory=lambda: list(TRAIN_PUNCTUATION))  # "{}": the prompt
     # a tag stands for its subject alone only when it is unambiguous: at most this many subjects carry it
     max_subjects: int = 1
     # a name's head word ("apple" of "red apple") stands for it when at most this many subjects share the head
@@ -88,6 +137,7 @@ class CaptionAugmentConfig:
     keep_style: float = 0.5  # the style tag stays at the end (else: moved to the front 1 in 5, or dropped)
     case: float = 0.5  # a case change (lower / Title / UPPER / capitalised)
     punctuation: float = 0.3  # a punctuation change
+    shuffle_parts: float = 0.1  # the comma parts (subject, qualifiers, tags, style) in a random order
 
 
 def is_holdout_tag(tag: str, share: float) -> bool:
@@ -202,9 +252,10 @@ class CaptionAugmenter:
     def __init__(self, config: CaptionAugmentConfig, all_caption_lines: Iterable[Sequence[str]]):
         if not 0.0 <= config.probability <= 1.0:
             raise ValueError(f"`captions.probability` must be in [0, 1], got {config.probability}.")
-        for t in config.templates:
-            if t.count("{}") != 1:
-                raise ValueError(f"`captions.templates`: {t!r} must hold exactly one '{{}}' (the subject).")
+        for key in ("templates", "punctuation_marks"):
+            for t in getattr(config, key):
+                if t.count("{}") != 1:
+                    raise ValueError(f"`captions.{key}`: {t!r} must hold exactly one '{{}}' (the subject).")
         self.config = config
         tag_subjects: dict[str, set[str]] = defaultdict(set)
         head_subjects: dict[str, set[str]] = defaultdict(set)
@@ -283,12 +334,16 @@ class CaptionAugmenter:
                 parts.append(e.styles[0])
             elif r < c.keep_style + (1 - c.keep_style) / 5:
                 parts.insert(0, e.styles[0])
+        if len(parts) > 1 and rng.random() < c.shuffle_parts:
+            rng.shuffle(parts)
         text = ", ".join(parts)
         # 4. surface noise
         if rng.random() < c.case:
             text = rng.choice([str.lower, str.title, str.upper, lambda s: s[:1].upper() + s[1:]])(text)
         if rng.random() < c.punctuation:
-            text = rng.choice(
-                [lambda s: s + ".", lambda s: s + "!", lambda s: s.replace(",", ""), lambda s: s.replace("-", " ")]
-            )(text)
+            how = rng.randrange(len(c.punctuation_marks) + 2)
+            if how < len(c.punctuation_marks):
+                text = c.punctuation_marks[how].replace("{}", text)
+            else:
+                text = text.replace(",", "") if how == len(c.punctuation_marks) else text.replace("-", " ")
         return text
