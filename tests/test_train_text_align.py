@@ -11,14 +11,15 @@ from sdxs.train.config import TextAlignTrainConfig, load_config
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
 
 
-def make_cache(tmp_path, hub_dir, image_embeds=True):
+def make_cache(tmp_path, hub_dir, image_embeds=True, title=False):
     from sdxs.data.prepare import prepare
 
     images = tmp_path / "colours"
     images.mkdir()
     for name, rgb in COLOURS.items():
         PIL.Image.new("RGB", (64, 64), rgb).save(images / f"{name}.png")
-        (images / f"{name}.txt").write_text(f"{name} square\n{name} square, flat colour")
+        name = name.title() if title else name
+        (images / f"{name.lower()}.txt").write_text(f"{name} square\n{name} square, flat colour")
     prepare(images, tmp_path / "cache", model=hub_dir, progress=False, num_workers=0, image_embeds=image_embeds)
     return tmp_path / "cache"
 
@@ -95,6 +96,37 @@ def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
         assert torch.equal(value, base.unet.state_dict()[name])
 
 
+def test_a_normalised_tokenizer_is_learnt_against_the_old_ones_targets(tmp_path, root_model_dir):
+    """`model.tokenizer`: the text encoder reads the new tokenizer (here lower-casing), the targets stay the cache's
+    (the old tokenizer's): a capitalised caption is a new token sequence with an error to learn, and the checkpoint
+    carries the new tokenizer."""
+    from accelerate import Accelerator
+    from conftest import copy_model_folder
+
+    from sdxs.model_folder import load_base_pipeline
+    from sdxs.tokenizer import normalize_tokenizer, tokenizer_normalization
+    from sdxs.train.text_align import text_align_task
+
+    hub = copy_model_folder(root_model_dir, tmp_path / "hub")
+    cache = make_cache(tmp_path, hub, title=True)  # "Red square": capitals the lower-casing tokenizer reads away
+    base = load_base_pipeline(str(hub))
+    from transformers import AutoTokenizer
+
+    lower = normalize_tokenizer(AutoTokenizer.from_pretrained(hub / "tokenizer"), ["lowercase"])
+    lower.save_pretrained(tmp_path / "lower")
+    cfg = config(tmp_path, hub, cache, f"model.tokenizer={tmp_path / 'lower'}", "captions.probability=0.001")
+    task = text_align_task(cfg, base, Accelerator(cpu=True))
+    assert tokenizer_normalization(base.tokenizer) == ["lowercase"]
+    assert base.tokenizer.tokenize("Red square") == base.tokenizer.tokenize("red square")
+    batch = next(task.data)
+    assert batch["prompts"] == batch["captions"]  # all exact: only the tokenizer differs from the targets'
+    with torch.no_grad():
+        _, logs = task.loss_fn(task.model, batch, torch.Generator().manual_seed(0))
+    assert logs["caption"] > 1e-4  # v2.3 never read "red square" for "Red square"
+    task.save_model(task.inner(task.model), tmp_path / "ckpt" / "text_encoder")
+    assert tokenizer_normalization(AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "tokenizer")) == ["lowercase"]
+
+
 def test_trained_embeddings_leave_special_tokens_alone(tiny_pipe):
     """With `model.train_embeddings`, every row but the special tokens' (pad, vision markers) gets gradient."""
     import copy
@@ -114,7 +146,7 @@ def test_trained_embeddings_leave_special_tokens_alone(tiny_pipe):
     assert emb.grad.abs().sum() > 0
 
 
-def test_bad_recipes_are_refused(tmp_path, tiny_hub_dir):
+def test_bad_recipes_are_refused(tmp_path, tiny_hub_dir, root_model_dir):
     from accelerate import Accelerator
 
     from sdxs.model_folder import load_base_pipeline
@@ -135,6 +167,13 @@ def test_bad_recipes_are_refused(tmp_path, tiny_hub_dir):
         text_align_task(
             config(tmp_path, tiny_hub_dir, cache, "align.image_prompts=0", "model.train_layers=0"), base, acc
         )
+    with pytest.raises(FileNotFoundError, match="model.tokenizer"):
+        text_align_task(
+            config(tmp_path, tiny_hub_dir, cache, "align.image_prompts=0", "model.tokenizer=/nowhere"), base, acc
+        )
+    other = f"model.tokenizer={root_model_dir / 'tokenizer'}"  # another model's vocabulary
+    with pytest.raises(ValueError, match="another vocabulary"):
+        text_align_task(config(tmp_path, tiny_hub_dir, cache, "align.image_prompts=0", other), base, acc)
     make = tmp_path / "with-embeds"
     make.mkdir()
     cache2 = make_cache(make, tiny_hub_dir)

@@ -301,6 +301,10 @@ class TextAlignModelConfig:
     # also train the token-embedding rows (special tokens excepted). Off by default: a row gets gradient only when
     # its token is in the batch, and Adam's momentum keeps moving it for steps after, so names drift (measured)
     train_embeddings: bool = False
+    # a tokenizer folder to train the text encoder for instead of pretrained's, e.g. one with a normaliser
+    # (`sdxs init --text-normalization nfkc,lowercase`): the cache's embeddings (made with the old tokenizer) stay
+    # the targets, so the text encoder learns to give for the new token forms what the old ones gave. Exported with it.
+    tokenizer: str = ""
 
 
 @dataclass

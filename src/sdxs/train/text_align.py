@@ -144,6 +144,21 @@ def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
         raise ValueError(f"{cfg.model.pretrained!r} needs both a text encoder and a UNet for `sdxs train text-align`.")
     loader = latent_loader(cfg, accelerator)
     loader.check_fingerprint(base)  # the cached embeddings are the targets: they must be this text encoder's
+    if cfg.model.tokenizer:  # the text encoder learns to read a new tokenizer (the targets stay the old one's)
+        from transformers import AutoTokenizer
+
+        if not Path(cfg.model.tokenizer, "tokenizer_config.json").is_file():
+            raise FileNotFoundError(
+                f"`model.tokenizer` {cfg.model.tokenizer!r} holds no tokenizer_config.json (a tokenizer folder, e.g. "
+                "MODEL/tokenizer of `sdxs init --text-normalization ...`)."
+            )
+        new_tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+        if new_tokenizer.get_vocab() != base.tokenizer.get_vocab():
+            raise ValueError(
+                f"`model.tokenizer` {cfg.model.tokenizer!r} has another vocabulary than {cfg.model.pretrained!r}'s: "
+                "only a tokenizer with the same tokens read another way (a normaliser, a prefix space) can be learnt."
+            )
+        base.register_modules(tokenizer=new_tokenizer)
     images_dir = image_source(cfg, loader)
     background = tuple(loader.manifest.get("options", {}).get("background", (255, 255, 255)))  # as prepare saw them
     recipe = base.config.text_recipe
