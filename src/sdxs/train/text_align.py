@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sdxs.model_folder import load_base_pipeline
+from sdxs.model_folder import export_run, load_base_pipeline
 from sdxs.train.common import Task, fit, make_accelerator
 from sdxs.train.config import TextAlignTrainConfig
 from sdxs.train.unet import Endless, latent_loader
@@ -246,14 +246,8 @@ def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
         batch_size=cfg.data.batch_size,
         save_model=save,
         inner=lambda m: m.text_encoder,
-        export_fn=lambda run_dir: _export(run_dir),
+        export_fn=lambda run_dir: export_run(run_dir, Path(run_dir) / "export"),
     )
-
-
-def _export(run_dir: Path) -> None:
-    from sdxs.model_folder import export_run
-
-    export_run(run_dir, Path(run_dir) / "export")
 
 
 def train_text_align(cfg: TextAlignTrainConfig, resume: str | None = None) -> Path:
