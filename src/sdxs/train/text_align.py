@@ -192,9 +192,9 @@ def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
         b = len(prompts)
         exact = torch.tensor([p == c for p, c in zip(prompts, batch["captions"], strict=True)], device=device)
         teacher = [(batch["embeds"].float(), batch["mask"])]
-        if a.empty_weight > 0:  # the first sample asks for nothing
+        if a.empty_weight > 0:  # the first sample asks for nothing: its target is the cache's empty prompt
             prompts[0] = ""
-            e, m = cat_text([teacher[0], empty])
+            e, m = cat_text([teacher[0], empty])  # the b captions, then the empty prompt last
             teacher = [(torch.cat([e[-1:], e[1:b]]), torch.cat([m[-1:], m[1:b]]))]
         k = min(a.image_prompts, b) if images_dir else 0
         images = [load_rgb_image(images_dir / key, background=background) for key in batch["keys"][:k]]
@@ -226,7 +226,7 @@ def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
             rewritten[0] = False
         per = per.detach()
         logs = {"rewrite": float(per[:b][rewritten].mean()) if rewritten.any() else 0.0}
-        anchored = per[:b][exact & (torch.arange(b, device=device) > 0)]
+        anchored = per[:b][exact & (torch.arange(b, device=device) >= int(a.empty_weight > 0))]
         logs["caption"] = float(anchored.mean()) if len(anchored) else 0.0
         if k:
             logs["image"] = float(per[b:].mean())
