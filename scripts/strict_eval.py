@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--loss-bands", metavar="CACHE", help="also print the loss per sigma band on this cache")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--grid", type=Path)
+    parser.add_argument(
+        "--robust-grid", type=Path, help="a labelled grid of each robustness class's first prompt per kind (PNG)"
+    )
     args = parser.parse_args()
 
     t0 = time.time()
@@ -164,6 +167,10 @@ def main() -> None:
             holdout_share=args.holdout_tags,
             seed=args.seed,
         )
+    if args.robust_grid and robust is not None and robust.grid:
+        args.robust_grid.parent.mkdir(parents=True, exist_ok=True)
+        im = make_grid([im for im, _ in robust.grid], [p for _, p in robust.grid], columns=len(es.KINDS))
+        ev.save_small_png(im, args.robust_grid)
     if args.robust_only:
         print(
             f"model {args.model}"

@@ -2,7 +2,7 @@
 # Reproduce sdxs-emoji, the model at the repository root, from nothing: every stage that made it, in order, with the
 # step counts as they were run (docs/training-emoji.md says what each stage does, why, and what it cost).
 #
-#   scripts/train-emoji.sh                         # into runs/emoji; ~35 h on 2 CPU cores, resumable (rerun it)
+#   scripts/train-emoji.sh                         # into runs/emoji; ~37 h on 2 CPU cores, resumable (rerun it)
 #   GPU=1 scripts/train-emoji.sh                   # the same stages with bf16 autocast on a CUDA GPU
 #   SMOKE=1 RUN=/tmp/smoke scripts/train-emoji.sh  # 2 steps a stage: the whole chain end to end in minutes
 #   DATA=data/emoji scripts/train-emoji.sh         # an existing `sdxs data emoji` folder (no download)
@@ -21,13 +21,12 @@
 #   unet-h    G resumed with a linear cool-down 3e-4 -> 3e-5                                              2,000 x 64
 #   unet-i    H resumed at the floor LR 3e-5                                                                851 x 64
 #   refine    sdxs train text-encoder (text_encoder-refine.toml): the last layer, for refine_prompts 2,400 + 1,600 x 32
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.3)
-# With V3=1, the next model (issue 35, in training; not the one at the root yet) instead of the export above:
-#   unet-v3   sdxs init --text-normalization, sdxs train unet (unet-v3.toml): prompts as people type  V3_STEPS x 64
-#   export    the v3 hub folder, with the model's default step count in model_index.json
+#   align     sdxs train text-align (text-align.toml), v2.4: a lower-casing tokenizer and rewritten captions learnt
+#             by the text encoder through the frozen UNet's cross-attention                            ALIGN_STEPS x 96
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.4)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
-# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), V3=1, V3_STEPS, DEFAULT_STEPS.
+# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_STEPS, DEFAULT_STEPS.
 set -euo pipefail
 set -f # overrides like sample.prompts=[] must not be globbed
 
@@ -35,7 +34,7 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
-V3_STEPS=${V3_STEPS:-2000}  # route v3-A, not shipped: docs/experiments-log.md, "v3"
+ALIGN_STEPS=${ALIGN_STEPS:-2000}  # v2.4's text encoder: docs/experiments-log.md, "v3, sixteenth sitting"
 DEFAULT_STEPS=${DEFAULT_STEPS:-8}  # from bench/bench_steps.py (docs/benchmarks.md, "Steps")
 SMOKE=${SMOKE:-0}
 # overrides every training stage gets (smoke: small batches, no periodic checkpoints; GPU: bf16 autocast)
@@ -153,25 +152,18 @@ if stage refine "refine_prompts: the text encoder's last layer on name -> captio
   mark refine
 fi
 
-if [[ "${V3:-0}" == 0 ]]; then
-  if stage export "fp16 hub folder in $OUT (the model at the root)"; then
-    sdxs init "$OUT" --base "$RUN/model" --dtype fp16 --default-steps "$DEFAULT_STEPS"
-    mark export
-  fi
-  log "done: $OUT"
-  exit 0
+if stage align "v2.4: the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_STEPS steps)"; then
+  sdxs init "$RUN/model-lower" --base "$RUN/model" --text-normalization nfkc,lowercase
+  sdxs prepare "$TRAIN_DATA" "$RUN/cache-align" --model "$RUN/model" --image-embeds --no-progress
+  train text-align configs/emoji/text-align.toml "$RUN/align" model.pretrained="$RUN/model" \
+    model.tokenizer="$RUN/model-lower/tokenizer" data.path="$RUN/cache-align" \
+    data.sample_weights="$RUN/kind-weights.csv" run.max_steps="$(steps "$ALIGN_STEPS")"
+  sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/align"
+  mark align
 fi
 
-if stage unet-v3 "v3: normalised tokenizer, the UNet on prompts as people type them ($V3_STEPS steps)"; then
-  sdxs init "$RUN/model-v3" --base "$RUN/model" --text-normalization nfkc,lowercase,prefix-space
-  sdxs prepare "$TRAIN_DATA" "$RUN/cache-v3" --model "$RUN/model-v3" --image-embeds --no-progress
-  train unet configs/emoji/unet-v3.toml "$RUN/unet-v3" model.pretrained="$RUN/model-v3" data.path="$RUN/cache-v3" \
-    data.sample_weights="$RUN/kind-weights.csv" run.max_steps="$(steps "$V3_STEPS")"
-  mark unet-v3
-fi
-
-if stage export-v3 "fp16 hub folder of v3 in $OUT"; then
-  sdxs init "$OUT" --base "$RUN/model-v3" --unet "$RUN/unet-v3" --dtype fp16 --default-steps "$DEFAULT_STEPS"
-  mark export-v3
+if stage export "fp16 hub folder in $OUT (the model at the root)"; then
+  sdxs init "$OUT" --base "$RUN/model" --dtype fp16 --default-steps "$DEFAULT_STEPS"
+  mark export
 fi
 log "done: $OUT"

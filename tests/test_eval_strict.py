@@ -195,3 +195,22 @@ def test_held_out_style_pairs_are_scored_among_their_styles_renders(data, styled
     scores = es.style_pair_scores(both, generate)
     assert [s.label.split(", ")[1] for s in scores] == ["3d", "twemoji", "all styles"]
     assert scores[-1].count == 2 and scores[-1].top(1) == 100.0 and scores[-1].gallery_size == 6
+
+
+def test_robust_eval_scores_each_class_and_grids_its_first_prompts(data):
+    """`sdxs.eval.robust`: every class of phrasing is scored on training emoji, and the grid shows each class's first
+    prompt per kind with its result (a model that always draws the red apple hits only the apple's prompts)."""
+    from sdxs.eval import robust as er
+
+    renders = es.load_renders(data)
+    apple = Image.open(renders[0].path)
+    lines = [[r.bare, r.exact] for r in renders]
+    result = er.robust_eval(renders, lines, lambda prompts: [apple] * len(prompts), per_kind=1, seed=0)
+    summary = result.summary()
+    assert {s.label for s in result.scores} <= set(er.CLASSES) and "case" in summary
+    assert 0 < summary["mean over classes"] < 100
+    firsts = [row for s in result.scores for row in s.per_prompt() if row["rank"] == 0]
+    assert firsts and all(row["kind"] == renders[0].kind for row in firsts)  # only the apple can be a top-1 hit
+    labels = [label for _, label in result.grid]
+    assert len(labels) == sum(len(set(s.kinds)) for s in result.scores)
+    assert all(label.split(": ", 1)[0] in ("hit", "miss") for label in labels)

@@ -44,9 +44,10 @@ def config(tmp_path, hub_dir, cache, *extra):
 
 
 def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
-    """The distillation loss of a fixed batch of rewrites falls; exact captions, the empty prompt and image prompts
-    still give the UNet what they gave; the untrained parts are bit for bit the same; the export is the base model
-    with the new text encoder."""
+    """Trained with the cheap cross-attention objective, the text encoder lowers the objective that matters: the whole
+    UNet's prediction for a rewrite against the exact caption's (a fixed batch); exact captions, the empty prompt and
+    image prompts still give the UNet what they gave; the untrained parts are bit for bit the same; the export is
+    the base model with the new text encoder."""
     from accelerate import Accelerator
     from conftest import copy_model_folder
 
@@ -57,12 +58,17 @@ def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
     # the shipped model: its UNet follows its text encoder (a random tiny UNet barely reads the text)
     hub = copy_model_folder(root_model_dir, tmp_path / "hub")
     cache = make_cache(tmp_path, hub)
-    cfg = config(tmp_path, hub, cache, "run.max_steps=40", "optim.lr=1e-4", "optim.warmup_steps=0")
+    steps = ("run.max_steps=30", "optim.lr=1e-4", "optim.warmup_steps=0")
     base = load_base_pipeline(str(hub))
     before = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
     acc = Accelerator(cpu=True)
+    judge = text_align_task(config(tmp_path, hub, cache, *steps), base, acc)  # the UNet objective, same encoder
+    with pytest.raises(ValueError, match="align.objective"):
+        text_align_task(config(tmp_path, hub, cache, "align.objective=clip"), base, acc)
+    cfg = config(tmp_path, hub, cache, *steps, "align.objective=attention", "align.query_draws=2")
     task = text_align_task(cfg, base, acc)
-    batch = next(task.data)
+    assert task.model.text_encoder is judge.model.text_encoder
+    batch = next(judge.data)
     assert batch["prompts"] != batch["captions"]  # rewrites ("a red square", "red square emoji", ...)
     lm = base.text_encoder.model.language_model
     trained = {n for n, p in base.text_encoder.named_parameters() if p.requires_grad}
@@ -70,17 +76,19 @@ def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
     assert "model.language_model.embed_tokens.weight" not in trained  # the default: decoder layers only
     assert not any(".visual." in n or "layers.3." in n or n.startswith("model.language_model.norm") for n in trained)
 
-    def loss(b):
+    def unet_logs():
         with torch.no_grad():
-            return task.loss_fn(task.model, b, torch.Generator().manual_seed(0))
+            return judge.loss_fn(judge.model, batch, torch.Generator().manual_seed(0))[1]
 
-    start, logs = loss(batch)
+    start = unet_logs()
+    assert start["rewrite"] > 0 and "image" in start
+    with torch.no_grad():
+        _, logs = task.loss_fn(task.model, next(task.data), torch.Generator().manual_seed(0))
     assert logs["rewrite"] > 0 and "image" in logs
     fit(task, cfg, accelerator=acc)
-    end, logs_end = loss(batch)
-    assert logs_end["rewrite"] < 0.5 * logs["rewrite"], (logs, logs_end)  # measured: 0.119 -> 0.036
-    assert float(end) < float(start)  # the weighted loss, anchors included
-    assert max(logs_end["caption"], logs_end["image"]) < 0.25 * logs["rewrite"], (logs, logs_end)
+    end = unet_logs()
+    assert end["rewrite"] < 0.6 * start["rewrite"], (start, end)  # measured on v2.4: 0.131 -> 0.015, captions 0.022
+    assert max(end["caption"], end["image"]) < 0.25 * start["rewrite"], (start, end)
 
     after = base.text_encoder.state_dict()
     for name, value in after.items():
@@ -96,21 +104,50 @@ def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
         assert torch.equal(value, base.unet.state_dict()[name])
 
 
+def test_the_unet_objective_descends(tmp_path, root_model_dir):
+    """`align.objective = "unet"` (the default): a few optimiser steps on one batch lower that batch's rewrite loss
+    (its gradient reaches the text encoder through the frozen UNet)."""
+    from accelerate import Accelerator
+    from conftest import copy_model_folder
+
+    from sdxs.model_folder import load_base_pipeline
+    from sdxs.train.text_align import text_align_task
+
+    hub = copy_model_folder(root_model_dir, tmp_path / "hub")
+    cache = make_cache(tmp_path, hub)
+    base = load_base_pipeline(str(hub))
+    task = text_align_task(config(tmp_path, hub, cache, "align.image_prompts=0"), base, Accelerator(cpu=True))
+    batch = next(task.data)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-4)
+    losses = []
+    for _ in range(6):
+        loss, logs = task.loss_fn(task.model, batch, torch.Generator().manual_seed(0))
+        losses.append(logs["rewrite"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 def test_a_normalised_tokenizer_is_learnt_against_the_old_ones_targets(tmp_path, root_model_dir):
     """`model.tokenizer`: the text encoder reads the new tokenizer (here lower-casing), the targets stay the cache's
     (the old tokenizer's): a capitalised caption is a new token sequence with an error to learn, and the checkpoint
     carries the new tokenizer."""
     from accelerate import Accelerator
     from conftest import copy_model_folder
+    from transformers import AutoTokenizer
 
     from sdxs.model_folder import load_base_pipeline
     from sdxs.tokenizer import normalize_tokenizer, tokenizer_normalization
     from sdxs.train.text_align import text_align_task
 
     hub = copy_model_folder(root_model_dir, tmp_path / "hub")
+    plain = normalize_tokenizer(AutoTokenizer.from_pretrained(hub / "tokenizer"), [])  # the shipped one lower-cases
+    plain.save_pretrained(hub / "tokenizer")
     cache = make_cache(tmp_path, hub, title=True)  # "Red square": capitals the lower-casing tokenizer reads away
     base = load_base_pipeline(str(hub))
-    from transformers import AutoTokenizer
+    assert tokenizer_normalization(base.tokenizer) == []
 
     lower = normalize_tokenizer(AutoTokenizer.from_pretrained(hub / "tokenizer"), ["lowercase"])
     lower.save_pretrained(tmp_path / "lower")
@@ -122,7 +159,7 @@ def test_a_normalised_tokenizer_is_learnt_against_the_old_ones_targets(tmp_path,
     assert batch["prompts"] == batch["captions"]  # all exact: only the tokenizer differs from the targets'
     with torch.no_grad():
         _, logs = task.loss_fn(task.model, batch, torch.Generator().manual_seed(0))
-    assert logs["caption"] > 1e-4  # v2.3 never read "red square" for "Red square"
+    assert logs["caption"] > 1e-4  # read without lower-casing, "Red square" gave other targets than "red square"
     task.save_model(task.inner(task.model), tmp_path / "ckpt" / "text_encoder")
     assert tokenizer_normalization(AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "tokenizer")) == ["lowercase"]
 

@@ -201,6 +201,18 @@ class LatentShardLoader:
         t = load_file(str(self.cache_dir / EMPTY_PROMPT_NAME))
         return pad_text(t["embeds"].float(), t["mask"].long(), length or self.text_length)
 
+    def iter_samples(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """Every sample once, in manifest order, in single-bucket batches of at most `batch_size`: `keys`, `latents`
+        (the posterior means), `embeds`, `mask` (each image's first caption, trimmed as the loader's batches are) and `captions`.
+        Unshuffled and unaugmented, independent of the epoch position (for passes that cache per-sample facts)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        for bucket, rows in self._samples.items():
+            for i in range(0, len(rows), batch_size):
+                part = rows[i : i + batch_size]
+                batch = self._make_batch(bucket, part, gen, first_caption=True, posterior=False)
+                batch.pop("caption_lines")
+                yield batch
+
     # ---------------------------------------------------------------------------------------------------------
     # Position
     # ---------------------------------------------------------------------------------------------------------
@@ -348,7 +360,14 @@ class LatentShardLoader:
             self._open.popitem(last=False)
         return entry
 
-    def _make_batch(self, bucket: tuple[int, int], rows: list[tuple[int, int]], gen: torch.Generator) -> dict:
+    def _make_batch(
+        self,
+        bucket: tuple[int, int],
+        rows: list[tuple[int, int]],
+        gen: torch.Generator,
+        first_caption: bool = False,
+        posterior: bool | None = None,
+    ) -> dict:
         means, logvars, embeds, masks, keys, captions, lines = [], [], [], [], [], [], []
         img_embeds, img_masks = [], []
         for shard_i, row in rows:
@@ -357,7 +376,7 @@ class LatentShardLoader:
             logvars.append(handle.get_slice("latents_logvar")[row : row + 1])
             # pick one of the image's captions: rows offsets[row]:offsets[row + 1] of embeds / mask
             first, end = int(offsets[row]), int(offsets[row + 1])
-            k = first + int(torch.randint(end - first, (1,), generator=gen))
+            k = first if first_caption else first + int(torch.randint(end - first, (1,), generator=gen))
             e, m = handle.get_slice("embeds")[k : k + 1], handle.get_slice("mask")[k : k + 1]
             e, m = pad_text(e.float(), m.long(), self.text_length)  # shards differ in trimmed length
             embeds.append(e)
@@ -372,7 +391,7 @@ class LatentShardLoader:
             lines.append(meta["captions"][row])
         mean = torch.cat(means).float()  # (B, C, h, w)
         latents = mean
-        if self.sample_posterior:
+        if self.sample_posterior if posterior is None else posterior:
             std = torch.exp(0.5 * torch.cat(logvars).float())
             latents = mean + std * torch.randn(mean.shape, generator=gen)
         embeds_t, mask_t = torch.cat(embeds), torch.cat(masks)  # (B, 1+L, D), (B, 1+L)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sdxs.data.captions import CaptionAugmentConfig, CaptionAugmenter, head_word, is_holdout_tag, pluralize
 from sdxs.eval.strict import KINDS, PixelGallery, Render, StrictScores, score_images
@@ -113,6 +114,7 @@ def everyday_words(caption_lines: Sequence[Sequence[str]], holdout_share: float)
 class RobustResult:
     scores: list[StrictScores]  # one per class, its label the class name
     examples: dict[str, list[str]]  # class -> its first prompts
+    grid: list[tuple[Any, str]] = field(default_factory=list)  # (image, label): each class's first prompt per kind
 
     def summary(self) -> dict[str, float]:
         """Top-5 per class and their mean (the headline)."""
@@ -149,7 +151,7 @@ def robust_eval(
     gallery = gallery or PixelGallery(renders)
     train = [r for r in renders if r.split == "train"]
     everyday = everyday_words(caption_lines, holdout_share)
-    scores, examples = [], {}
+    scores, examples, grid = [], {}, []
     for klass in classes:
         rng = random.Random(f"{seed}:{klass}")
         targets, prompts = [], []
@@ -173,8 +175,12 @@ def robust_eval(
         s = score_images(gallery, images, targets, klass)
         s.prompts = prompts
         scores.append(s)
+        for kind in KINDS:  # the first prompt of each kind, marked with its strict top-5 result
+            i = next((i for i, r in enumerate(targets) if r.kind == kind), None)
+            if i is not None:
+                grid.append((images[i], f"{'hit' if s.ranks[i] < 5 else 'miss'}: {prompts[i]}"))
         examples[klass] = prompts[:: max(1, len(prompts) // 6)][:6]
-    return RobustResult(scores, examples)
+    return RobustResult(scores, examples, grid)
 
 
 def markdown_table(result: RobustResult) -> str:

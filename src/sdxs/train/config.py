@@ -316,6 +316,11 @@ class AlignConfig:
     empty_weight: float = 8.0  # loss weight of the one empty prompt per batch (CFG's unconditional branch; 0: none)
     image_prompts: int = 4  # encode_image anchors per batch (needs `sdxs prepare --image-embeds`; 0: none)
     image_folder: str = ""  # where the cached images are ("": the folder the cache was prepared from)
+    # "unet": compare the whole UNet's predictions (a UNet forward and backward per sample); "attention": compare the
+    # outputs of its cross-attention layers, the only place the UNet reads text, on the queries each cached image gave
+    # them (cached once at the start, `query_draws` noise draws per image): several times cheaper per sample
+    objective: str = "unet"
+    query_draws: int = 4
 
 
 @dataclass
