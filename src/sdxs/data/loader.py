@@ -391,7 +391,8 @@ class LatentShardLoader:
             lines.append(meta["captions"][row])
         mean = torch.cat(means).float()  # (B, C, h, w)
         latents = mean
-        if self.sample_posterior if posterior is None else posterior:
+        posterior = self.sample_posterior if posterior is None else posterior
+        if posterior:
             std = torch.exp(0.5 * torch.cat(logvars).float())
             latents = mean + std * torch.randn(mean.shape, generator=gen)
         embeds_t, mask_t = torch.cat(embeds), torch.cat(masks)  # (B, 1+L, D), (B, 1+L)
