@@ -49,6 +49,11 @@ def test_swap_trained_text_encoder_vae_and_unet(tmp_path, tiny_pipe):
     raw, ema = build_text_encoder(get_preset("tiny"), tokenizer), build_text_encoder(get_preset("tiny"), tokenizer)
     _fake_checkpoint(tmp_path / "te_run", "text_encoder", raw, tokenizer, ema=ema)
     assert resolve_component(tmp_path / "te_run", "text_encoder").name == "text_encoder_ema"
+    # a run that has written its settings but no checkpoint yet: refused at once, not deep inside transformers
+    (tmp_path / "early_run").mkdir()
+    (tmp_path / "early_run" / "config.json").write_text(json.dumps({"run": {"output_dir": "early_run"}}))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights for text_encoder"):
+        resolve_component(tmp_path / "early_run", "text_encoder")
     model = assemble(tmp_path / "model", preset="tiny", text_encoder=tmp_path / "te_run", verify=False)
     te = read_weights(model / "text_encoder")
     for name, value in ema.state_dict().items():

@@ -8,6 +8,7 @@ import pytest
 
 from sdxs.data.captions import (
     TRAIN_ADJECTIVES,
+    TRAIN_INVERSIONS,
     TRAIN_PUNCTUATION,
     TRAIN_QUANTITIES,
     TRAIN_TEMPLATES,
@@ -104,6 +105,41 @@ def test_held_out_and_ambiguous_tags_never_stand_alone():
     assert firsts <= {"pickle", "gherkin", "vegetable", "cucumber"} and firsts - {"cucumber"}
 
 
+ONLY_THE_FORM = dict(
+    template=0, plural=0, adjective=0, case=0, punctuation=0, add_tags=0, tag_first=0, keep_style=1, shuffle_parts=0
+)  # every change but the choice of what names the subject switched off
+
+
+def test_keyword_prompts_name_the_subject_with_several_tags_held_out_ones_never_alone():
+    aug = augmenter(holdout_tags=0.5, tag_form=0, head_form=0, keywords_form=1.0, **ONLY_THE_FORM)
+    rng = random.Random(3)
+    prompts = {aug(DATASET[2], DATASET[2][0], rng).removesuffix(", 3d render") for _ in range(200)}
+    tags = {"food", "pickle", "gherkin", "vegetable"}
+    for p in prompts:
+        parts = p.split(", ")
+        assert 2 <= len(parts) <= 3 and set(parts) <= tags and len(set(parts)) == len(parts), p
+    assert len(prompts) > 10  # many sets and orders, held-out and ambiguous tags among them
+    assert any("food" in p for p in prompts)
+
+
+def test_head_first_prompts_invert_a_name_whose_head_is_last():
+    aug = augmenter(tag_form=0, head_form=0, head_first=1.0, **ONLY_THE_FORM)
+    rng = random.Random(4)
+    apples = {aug(DATASET[0], DATASET[0][0], rng).removesuffix(", 3d render") for _ in range(100)}
+    assert apples == {t.replace("{head}", "apple").replace("{rest}", "red") for t in aug.config.inversions}
+    # the qualifiers stay after the name; a one-word name has nothing to invert
+    surfers = {t.replace("{head}", "surfing").replace("{rest}", "woman") for t in aug.config.inversions}
+    assert aug(DATASET[3], DATASET[3][0], rng).removesuffix(", medium skin tone, 3d render") in surfers
+    assert aug(DATASET[2], DATASET[2][0], rng) == "cucumber, 3d render"
+    # a form with no share never occurs, even when the forms before it do not apply (no tag, no usable head)
+    things = [[f"{s} thing", f"{s} thing, shape, object"] for s in ("round", "square")]  # no tag or head of its own
+    cfg = CaptionAugmentConfig(probability=1.0, tag_form=0.5, head_form=0, max_head_subjects=1, **ONLY_THE_FORM)
+    plain = CaptionAugmenter(cfg, things)
+    assert {plain(things[0], things[0][0], rng) for _ in range(100)} == {"round thing"}
+    with pytest.raises(ValueError, match="inversions"):
+        augmenter(inversions=["{head} only"])
+
+
 def test_probability_and_seed():
     off = CaptionAugmenter(CaptionAugmentConfig(probability=0.0), DATASET)
     assert off(DATASET[0], "red apple, 3d render", random.Random(0)) == "red apple, 3d render"
@@ -138,6 +174,8 @@ def test_evaluation_words_are_not_training_words():
     assert not (train & eval_only) - function_words, train & eval_only
     assert not set(TRAIN_TEMPLATES) & set(robust.EVAL_PHRASES)
     assert not set(robust.EVAL_PUNCTUATION) & set(TRAIN_PUNCTUATION)
+    # the eval's word order puts a comma after the head word ("apple, red"); training's inversions never do
+    assert not [t for t in TRAIN_INVERSIONS if t.startswith("{head},")]
 
 
 def test_robust_rewrites(tmp_path):

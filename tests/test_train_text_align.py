@@ -130,6 +130,35 @@ def test_the_unet_objective_descends(tmp_path, root_model_dir):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_recorded_queries_are_read_back_only_when_they_fit(tmp_path, root_model_dir):
+    """The attention objective's queries (a UNet pass per image) are saved in the run folder: a resume reads them back
+    bit for bit; other settings or another UNet record them anew."""
+    from accelerate import Accelerator
+    from conftest import copy_model_folder
+
+    from sdxs.model_folder import load_base_pipeline
+    from sdxs.train.text_align import CrossAttentionProbe
+    from sdxs.train.unet import latent_loader
+
+    hub = copy_model_folder(root_model_dir, tmp_path / "hub")
+    cache = make_cache(tmp_path, hub)
+    loader = latent_loader(config(tmp_path, hub, cache), Accelerator(cpu=True))
+    unet = load_base_pipeline(str(hub)).unet.float().eval().requires_grad_(False)
+    saved = tmp_path / "run" / "queries.safetensors"
+    first = CrossAttentionProbe(unet, loader, draws=2, min_sigma=0.1, show=False, cache=saved)
+    assert saved.is_file()
+    again = CrossAttentionProbe(unet, loader, draws=2, min_sigma=0.1, show=False, cache=saved)
+    assert again.index == first.index and again.scales == first.scales
+    for a, b in zip(again.queries, first.queries, strict=True):
+        assert torch.equal(a, b) and a.shape[1] == 2
+    other = CrossAttentionProbe(unet, loader, draws=1, min_sigma=0.1, show=False, cache=saved)
+    assert other.queries[0].shape[1] == 1  # recorded anew (and saved in place of the old ones)
+    with torch.no_grad():
+        other.layers[0].to_k.weight.mul_(2)
+    changed = CrossAttentionProbe(unet, loader, draws=1, min_sigma=0.1, show=False, cache=saved)
+    assert not torch.equal(changed.queries[-1], other.queries[-1])  # another UNet: its own queries
+
+
 def test_a_normalised_tokenizer_is_learnt_against_the_old_ones_targets(tmp_path, root_model_dir):
     """`model.tokenizer`: the text encoder reads the new tokenizer (here lower-casing), the targets stay the cache's
     (the old tokenizer's): a capitalised caption is a new token sequence with an error to learn, and the checkpoint

@@ -22,6 +22,24 @@ def test_short_prompt():
     assert short_prompt("a very long single tag with many words", 3) == "a very long"
 
 
+def test_the_recipe_pins_how_the_tokenizer_reads_text():
+    """`model.tokenizer_normalization`: the preset's by default, none, or a list; a typo is refused by name."""
+    from sdxs.train.text_encoder import build_text_model
+
+    def tokenizer(normalization):
+        overrides = ["model.preset=emoji", "model.vocab_size=300", f"model.tokenizer_normalization={normalization}"]
+        return build_text_model(load_config(TextEncoderTrainConfig, None, overrides), CAPTIONS * 4)[1]
+
+    def same(tok, a, b):
+        return tok(a).input_ids == tok(b).input_ids
+
+    assert same(tokenizer("preset"), "Red Apple", "red apple")  # the emoji preset lower-cases
+    assert not same(tokenizer("none"), "Red Apple", "red apple")  # the shipped model's tokenizer was trained raw
+    assert same(tokenizer("nfkc,lowercase"), "RED APPLE", "red apple")
+    with pytest.raises(ValueError, match="tokenizer_normalization.*upper"):
+        tokenizer("nfkc,upper")
+
+
 def test_text_encoder_trains_and_saves(tmp_path):
     from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
 

@@ -13,7 +13,9 @@ subject, not the string. It knows nothing of emoji: it reads the structure every
 What a rewrite can do (each with its own probability in `CaptionAugmentConfig`):
 
     form        the subject | a tag that names this subject alone ("gherkin") | the name's head word when at
-                most `max_subjects` subjects share it and it is not itself a subject ("apple" for the two apples)
+                most `max_subjects` subjects share it and it is not itself a subject ("apple" for the two apples) |
+                2-3 of its tags without the subject ("pickle, gherkin, vegetable") | the head word first
+                ("apple (red)", `TRAIN_INVERSIONS`)
     plural      "red apples", "women surfing" (inflect), optionally after a quantity word ("several red apples")
     adjective   "cute red apple"
     template    "a {}", "a picture of {}", "{} icon" ... (a/an chosen for the word that follows)
@@ -106,6 +108,8 @@ TRAIN_QUANTITIES = [
 ]  # fmt: skip
 # punctuation around the whole prompt ("{}" is the prompt); besides these, commas dropped and hyphens as spaces
 TRAIN_PUNCTUATION = ["{}.", "{}!", "{}!!", "{};", "{}:", "[{}]", "*{}*", "{} -", "<{}>", "{}~"]
+# the head word first ("{head}" the head noun, "{rest}" the words before it): "apple (red)", "face: grimacing"
+TRAIN_INVERSIONS = ["{head} {rest}", "{head}: {rest}", "{head} - {rest}", "{head} ({rest})", "{head} / {rest}"]
 
 
 @dataclass
@@ -119,6 +123,7 @@ class CaptionAugmentConfig:
     adjectives: list[str] = field(default_factory=lambda: list(TRAIN_ADJECTIVES))
     quantities: list[str] = field(default_factory=lambda: list(TRAIN_QUANTITIES))  # before a plural
     punctuation_marks: list[str] = field(default_factory=lambda: list(TRAIN_PUNCTUATION))  # "{}": the prompt
+    inversions: list[str] = field(default_factory=lambda: list(TRAIN_INVERSIONS))  # "{head}", "{rest}"
     # a tag stands for its subject alone only when it is unambiguous: at most this many subjects carry it
     max_subjects: int = 1
     # a name's head word ("apple" of "red apple") stands for it when at most this many subjects share the head
@@ -129,6 +134,10 @@ class CaptionAugmentConfig:
     holdout_tags: float = 0.0
     tag_form: float = 0.15  # the subject replaced by one of its unambiguous tags ("gherkin")
     head_form: float = 0.1  # the subject replaced by its head word
+    # the subject replaced by 2-3 of the image's tags, ambiguous and held-out ones included ("coffee, caffeine,
+    # drink"): keywords people type instead of a name; a held-out tag is still never a prompt on its own
+    keywords_form: float = 0.0
+    head_first: float = 0.0  # a name whose head word is its last word, head first (`inversions`: "apple (red)")
     plural: float = 0.15  # plural of the subject (half of them after a quantity word)
     adjective: float = 0.15
     template: float = 0.5
@@ -256,6 +265,9 @@ class CaptionAugmenter:
             for t in getattr(config, key):
                 if t.count("{}") != 1:
                     raise ValueError(f"`captions.{key}`: {t!r} must hold exactly one '{{}}' (the subject).")
+        for t in config.inversions:
+            if t.count("{head}") != 1 or t.count("{rest}") != 1:
+                raise ValueError(f"`captions.inversions`: {t!r} must hold '{{head}}' and '{{rest}}' once each.")
         self.config = config
         tag_subjects: dict[str, set[str]] = defaultdict(set)
         head_subjects: dict[str, set[str]] = defaultdict(set)
@@ -301,10 +313,16 @@ class CaptionAugmenter:
         text, plural_ok = e.main, True
         tags = [t for t in e.tags if t.lower() in self.unambiguous_tags and not is_holdout_tag(t, c.holdout_tags)]
         r = rng.random()
+        words, head = e.main.split(), head_word(e.main)
         if tags and r < c.tag_form:
             text = rng.choice(tags)
-        elif r < c.tag_form + c.head_form and head_word(e.main).lower() in self.usable_heads:
-            text = head_word(e.main)
+        elif r < c.tag_form + c.head_form and head.lower() in self.usable_heads:
+            text = head
+        elif 0 <= (r := r - c.tag_form - c.head_form) < c.keywords_form and len(e.tags) >= 2:  # own share only
+            text, plural_ok = ", ".join(rng.sample(e.tags, k=rng.randint(2, min(3, len(e.tags))))), False
+        elif 0 <= r - c.keywords_form < c.head_first and c.inversions and len(words) >= 2 and head == words[-1]:
+            inversion = rng.choice(c.inversions)
+            text, plural_ok = inversion.replace("{head}", head).replace("{rest}", " ".join(words[:-1])), False
         if len(text.split()) > 5:  # a sentence-like caption: no plural or adjective games
             plural_ok = False
         # 2. number, adjective, template
@@ -323,7 +341,8 @@ class CaptionAugmenter:
                 text = template.replace("{}", text)
         # 3. qualifiers, tags and style as comma parts
         parts = [text, *e.qualifiers]
-        extra = [t for t in e.tags if t.lower() != text.lower()]
+        used = {part.lower() for part in split_parts(text)}
+        extra = [t for t in e.tags if t.lower() not in used]
         if extra and rng.random() < c.add_tags:
             parts += rng.sample(extra, k=min(len(extra), rng.randint(1, 3)))
         if extra and rng.random() < c.tag_first:

@@ -12,8 +12,10 @@ a class measures a phrasing the model never saw, not a memorised one.
     plurals         "two red apples", "a few red apples"
     punctuation     "red apple?", "'red apple'", "red apple..."
     everyday words  a keyword that names this emoji alone and was never a training prompt on its own
-                    (`CaptionAugmentConfig.holdout_tags`): it was only ever seen inside a longer caption
-    word order      the qualifier first ("medium skin tone, woman surfing") or the head noun first ("apple, red")
+                    (`CaptionAugmentConfig.holdout_tags`): it was only ever seen beside other words (in a caption,
+                    or in a list of keywords with `keywords_form`)
+    word order      the qualifier first ("medium skin tone, woman surfing") or the head noun first ("apple, red"; the
+                    training's `head_first` form never puts a comma there: "apple (red)", "apple: red")
 
 Scored as the strict check scores (`sdxs.eval.strict.score_images`: L2 at 32x32 on white against every render),
 so numbers compare with the bare-name rows. The emoji are a fixed random choice of the training split, per kind.

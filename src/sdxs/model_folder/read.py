@@ -183,6 +183,12 @@ def resolve_component(src: str | Path, name: str, weights: str = "auto") -> Path
         path = path / name
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(src)!r} holds no {name} (looked for {str(path / 'config.json')!r}).")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+        raise FileNotFoundError(
+            f"{str(src)!r} has a config.json but no *.safetensors weights for {name} in {str(path)!r}: pass a model "
+            "folder, a component folder, a checkpoint (checkpoints/step-N) or a run folder that holds checkpoints/ "
+            "(a run's own config.json is its settings, not a component)."
+        )
     return path
 
 

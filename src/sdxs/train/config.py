@@ -256,6 +256,9 @@ class TextModelConfig:
     pretrained: str = ""  # hub folder whose text_encoder/ + tokenizer/ are the starting point
     preset: str = "tiny"  # otherwise: Qwen3.5 shape of this preset, from scratch
     vocab_size: int = 0  # tokenizer vocabulary trained on the captions (0: the preset's)
+    # how that tokenizer reads text: "preset" (the preset's), "none", or names from sdxs.tokenizer
+    # ("nfkc,lowercase,prefix-space"); pinned in a recipe so a reproduction trains the tokenizer the model shipped with
+    tokenizer_normalization: str = "preset"
     dtype: str = "fp32"  # "fp32" | "bf16" (fp16 is refused: Qwen3.5's linear attention overflows in it)
     # 0: train everything. N > 0: only the language model's last N decoder layers and its final norm (embeddings, the
     # tied LM head and the vision tower stay frozen). 1 keeps the hidden states the UNet reads (the layer before the

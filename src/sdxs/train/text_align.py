@@ -121,17 +121,67 @@ class CrossAttentionProbe:
     outputs are for different captions (measured on the first batch), so every layer counts by how much it tells
     prompts apart."""
 
-    def __init__(self, unet, loader, draws: int, min_sigma: float, batch_size: int = 64, show: bool = True):
+    def __init__(
+        self,
+        unet,
+        loader,
+        draws: int,
+        min_sigma: float,
+        batch_size: int = 64,
+        show: bool = True,
+        cache: Path | None = None,
+    ):
         from diffusers.models.attention import BasicTransformerBlock
-        from tqdm.auto import tqdm
-
-        from sdxs.pipeline import sigma_to_timestep
 
         if draws < 1:
             raise ValueError(f"`align.query_draws` must be >= 1, got {draws}.")
         self.layers = [m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None]
         if not self.layers:
             raise ValueError('the UNet has no cross-attention layers: `align.objective = "attention"` needs them.')
+        self.draws = draws
+        # what the queries depend on: a run that resumes with the same ones reads them back instead of recording
+        stamp = {
+            "draws": draws,
+            "min_sigma": min_sigma,
+            "batch_size": batch_size,
+            "seed": loader.seed,
+            "cache": str(Path(loader.cache_dir).resolve()),
+            "samples": loader.num_samples,
+            "unet": [round(float(layer.to_k.weight.double().sum()), 6) for layer in self.layers],
+        }
+        if cache is not None and self._load(cache, stamp):
+            logger.info("cross-attention queries read from %s", cache)
+            return
+        self._record(unet, loader, draws, min_sigma, batch_size, show)
+        if cache is not None:
+            from sdxs.data.shards import atomic_save
+
+            tensors = {f"queries.{i}": q for i, q in enumerate(self.queries)}
+            tensors["scales"] = torch.tensor(self.scales, dtype=torch.float64)
+            keys = sorted(self.index, key=self.index.get)
+            atomic_save(tensors, cache, {**stamp, "keys": keys})
+
+    def _load(self, path: Path, stamp: dict) -> bool:
+        """Read queries saved by a run with the same `stamp`; False (and record anew) when there are none or they
+        were made from something else."""
+        from safetensors.torch import load_file
+
+        from sdxs.data.shards import read_shard_meta
+
+        meta = read_shard_meta(path) if path.is_file() else None
+        if not meta or {k: meta.get(k) for k in stamp} != stamp:
+            return False
+        tensors = load_file(str(path))
+        self.queries = [tensors[f"queries.{i}"] for i in range(len(self.layers))]
+        self.scales = [float(v) for v in tensors["scales"]]
+        self.index = {key: i for i, key in enumerate(meta["keys"])}
+        return True
+
+    def _record(self, unet, loader, draws: int, min_sigma: float, batch_size: int, show: bool) -> None:
+        from tqdm.auto import tqdm
+
+        from sdxs.pipeline import sigma_to_timestep
+
         device = next(unet.parameters()).device
         seen: dict[int, torch.Tensor] = {}  # layer index -> its query input of the last forward
 
@@ -172,7 +222,6 @@ class CrossAttentionProbe:
                 h.remove()
         self.queries = [torch.cat(p) for p in per_layer]
         self.index = {key: i for i, key in enumerate(keys)}
-        self.draws = draws
 
     @staticmethod
     def _bias(mask: torch.Tensor) -> torch.Tensor:
@@ -288,7 +337,11 @@ def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
         raise ValueError(f'`align.objective` must be "unet" or "attention", got {a.objective!r}.')
     probe = None
     if a.objective == "attention":
-        probe = CrossAttentionProbe(unet, loader, a.query_draws, a.min_sigma, show=accelerator.is_main_process)
+        # saved in the run folder, one file per rank (each records its own share of the data): a resume reads it back
+        cache = Path(cfg.run.output_dir) / f"attention-queries.rank{accelerator.process_index}.safetensors"
+        probe = CrossAttentionProbe(
+            unet, loader, a.query_draws, a.min_sigma, show=accelerator.is_main_process, cache=cache
+        )
     empty = loader.empty_prompt()  # (1, 1+L, D): the cache's empty prompt, CFG's unconditional branch
     if accelerator.is_main_process:
         logger.info(

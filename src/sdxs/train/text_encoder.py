@@ -133,9 +133,28 @@ def build_text_model(cfg: TextEncoderTrainConfig, captions: list[str]):
         if (root / "vision_processor").is_dir():
             processor = Qwen2VLImageProcessorPil.from_pretrained(root / "vision_processor")
     else:
-        tokenizer = train_tokenizer(captions, m.vocab_size or preset.tokenizer_vocab, preset.tokenizer_normalization)
+        tokenizer = train_tokenizer(captions, m.vocab_size or preset.tokenizer_vocab, _normalization(m, preset))
         model = fresh_component(preset, "text_encoder", cfg.run.seed, tokenizer, dtype=dtype)
     return model.train(), tokenizer, processor
+
+
+def _normalization(m, preset) -> tuple[str, ...]:
+    """`model.tokenizer_normalization` as names: "preset" -> the preset's, "none" -> (), else the comma list."""
+    from sdxs.tokenizer import TEXT_NORMALIZATIONS
+
+    value = m.tokenizer_normalization.strip()
+    if value == "preset":
+        return tuple(preset.tokenizer_normalization)
+    if value in ("none", ""):
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in TEXT_NORMALIZATIONS]
+    if unknown:
+        raise ValueError(
+            f'`model.tokenizer_normalization`: unknown {", ".join(unknown)}; use "preset", "none" or names from '
+            f'{", ".join(TEXT_NORMALIZATIONS)} joined by commas (e.g. "nfkc,lowercase").'
+        )
+    return names
 
 
 def freeze_all_but_last_layers(model, n: int) -> str:
