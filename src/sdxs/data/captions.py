@@ -313,14 +313,15 @@ class CaptionAugmenter:
         text, plural_ok = e.main, True
         tags = [t for t in e.tags if t.lower() in self.unambiguous_tags and not is_holdout_tag(t, c.holdout_tags)]
         r = rng.random()
+        beyond = r - c.tag_form - c.head_form  # the keyword and head-first forms fire in their own shares only
         words, head = e.main.split(), head_word(e.main)
         if tags and r < c.tag_form:
             text = rng.choice(tags)
         elif r < c.tag_form + c.head_form and head.lower() in self.usable_heads:
             text = head
-        elif 0 <= (r := r - c.tag_form - c.head_form) < c.keywords_form and len(e.tags) >= 2:  # own share only
+        elif 0 <= beyond < c.keywords_form and len(e.tags) >= 2:
             text, plural_ok = ", ".join(rng.sample(e.tags, k=rng.randint(2, min(3, len(e.tags))))), False
-        elif 0 <= r - c.keywords_form < c.head_first and c.inversions and len(words) >= 2 and head == words[-1]:
+        elif 0 <= beyond - c.keywords_form < c.head_first and c.inversions and len(words) >= 2 and head == words[-1]:
             inversion = rng.choice(c.inversions)
             text, plural_ok = inversion.replace("{head}", head).replace("{rest}", " ".join(words[:-1])), False
         if len(text.split()) > 5:  # a sentence-like caption: no plural or adjective games
