@@ -21,12 +21,13 @@
 #   unet-h    G resumed with a linear cool-down 3e-4 -> 3e-5                                              2,000 x 64
 #   unet-i    H resumed at the floor LR 3e-5                                                                851 x 64
 #   refine    sdxs train text-encoder (text_encoder-refine.toml): the last layer, for refine_prompts 2,400 + 1,600 x 32
-#   align     sdxs train text-align (text-align.toml), v2.4: a lower-casing tokenizer and rewritten captions learnt
-#             by the text encoder through the frozen UNet's cross-attention                            ALIGN_STEPS x 96
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.4)
+#   align     sdxs train text-align (text-align.toml): a lower-casing tokenizer and rewritten captions learnt
+#             by the text encoder through the frozen UNet's cross-attention (v2.4 at step 2,000)      2,528 x 96
+#             resumed with keyword lists and head-first names, bf16, a cool-down over the last 1,200 (v2.5) to 6,000
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.5)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
-# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_STEPS, DEFAULT_STEPS.
+# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_STEPS, ALIGN_FORMS_STEPS, DEFAULT_STEPS.
 set -euo pipefail
 set -f # overrides like sample.prompts=[] must not be globbed
 
@@ -34,7 +35,11 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
-ALIGN_STEPS=${ALIGN_STEPS:-2000}  # v2.4's text encoder: docs/experiments-log.md, "v3, sixteenth sitting"
+# the text-align run of v2.5 (docs/experiments-log.md, "v3, sixteenth" and "seventeenth sitting"): ALIGN_STEPS with
+# text-align.toml, then on to ALIGN_FORMS_STEPS with the two extra caption forms, the last ALIGN_DECAY_STEPS cooling down
+ALIGN_STEPS=${ALIGN_STEPS:-2528}
+ALIGN_FORMS_STEPS=${ALIGN_FORMS_STEPS:-6000}
+ALIGN_DECAY_STEPS=${ALIGN_DECAY_STEPS:-1200}
 DEFAULT_STEPS=${DEFAULT_STEPS:-8}  # from bench/bench_steps.py (docs/benchmarks.md, "Steps")
 SMOKE=${SMOKE:-0}
 # overrides every training stage gets (smoke: small batches, no periodic checkpoints; GPU: bf16 autocast)
@@ -152,12 +157,19 @@ if stage refine "refine_prompts: the text encoder's last layer on name -> captio
   mark refine
 fi
 
-if stage align "v2.4: the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_STEPS steps)"; then
+if stage align "the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_FORMS_STEPS steps)"; then
   sdxs init "$RUN/model-lower" --base "$RUN/model" --text-normalization nfkc,lowercase
   sdxs prepare "$TRAIN_DATA" "$RUN/cache-align" --model "$RUN/model" --image-embeds --no-progress
-  train text-align configs/emoji/text-align.toml "$RUN/align" model.pretrained="$RUN/model" \
-    model.tokenizer="$RUN/model-lower/tokenizer" data.path="$RUN/cache-align" \
-    data.sample_weights="$RUN/kind-weights.csv" run.max_steps="$(steps "$ALIGN_STEPS")"
+  align=(model.pretrained="$RUN/model" model.tokenizer="$RUN/model-lower/tokenizer" data.path="$RUN/cache-align"
+    data.sample_weights="$RUN/kind-weights.csv")
+  if [[ ! -f "$RUN/.done-align-1" ]]; then # leg 1, as v2.4's run went (v2.4 is its step 2,000)
+    train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" run.max_steps="$(steps "$ALIGN_STEPS")"
+    mark align-1
+  fi
+  # leg 2: keyword lists ("coffee, caffeine, drink") and head-first names ("apple (red)") join the rewrites
+  train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" run.max_steps="$(steps "$ALIGN_FORMS_STEPS" 2)" \
+    captions.keywords_form=0.1 captions.head_first=0.08 run.mixed_precision=bf16 \
+    optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
   sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/align"
   mark align
 fi
