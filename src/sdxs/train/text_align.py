@@ -38,7 +38,7 @@ import torch
 from sdxs.model_folder import export_run, load_base_pipeline
 from sdxs.train.common import Task, fit, make_accelerator
 from sdxs.train.config import TextAlignTrainConfig
-from sdxs.train.unet import Endless, latent_loader
+from sdxs.train.unet import Endless, flow_matching_pair, latent_loader
 
 logger = logging.getLogger("sdxs.train")
 
@@ -111,6 +111,15 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i >= 0)
 
 
+def noisy_latents(latents: torch.Tensor, min_sigma: float, generator: torch.Generator):
+    """(x_s, timesteps) at noise levels drawn uniformly in [min_sigma, 1], one per latent (sigmas, then noise)."""
+    from sdxs.pipeline import sigma_to_timestep
+
+    sigmas = min_sigma + (1 - min_sigma) * torch.rand(len(latents), generator=generator, device=latents.device)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    return flow_matching_pair(latents, noise, sigmas)[0], sigma_to_timestep(sigmas)
+
+
 class CrossAttentionProbe:
     """The frozen UNet's cross-attention layers with the queries each cached image gave them (`align.objective`
     "attention").
@@ -180,8 +189,6 @@ class CrossAttentionProbe:
     def _record(self, unet, loader, draws: int, min_sigma: float, batch_size: int, show: bool) -> None:
         from tqdm.auto import tqdm
 
-        from sdxs.pipeline import sigma_to_timestep
-
         device = next(unet.parameters()).device
         seen: dict[int, torch.Tensor] = {}  # layer index -> its query input of the last forward
 
@@ -199,12 +206,10 @@ class CrossAttentionProbe:
                 emb, mask = batch["embeds"].to(device).float(), batch["mask"].to(device)
                 draws_of_batch = [[] for _ in self.layers]
                 for _ in range(draws):
-                    sig = min_sigma + (1 - min_sigma) * torch.rand(len(latents), generator=gen, device=device)
-                    noise = torch.randn(latents.shape, generator=gen, device=device)
-                    x = (1 - sig.view(-1, 1, 1, 1)) * latents + sig.view(-1, 1, 1, 1) * noise
+                    x, timesteps = noisy_latents(latents, min_sigma, gen)
                     seen.clear()
                     with torch.no_grad():
-                        unet(x, sigma_to_timestep(sig), encoder_hidden_states=emb, encoder_attention_mask=mask)
+                        unet(x, timesteps, encoder_hidden_states=emb, encoder_attention_mask=mask)
                     for i in range(len(self.layers)):
                         draws_of_batch[i].append(seen[i])
                 for i, qs in enumerate(draws_of_batch):
@@ -286,7 +291,7 @@ def image_source(cfg: TextAlignTrainConfig, loader) -> Path | None:
 def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
     """The Task: a `PromptEncoder` around `base.text_encoder` (partly trainable), the frozen UNet in the loss."""
     from sdxs.data.loader import pad_text
-    from sdxs.pipeline import load_rgb_image, sigma_to_timestep
+    from sdxs.pipeline import load_rgb_image
 
     if not cfg.model.pretrained:
         raise ValueError("`model.pretrained` is required: the model whose text encoder is trained (and its UNet).")
@@ -379,11 +384,7 @@ def text_align_task(cfg: TextAlignTrainConfig, base, accelerator) -> Task:
             per = probe(keys, s_emb, s_mask, t_emb, t_mask, generator, groups=(b,))  # (B + k,)
         else:
             latents = batch["latents"].to(device, torch.float32)
-            latents = torch.cat([latents, latents[:k]])
-            sigmas = a.min_sigma + (1 - a.min_sigma) * torch.rand(latents.shape[0], generator=generator, device=device)
-            noise = torch.randn(latents.shape, generator=generator, device=device)
-            s = sigmas.view(-1, 1, 1, 1)
-            noisy, timesteps = (1 - s) * latents + s * noise, sigma_to_timestep(sigmas)
+            noisy, timesteps = noisy_latents(torch.cat([latents, latents[:k]]), a.min_sigma, generator)
             with torch.no_grad():
                 target = unet(noisy, timesteps, encoder_hidden_states=t_emb, encoder_attention_mask=t_mask).sample
             pred = unet(noisy, timesteps, encoder_hidden_states=s_emb, encoder_attention_mask=s_mask).sample
