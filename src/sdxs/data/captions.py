@@ -24,6 +24,9 @@ What a rewrite can do (each with its own probability in `CaptionAugmentConfig`):
     case        lower / Title / UPPER / first letter capitalised
     punctuation a trailing mark or brackets around the prompt (`TRAIN_PUNCTUATION`), commas dropped, hyphens as spaces
     order       the comma parts shuffled ("medium skin tone, woman surfing")
+    fillers     1-2 common words the dataset never uses, before or after the subject ("wonder red apple",
+                "red apple tonight"): read from `filler_words`, so the model learns that a word it has no meaning
+                for does not change the picture
 
 Qualifiers after the subject's first comma ("woman surfing, medium skin tone") stay with every form: they are part
 of what the image shows. Every choice comes from the `random.Random` the caller passes, so a loader that seeds it
@@ -40,6 +43,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -147,6 +151,11 @@ class CaptionAugmentConfig:
     case: float = 0.5  # a case change (lower / Title / UPPER / capitalised)
     punctuation: float = 0.3  # a punctuation change
     shuffle_parts: float = 0.1  # the comma parts (subject, qualifiers, tags, style) in a random order
+    # share of rewrites with 1-2 filler words before or after the subject; they come from `filler_words` (a text
+    # file, one word per line: `sdxs data emoji` writes DATA/words.txt) minus every word of the dataset's captions
+    # and its simple inflections (`filler_pool`): words that carry no meaning for this dataset
+    filler: float = 0.0
+    filler_words: str = ""
 
 
 def is_holdout_tag(tag: str, share: float) -> bool:
@@ -156,6 +165,34 @@ def is_holdout_tag(tag: str, share: float) -> bool:
         return False
     digest = hashlib.sha256(f"holdout-tag:{tag.strip().lower()}".encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < share
+
+
+def word_stem(word: str) -> str:
+    """A crude English stem, enough to tell inflections apart from new words: "apples", "apple" -> "appl";
+    "dancing", "dance" -> "danc"; "glossier", "glossy" -> "glossy"."""
+    w = word.lower()
+    for suffix in ("iest", "ier", "ies", "ied"):  # "glossier", "flies" -> "glossy", "fly"
+        if w.endswith(suffix) and len(w) - len(suffix) >= 2:
+            return w[: -len(suffix)] + "y"
+    for suffix in ("ing", "est", "es", "ed", "er", "ly", "s"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: -len(suffix)]
+            break
+    return w.rstrip("e") if len(w) > 3 else w
+
+
+def filler_pool(words: Iterable[str], exclude: Iterable[str]) -> list[str]:
+    """The lower-case alphabetic `words` (2+ letters, each once, in order) that are not in `exclude`, nor an
+    inflection of a word there (same `word_stem`)."""
+    stems = {word_stem(w) for text in exclude for w in re.findall(r"[a-z]+", text.lower())}
+    pool, seen = [], set()
+    for w in words:
+        w = w.strip().lower()
+        if len(w) < 2 or not (w.isascii() and w.isalpha()) or w in seen or word_stem(w) in stems:
+            continue
+        seen.add(w)
+        pool.append(w)
+    return pool
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,11 +305,15 @@ class CaptionAugmenter:
         for t in config.inversions:
             if t.count("{head}") != 1 or t.count("{rest}") != 1:
                 raise ValueError(f"`captions.inversions`: {t!r} must hold '{{head}}' and '{{rest}}' once each.")
+        if not 0.0 <= config.filler <= 1.0:
+            raise ValueError(f"`captions.filler` must be in [0, 1], got {config.filler}.")
         self.config = config
         tag_subjects: dict[str, set[str]] = defaultdict(set)
         head_subjects: dict[str, set[str]] = defaultdict(set)
         mains: set[str] = set()
+        vocabulary: set[str] = set()
         for lines in all_caption_lines:
+            vocabulary.update(lines)
             e = self.parse(lines)
             if not e.main:
                 continue
@@ -289,6 +330,25 @@ class CaptionAugmenter:
             for h, s in head_subjects.items()
             if h and h not in mains and len(s) <= config.max_head_subjects and all(h != m for m in s)
         }
+        self.fillers = self._read_fillers(config, vocabulary) if config.filler > 0 else []
+
+    @staticmethod
+    def _read_fillers(config: CaptionAugmentConfig, vocabulary: set[str]) -> list[str]:
+        if not config.filler_words:
+            raise ValueError(
+                "`captions.filler` > 0 needs `captions.filler_words`: a text file of common words, one per line "
+                "(`sdxs data emoji` writes DATA/words.txt), or set `captions.filler=0`."
+            )
+        path = Path(config.filler_words)
+        if not path.is_file():
+            raise FileNotFoundError(f"`captions.filler_words`: {path} is not a file (a text file, one word per line).")
+        pool = filler_pool(path.read_text(encoding="utf-8").split(), vocabulary)
+        if not pool:
+            raise ValueError(
+                f"`captions.filler_words`: no word of {path} is left once the dataset's own words are taken out; "
+                "give a list of common words the captions do not use."
+            )
+        return pool
 
     def parse(self, lines: Sequence[str]) -> _Entry:
         subject = subject_of(lines)
@@ -340,6 +400,10 @@ class CaptionAugmenter:
                 text = (text if plural else with_article(text)) + template[4:]
             else:
                 text = template.replace("{}", text)
+        if self.fillers and rng.random() < c.filler:  # no draw at all when fillers are off: old runs replay
+            for _ in range(rng.randint(1, 2)):
+                word = rng.choice(self.fillers)
+                text = f"{word} {text}" if rng.random() < 0.5 else f"{text} {word}"
         # 3. qualifiers, tags and style as comma parts
         parts = [text, *e.qualifiers]
         used = {part.lower() for part in split_parts(text)}

