@@ -119,6 +119,9 @@ def main() -> None:
     )
     parser.add_argument("--robust-only", action="store_true", help="only the robustness classes (sdxs.eval.robust)")
     parser.add_argument(
+        "--robust-classes", help='comma-separated robustness classes (default: all nine), e.g. "everyday words,plurals"'
+    )
+    parser.add_argument(
         "--holdout-tags", type=float, default=0.25, help="the training run's captions.holdout_tags (everyday words)"
     )
     parser.add_argument("--steps", type=int, help="Euler steps (default: the model's default_num_inference_steps)")
@@ -165,6 +168,7 @@ def main() -> None:
             generate,
             per_kind=args.robust_per_kind,
             holdout_share=args.holdout_tags,
+            classes=er.parse_classes(args.robust_classes),
             seed=args.seed,
         )
     if args.robust_grid and robust is not None and robust.grid:

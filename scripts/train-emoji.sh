@@ -24,10 +24,11 @@
 #   align     sdxs train text-align (text-align.toml): a lower-casing tokenizer and rewritten captions learnt
 #             by the text encoder through the frozen UNet's cross-attention (v2.4 at step 2,000)      2,528 x 96
 #             resumed with keyword lists and head-first names, bf16, a cool-down over the last 1,200 (v2.5) to 6,000
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.5)
+#             back at 2e-4 to 7,005, then filler words join the rewrites, a cool-down over the last 1,200 (v2.6) to 10,500
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.6)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
-# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_STEPS, ALIGN_FORMS_STEPS, DEFAULT_STEPS.
+# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_*_STEPS (below), DEFAULT_STEPS.
 set -euo pipefail
 set -f # overrides like sample.prompts=[] must not be globbed
 
@@ -35,10 +36,13 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
-# the text-align run of v2.5 (docs/experiments-log.md, "v3, sixteenth" and "seventeenth sitting"): ALIGN_STEPS with
-# text-align.toml, then on to ALIGN_FORMS_STEPS with the two extra caption forms, the last ALIGN_DECAY_STEPS cooling down
+# the text-align run of v2.6 (docs/experiments-log.md, "v3, sixteenth" to "eighteenth sitting"): ALIGN_STEPS with
+# text-align.toml, then on to ALIGN_FORMS_STEPS with the two extra caption forms, the last ALIGN_DECAY_STEPS cooling down;
+# back at the full LR to ALIGN_RESTART_STEPS, then on to ALIGN_FILLER_STEPS with filler words, cooling down again
 ALIGN_STEPS=${ALIGN_STEPS:-2528}
 ALIGN_FORMS_STEPS=${ALIGN_FORMS_STEPS:-6000}
+ALIGN_RESTART_STEPS=${ALIGN_RESTART_STEPS:-7005}
+ALIGN_FILLER_STEPS=${ALIGN_FILLER_STEPS:-10500}
 ALIGN_DECAY_STEPS=${ALIGN_DECAY_STEPS:-1200}
 DEFAULT_STEPS=${DEFAULT_STEPS:-8}  # from bench/bench_steps.py (docs/benchmarks.md, "Steps")
 SMOKE=${SMOKE:-0}
@@ -157,7 +161,7 @@ if stage refine "refine_prompts: the text encoder's last layer on name -> captio
   mark refine
 fi
 
-if stage align "the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_FORMS_STEPS steps)"; then
+if stage align "the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_FILLER_STEPS steps)"; then
   sdxs init "$RUN/model-lower" --base "$RUN/model" --text-normalization nfkc,lowercase
   sdxs prepare "$TRAIN_DATA" "$RUN/cache-align" --model "$RUN/model" --image-embeds --no-progress
   align=(model.pretrained="$RUN/model" model.tokenizer="$RUN/model-lower/tokenizer" data.path="$RUN/cache-align"
@@ -166,10 +170,23 @@ if stage align "the text encoder learns a lower-casing tokenizer and rewritten c
     train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" run.max_steps="$(steps "$ALIGN_STEPS")"
     mark align-1
   fi
-  # leg 2: keyword lists ("coffee, caffeine, drink") and head-first names ("apple (red)") join the rewrites
-  train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" run.max_steps="$(steps "$ALIGN_FORMS_STEPS" 2)" \
-    captions.keywords_form=0.1 captions.head_first=0.08 run.mixed_precision=bf16 \
-    optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
+  # leg 2: keyword lists ("coffee, caffeine, drink") and head-first names ("apple (red)") join the rewrites (v2.5)
+  forms=(captions.keywords_form=0.1 captions.head_first=0.08 run.mixed_precision=bf16)
+  if [[ ! -f "$RUN/.done-align-2" ]]; then
+    train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" "${forms[@]}" \
+      run.max_steps="$(steps "$ALIGN_FORMS_STEPS" 2)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
+    mark align-2
+  fi
+  # leg 3: back at the full LR without a cool-down (that run was stopped at 7,005 to start leg 4)
+  if [[ ! -f "$RUN/.done-align-3" ]]; then
+    train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" "${forms[@]}" \
+      run.max_steps="$(steps "$ALIGN_RESTART_STEPS" 3)" optim.decay_steps=0
+    mark align-3
+  fi
+  # leg 4: 1-2 common words the captions never use around the subject ("wonder red apple"; DATA/words.txt) (v2.6)
+  train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" "${forms[@]}" \
+    captions.filler=0.3 captions.filler_words="$DATA/words.txt" \
+    run.max_steps="$(steps "$ALIGN_FILLER_STEPS" 4)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
   sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/align"
   mark align
 fi

@@ -206,7 +206,7 @@ def test_evaluation_words_are_not_training_words():
 
 
 def test_robust_rewrites(tmp_path):
-    from sdxs.eval.robust import CLASSES, everyday_words, rewrite
+    from sdxs.eval.robust import CLASSES, everyday_words, parse_classes, rewrite
     from sdxs.eval.strict import Render
 
     r = Render(0, tmp_path / "x.webp", "train", "", "red apple", [], "objects/animals/food/travel")
@@ -227,6 +227,9 @@ def test_robust_rewrites(tmp_path):
         ["nine-thirty", "nine-thirty, 2130, 3d render"],
     ]
     assert everyday_words(coded, 1.0) == {"flag of finland": ["suomi"]}
+    assert parse_classes(None) == CLASSES and parse_classes("Plurals, everyday words") == ("plurals", "everyday words")
+    with pytest.raises(ValueError, match="'plural'"):
+        parse_classes("plural")
 
 
 def test_loader_rewrites_are_seeded_and_resumable(tmp_path, tiny_hub_dir):

@@ -63,6 +63,19 @@ CLASSES = (
 )
 
 
+def parse_classes(text: str | None) -> tuple[str, ...]:
+    """'everyday words,plurals' -> those classes, in `CLASSES` order (None or empty: all of them)."""
+    if not text:
+        return CLASSES
+    wanted = {c.strip().lower() for c in text.split(",") if c.strip()}
+    unknown = sorted(wanted - set(CLASSES))
+    if unknown:
+        raise ValueError(
+            f"unknown robustness class(es) {', '.join(map(repr, unknown))}; choose from {', '.join(CLASSES)}."
+        )
+    return tuple(c for c in CLASSES if c in wanted)
+
+
 def _case(text: str, rng: random.Random) -> str:
     how = rng.choice(EVAL_CASES)
     return text.upper() if how == "upper" else text.title() if how == "title" else text[:1].upper() + text[1:]
