@@ -54,6 +54,14 @@ mkdir -p "$RUN"
 
 log() { printf '\n== %s  %s\n' "$(date +%H:%M:%S)" "$*"; }
 mark() { date -Iseconds >"$RUN/.done-$1"; }
+# leg NAME COMMAND...: one leg of a stage run in several, skipped once RUN/.done-NAME says it finished
+leg() {
+  local name=$1
+  shift
+  if [[ -f "$RUN/.done-$name" ]]; then return 0; fi
+  "$@"
+  mark "$name"
+}
 # stage NAME DESCRIPTION: true (and logged) when the stage still has to run
 stage() {
   if [[ -f "$RUN/.done-$1" ]]; then return 1; fi
@@ -166,26 +174,17 @@ if stage align "the text encoder learns a lower-casing tokenizer and rewritten c
   sdxs prepare "$TRAIN_DATA" "$RUN/cache-align" --model "$RUN/model" --image-embeds --no-progress
   align=(model.pretrained="$RUN/model" model.tokenizer="$RUN/model-lower/tokenizer" data.path="$RUN/cache-align"
     data.sample_weights="$RUN/kind-weights.csv")
-  if [[ ! -f "$RUN/.done-align-1" ]]; then # leg 1, as v2.4's run went (v2.4 is its step 2,000)
-    train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" run.max_steps="$(steps "$ALIGN_STEPS")"
-    mark align-1
-  fi
+  run_align=(train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}")
+  # leg 1, as v2.4's run went (v2.4 is its step 2,000)
+  leg align-1 "${run_align[@]}" run.max_steps="$(steps "$ALIGN_STEPS")"
   # leg 2: keyword lists ("coffee, caffeine, drink") and head-first names ("apple (red)") join the rewrites (v2.5)
-  forms=(captions.keywords_form=0.1 captions.head_first=0.08 run.mixed_precision=bf16)
-  if [[ ! -f "$RUN/.done-align-2" ]]; then
-    train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" "${forms[@]}" \
-      run.max_steps="$(steps "$ALIGN_FORMS_STEPS" 2)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
-    mark align-2
-  fi
+  run_align+=(captions.keywords_form=0.1 captions.head_first=0.08 run.mixed_precision=bf16)
+  leg align-2 "${run_align[@]}" run.max_steps="$(steps "$ALIGN_FORMS_STEPS" 2)" \
+    optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
   # leg 3: back at the full LR without a cool-down (that run was stopped at 7,005 to start leg 4)
-  if [[ ! -f "$RUN/.done-align-3" ]]; then
-    train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" "${forms[@]}" \
-      run.max_steps="$(steps "$ALIGN_RESTART_STEPS" 3)" optim.decay_steps=0
-    mark align-3
-  fi
+  leg align-3 "${run_align[@]}" run.max_steps="$(steps "$ALIGN_RESTART_STEPS" 3)" optim.decay_steps=0
   # leg 4: 1-2 common words the captions never use around the subject ("wonder red apple"; DATA/words.txt) (v2.6)
-  train text-align configs/emoji/text-align.toml "$RUN/align" "${align[@]}" "${forms[@]}" \
-    captions.filler=0.3 captions.filler_words="$DATA/words.txt" \
+  "${run_align[@]}" captions.filler=0.3 captions.filler_words="$DATA/words.txt" \
     run.max_steps="$(steps "$ALIGN_FILLER_STEPS" 4)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
   sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/align"
   mark align

@@ -46,7 +46,7 @@ def _webp(colour) -> bytes:
 
 
 def _name_and_keyword_tarballs(cache, names: dict) -> None:
-    """The emoji-names and keywords npm packages in the cache (`names`: emoji -> {"name", "group"})."""
+    """The emoji-names, keywords and word-list npm packages in the cache (`names`: emoji -> {"name", "group"})."""
     licence = b"MIT License"
     _tarball(
         cache, NAMES_PACKAGE, {"package/data-by-emoji.json": json.dumps(names).encode(), "package/LICENSE": licence}

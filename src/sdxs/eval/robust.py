@@ -128,11 +128,13 @@ def everyday_words(caption_lines: Sequence[Sequence[str]], holdout_share: float)
     for lines in caption_lines:
         e = aug.parse(lines)
         words = [
-            t.replace("\xa0", " ")
+            w
             for t in e.tags
-            if t.lower() in aug.unambiguous_tags and is_holdout_tag(t, holdout_share) and t.lower() != e.main.lower()
+            if t.lower() in aug.unambiguous_tags
+            and is_holdout_tag(t, holdout_share)
+            and t.lower() != e.main.lower()
+            and EVERYDAY_WORD.fullmatch(w := t.replace("\xa0", " "))
         ]
-        words = [w for w in words if EVERYDAY_WORD.fullmatch(w)]
         if words:
             out.setdefault(e.main.lower(), words)
     return out
