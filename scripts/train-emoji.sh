@@ -25,7 +25,8 @@
 #             by the text encoder through the frozen UNet's cross-attention (v2.4 at step 2,000)      2,528 x 96
 #             resumed with keyword lists and head-first names, bf16, a cool-down over the last 1,200 (v2.5) to 6,000
 #             back at 2e-4 to 7,005, then filler words join the rewrites, a cool-down over the last 1,200 (v2.6) to 10,500
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.6)
+#             back at 2e-4 once more, a cool-down over the last 1,200 (v2.7) to 15,000
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.7)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
 # Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_*_STEPS (below), DEFAULT_STEPS.
@@ -38,11 +39,13 @@ DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
 # the text-align run of v2.6 (docs/experiments-log.md, "v3, sixteenth" to "eighteenth sitting"): ALIGN_STEPS with
 # text-align.toml, then on to ALIGN_FORMS_STEPS with the two extra caption forms, the last ALIGN_DECAY_STEPS cooling down;
-# back at the full LR to ALIGN_RESTART_STEPS, then on to ALIGN_FILLER_STEPS with filler words, cooling down again
+# back at the full LR to ALIGN_RESTART_STEPS, then on to ALIGN_FILLER_STEPS with filler words, cooling down again;
+# from there once more at the full LR to ALIGN_FINAL_STEPS, cooling down again (v2.7)
 ALIGN_STEPS=${ALIGN_STEPS:-2528}
 ALIGN_FORMS_STEPS=${ALIGN_FORMS_STEPS:-6000}
 ALIGN_RESTART_STEPS=${ALIGN_RESTART_STEPS:-7005}
 ALIGN_FILLER_STEPS=${ALIGN_FILLER_STEPS:-10500}
+ALIGN_FINAL_STEPS=${ALIGN_FINAL_STEPS:-15000}
 ALIGN_DECAY_STEPS=${ALIGN_DECAY_STEPS:-1200}
 DEFAULT_STEPS=${DEFAULT_STEPS:-8}  # from bench/bench_steps.py (docs/benchmarks.md, "Steps")
 SMOKE=${SMOKE:-0}
@@ -169,7 +172,7 @@ if stage refine "refine_prompts: the text encoder's last layer on name -> captio
   mark refine
 fi
 
-if stage align "the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_FILLER_STEPS steps)"; then
+if stage align "the text encoder learns a lower-casing tokenizer and rewritten captions ($ALIGN_FINAL_STEPS steps)"; then
   sdxs init "$RUN/model-lower" --base "$RUN/model" --text-normalization nfkc,lowercase
   sdxs prepare "$TRAIN_DATA" "$RUN/cache-align" --model "$RUN/model" --image-embeds --no-progress
   align=(model.pretrained="$RUN/model" model.tokenizer="$RUN/model-lower/tokenizer" data.path="$RUN/cache-align"
@@ -184,8 +187,11 @@ if stage align "the text encoder learns a lower-casing tokenizer and rewritten c
   # leg 3: back at the full LR without a cool-down (that run was stopped at 7,005 to start leg 4)
   leg align-3 "${run_align[@]}" run.max_steps="$(steps "$ALIGN_RESTART_STEPS" 3)" optim.decay_steps=0
   # leg 4: 1-2 common words the captions never use around the subject ("wonder red apple"; DATA/words.txt) (v2.6)
-  "${run_align[@]}" captions.filler=0.3 captions.filler_words="$DATA/words.txt" \
-    run.max_steps="$(steps "$ALIGN_FILLER_STEPS" 4)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
+  run_align+=(captions.filler=0.3 captions.filler_words="$DATA/words.txt")
+  leg align-4 "${run_align[@]}" run.max_steps="$(steps "$ALIGN_FILLER_STEPS" 4)" \
+    optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
+  # leg 5: a warm restart of leg 4's end at the full LR, cooling down over its last ALIGN_DECAY_STEPS (v2.7)
+  "${run_align[@]}" run.max_steps="$(steps "$ALIGN_FINAL_STEPS" 5)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
   sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/align"
   mark align
 fi

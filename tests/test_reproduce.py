@@ -40,7 +40,7 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ["data", "te", "vae", "decoder", "prepare", "unet-v1", "unet-e", "unet-f", "unet-g", "unet-h"]
-    stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align", "export"]
+    stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align-4", "align", "export"]
     assert all((run / f".done-{s}").is_file() for s in stages), sorted(p.name for p in run.glob(".done-*"))
     # the resumed stages went on from their checkpoints: G's run holds H's and I's steps too
     steps = [json.loads(line)["step"] for line in (run / "unet-g" / "metrics.jsonl").read_text().splitlines()]
@@ -51,9 +51,9 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     assert index["default_num_inference_steps"] > 0
     tok = json.loads((shipped / "tokenizer" / "tokenizer.json").read_text())
     assert {"NFKC", "Lowercase"} <= set(re.findall(r'"type": "(\w+)"', json.dumps(tok["normalizer"])))  # v3's
-    # the align run's four legs went on from each other (2 smoke steps each), the last with filler words
+    # the align run's five legs went on from each other (2 smoke steps each), the last two with filler words
     align_steps = [json.loads(line)["step"] for line in (run / "align" / "metrics.jsonl").read_text().splitlines()]
-    assert max(align_steps) == 8
+    assert max(align_steps) == 10
     assert json.loads((run / "align" / "config.json").read_text())["captions"]["filler"] == 0.3
     pipe = DiffusionPipeline.from_pretrained(shipped, trust_remote_code=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
