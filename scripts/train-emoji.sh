@@ -37,7 +37,7 @@ cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
 OUT=${OUT:-$RUN/export}
-# the text-align run of v2.6 (docs/experiments-log.md, "v3, sixteenth" to "eighteenth sitting"): ALIGN_STEPS with
+# the text-align run of v2.7 (docs/experiments-log.md, "v3, sixteenth" to "nineteenth sitting"): ALIGN_STEPS with
 # text-align.toml, then on to ALIGN_FORMS_STEPS with the two extra caption forms, the last ALIGN_DECAY_STEPS cooling down;
 # back at the full LR to ALIGN_RESTART_STEPS, then on to ALIGN_FILLER_STEPS with filler words, cooling down again;
 # from there once more at the full LR to ALIGN_FINAL_STEPS, cooling down again (v2.7)
