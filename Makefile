@@ -22,7 +22,7 @@ lint: setup
 	$(PYTHON) -m ruff format --check .
 
 test: lint browser
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --maxprocesses 4  # pytest-xdist: a worker per core, the cores shared out (tests/conftest.py)
 
 # `make image` installs only when this checkout's sdxs is not importable yet (saves ~15 s on every later image)
 image-setup:

@@ -7,6 +7,9 @@ and after, with the balance the config uses.
 
     python scripts/kind_weights.py /work/runs/data/emoji /work/runs/e/weights.csv \\
         --weight objects=2 --weight flags=1.5 --weight "toned people=0.5" --balance "-1f3f[b-f]" --power 0.5
+
+On a multi-style dataset (`sdxs data emoji --styles ...`) `--style-weight 3d=2` multiplies a style's weight in too
+(the VAE trainer's `data.sample_weights` reads the same table), and the report adds each style's share.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ def kind_by_prefix(text: str) -> str:
     return hits[0]
 
 
-def shares(rows, weights: dict[str, float], pattern: str, power: float) -> dict[str, float]:
+def shares(rows, weight, pattern: str, power: float, column: str = "kind") -> dict[str, float]:
+    """Each value of `column`'s share of the draws: `weight(row)` times the balance (`pattern`, `power`)."""
     keys = [re.sub(pattern, "", Path(r["file_name"]).stem) if pattern else r["file_name"] for r in rows]
     sizes = Counter(keys)
-    per_kind = Counter()
+    per = Counter()
     for r, k in zip(rows, keys, strict=True):
-        per_kind[r["kind"]] += weights.get(r["kind"], 1.0) * sizes[k] ** -power
-    total = sum(per_kind.values())
-    return {k: per_kind[k] / total for k in KINDS}
+        per[r.get(column, "")] += weight(r) * sizes[k] ** -power
+    total = sum(per.values())
+    return {k: v / total for k, v in per.items()}
 
 
 def main() -> None:
@@ -45,6 +49,7 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="the weights table to write (.csv)")
     ap.add_argument("--split", default="train", help="the split that was prepared (keys are relative to it)")
     ap.add_argument("--weight", action="append", default=[], metavar="KIND=W", help="e.g. objects=2 (repeatable)")
+    ap.add_argument("--style-weight", action="append", default=[], metavar="STYLE=W", help="e.g. 3d=2 (repeatable)")
     ap.add_argument("--balance", default="-1f3f[b-f]", help="the config's data.balance_pattern, for the report")
     ap.add_argument("--power", type=float, default=1.0, help="the config's data.balance_power, for the report")
     args = ap.parse_args()
@@ -53,6 +58,10 @@ def main() -> None:
     for item in args.weight:
         kind, _, value = item.partition("=")
         weights[kind_by_prefix(kind)] = float(value)
+    style_weights = {}
+    for item in args.style_weight:
+        style, _, value = item.partition("=")
+        style_weights[style.strip()] = float(value)
     rows = []
     with open(args.data / "splits.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -63,18 +72,33 @@ def main() -> None:
                 rows.append(r)
     if not rows:
         raise SystemExit(f"{args.data / 'splits.jsonl'} has no row of split {args.split!r}.")
+    styles = Counter(r.get("style", "") for r in rows)
+    unknown = sorted(set(style_weights) - set(styles))
+    if unknown:
+        raise SystemExit(f"--style-weight: {', '.join(unknown)} not among the dataset's styles {sorted(styles)}.")
+
+    def weight(r) -> float:
+        return weights.get(r["kind"], 1.0) * style_weights.get(r.get("style", ""), 1.0)
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file_name", "weight", "kind"])
         for r in rows:
-            w.writerow([r["file_name"], weights.get(r["kind"], 1.0), r["kind"]])
-    before, after = shares(rows, {}, args.balance, args.power), shares(rows, weights, args.balance, args.power)
+            w.writerow([r["file_name"], weight(r), r["kind"]])
+    before = {c: shares(rows, lambda r: 1.0, args.balance, args.power, c) for c in ("kind", "style")}
+    after = {c: shares(rows, weight, args.balance, args.power, c) for c in ("kind", "style")}
     print(f"{len(rows)} images -> {args.out}\n\n| kind | images | weight | share of draws before | after |")
     print("|---|---:|---:|---:|---:|")
     counts = Counter(r["kind"] for r in rows)
     for k in KINDS:
-        print(f"| {k} | {counts[k]} | {weights.get(k, 1.0):g} | {before[k]:.1%} | {after[k]:.1%} |")
+        b, a = before["kind"].get(k, 0.0), after["kind"].get(k, 0.0)
+        print(f"| {k} | {counts[k]} | {weights.get(k, 1.0):g} | {b:.1%} | {a:.1%} |")
+    if style_weights:
+        print("\n| style | images | weight | share of draws before | after |\n|---|---:|---:|---:|---:|")
+        for style, n in sorted(styles.items()):
+            b, a = before["style"][style], after["style"][style]
+            print(f"| {style} | {n} | {style_weights.get(style, 1.0):g} | {b:.1%} | {a:.1%} |")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # remote-code modules (pipeline.py) are copied into a cache of their own: another checkout's test run, writing
 # its own pipeline.py into the shared ~/.cache/huggingface/modules at the same time, cannot swap the code under us
-if "HF_MODULES_CACHE" not in os.environ:
-    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="sdxs-test-hf-modules-")
+# (and one per pytest-xdist worker: `make test` runs the suite in parallel, and the workers inherit the controller's)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if "HF_MODULES_CACHE" not in os.environ or WORKER:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"sdxs-test-hf-modules-{WORKER}")
     atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# the cores shared out among the xdist workers (2 cores, 2 workers: a thread each; oversubscribed OpenMP threads spin)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+torch.set_num_threads(THREADS)
+if WORKERS > 1:  # the CLI runs in subprocesses take the same share (the tests that pin one thread still do)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(scope="session")

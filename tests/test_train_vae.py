@@ -130,3 +130,30 @@ def test_box_resample_matches_the_eval_reference(tmp_path):
     assert not torch.allclose(box, lanczos)  # same seed, same files; the default filter stays LANCZOS
     with pytest.raises(ValueError, match="data.resample"):
         ImageBatches(files, 32, 2, seed=0, resample="nearest-ish")
+
+
+def test_vae_sample_weights_draw_images_in_proportion(tmp_path):
+    """`data.sample_weights`: a style weighted 3x is drawn ~3x as often; a table naming no image is refused."""
+    from collections import Counter
+
+    from sdxs.train.vae import ImageBatches, image_weights, list_images
+
+    images = make_images(tmp_path / "images", n=4, size=32)
+    (tmp_path / "w.csv").write_text("file_name,weight\n0.png,3\n1.png,0\n")
+    files = list_images(str(images))
+    weights = image_weights(files, str(images), str(tmp_path / "w.csv"))
+    assert weights == [3.0, 0.0, 1.0, 1.0]
+    batches = ImageBatches(files, 32, 4, seed=0, weights=weights)
+    drawn = Counter(i for _ in range(300) for i in next(batches.index))
+    assert drawn[1] == 0  # weight 0: never drawn
+    assert 2.4 < drawn[0] / drawn[2] < 3.7, drawn  # 3:1 within sampling noise over 1,200 draws
+    state = batches.state_dict()  # resumable: the same draws after a restart at the same position
+    again = ImageBatches(files, 32, 4, seed=0, weights=weights)
+    again.load_state_dict(state)
+    assert next(again.index) == next(batches.index)
+    with pytest.raises(ValueError, match="sample_weights"):  # a resume with another table would draw otherwise
+        ImageBatches(files, 32, 4, seed=0).load_state_dict(state)
+
+    (tmp_path / "bad.csv").write_text("file_name,weight\nimages/0.png,2\n")
+    with pytest.raises(ValueError, match="relative to `data.path`"):
+        image_weights(files, str(images), str(tmp_path / "bad.csv"))

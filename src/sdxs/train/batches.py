@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -11,14 +12,24 @@ class IndexBatches:
     """Endless, seeded, rank-split batches of indices into a small in-memory dataset, resumable by (epoch, position).
 
     Used by the VAE and text-encoder trainers, whose data are image/caption folders rather than latent shards.
-    Every epoch is one permutation (seed + epoch) shared by all ranks; rank r takes every world-th batch.
+    Every epoch is one permutation (seed + epoch) shared by all ranks; rank r takes every world-th batch. With
+    `weights` (one per item, >= 0) an epoch is instead n draws with replacement in proportion to them, as the latent
+    loader's `sample_weights`.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, weights: Sequence[float] | None = None
+    ):
         if n < 1:
             raise ValueError("the dataset is empty.")
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.position = 0, 0  # position: batches of this epoch already taken by this rank
+        self.p = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"`weights` must be {n} finite numbers >= 0, not all 0.")
+            self.p = w / w.sum()
 
     def __iter__(self) -> Iterator[list[int]]:
         return self
@@ -27,13 +38,24 @@ class IndexBatches:
         per_epoch = max(self.n // (self.batch_size * self.world), 1)
         if self.position >= per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(self.n) if self.p is None else rng.choice(self.n, size=self.n, replace=True, p=self.p)
         start = (self.position * self.world + self.rank) * self.batch_size
         self.position += 1
         return [int(order[(start + i) % self.n]) for i in range(self.batch_size)]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def _weights_id(self) -> str:
+        """What the draw probabilities are (a resume must draw the same way): "" for plain permutations."""
+        return "" if self.p is None else hashlib.sha256(self.p.tobytes()).hexdigest()[:12]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "position": self.position}
+        return {**state, "weights": self._weights_id()} if self.p is not None else state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("weights", "") != self._weights_id():
+            raise ValueError(
+                "the checkpoint was made with other `data.sample_weights` (or without them, or with them): resume "
+                "with the table it was made with, or start a new run (`run.output_dir`)."
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

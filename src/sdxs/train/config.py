@@ -219,6 +219,9 @@ class ImageDataConfig:
     # how images are resized to `resolution` (PIL filter): "lanczos" (sharp), or "box" (the pixel average, the
     # reference `sdxs eval` scores reconstructions against), "bicubic", "bilinear"
     resample: str = "lanczos"
+    # a .csv / .jsonl with file_name (relative to `path`),weight: how often each image is drawn (unlisted: 1), e.g.
+    # one style of a multi-style dataset more often than the others
+    sample_weights: str = ""
 
 
 @dataclass

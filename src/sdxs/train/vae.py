@@ -105,6 +105,23 @@ def vae_loss(model, batch: dict, cfg: VAELossConfig, lpips_model, generator: tor
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def image_weights(files: list[Path], folder: str, source: str) -> list[float]:
+    """One draw weight per file from `data.sample_weights` (file_name relative to `folder`; unlisted files: 1)."""
+    from sdxs.data.loader import read_sample_weights
+
+    table = read_sample_weights(source)
+    names = [p.relative_to(folder).as_posix() for p in files]
+    if not any(n in table for n in names):
+        raise ValueError(
+            f"`data.sample_weights` {source!r} names none of the {len(files)} images of {folder!r} (its keys look like "
+            f"{next(iter(table))!r}, the images like {names[0]!r}): list paths relative to `data.path`."
+        )
+    weights = [table.get(n, 1.0) for n in names]
+    if sum(weights) <= 0:
+        raise ValueError(f"`data.sample_weights` {source!r} gives every image weight 0.")
+    return weights
+
+
 def list_images(folder: str) -> list[Path]:
     from sdxs.data.folder import IMAGE_EXTENSIONS
 
@@ -132,6 +149,7 @@ class ImageBatches:
         rank: int = 0,
         world: int = 1,
         resample: str = "lanczos",
+        weights: list[float] | None = None,
     ):
         import PIL.Image
 
@@ -139,7 +157,7 @@ class ImageBatches:
             raise ValueError(f"`data.resample` must be one of {', '.join(RESAMPLE_FILTERS)}; got {resample!r}.")
         self.files, self.resolution, self.seed, self.rank = files, resolution, seed, rank
         self.resample = PIL.Image.Resampling[resample.upper()]
-        self.index = IndexBatches(len(files), batch_size, seed, rank, world)
+        self.index = IndexBatches(len(files), batch_size, seed, rank, world, weights=weights)
 
     def __iter__(self):
         return self
@@ -233,10 +251,15 @@ def train_vae(cfg: VAETrainConfig, resume: str | None = None) -> Path:
             f"`data.resolution` must be a multiple of 32 (16x decoder, half-size input), got {d.resolution}."
         )
     rank, world = accelerator.process_index, accelerator.num_processes
-    data = ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed, rank, world, resample=d.resample)
+    weights = image_weights(files, d.path, d.sample_weights) if d.sample_weights else None
+    data = ImageBatches(files, d.resolution, d.batch_size, cfg.run.seed, rank, world, d.resample, weights)
     lpips_model = load_lpips(cfg.loss)
     if accelerator.is_main_process:
         logger.info("VAE: %d images, %d px out, %d px into the encoder", len(files), d.resolution, d.resolution // 2)
+        if weights is not None:
+            logger.info(
+                "sample weights from %s: %g-%g (unlisted images weigh 1)", d.sample_weights, min(weights), max(weights)
+            )
 
     def record_statistics(model) -> dict:
         # the same fixed batches on every rank, so every rank writes the same scaling factor
