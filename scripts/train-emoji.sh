@@ -2,7 +2,7 @@
 # Reproduce sdxs-emoji, the model at the repository root, from nothing: every stage that made it, in order, with the
 # step counts as they were run (docs/training-emoji.md says what each stage does, why, and what it cost).
 #
-#   scripts/train-emoji.sh                         # into runs/emoji; ~37 h on 2 CPU cores, resumable (rerun it)
+#   scripts/train-emoji.sh                         # into runs/emoji; ~38 h on 2 CPU cores, resumable (rerun it)
 #   GPU=1 scripts/train-emoji.sh                   # the same stages with bf16 autocast on a CUDA GPU
 #   SMOKE=1 RUN=/tmp/smoke scripts/train-emoji.sh  # 2 steps a stage: the whole chain end to end in minutes
 #   DATA=data/emoji scripts/train-emoji.sh         # an existing `sdxs data emoji` folder (no download)
@@ -26,16 +26,20 @@
 #             resumed with keyword lists and head-first names, bf16, a cool-down over the last 1,200 (v2.5) to 6,000
 #             back at 2e-4 to 7,005, then filler words join the rewrites, a cool-down over the last 1,200 (v2.6) to 10,500
 #             back at 2e-4 once more, a cool-down over the last 1,200 (v2.7) to 15,000
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.7)
+#   decoder-styles  sdxs data emoji --styles 3d,twemoji,noto, then sdxs train vae (vae-decoder-styles.toml): the
+#             decoder on Fluent 3D, Twemoji (CC-BY 4.0) and Noto (Apache-2.0), 3d drawn twice as often (v2.8)  4,000 x 16
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.8)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
-# Environment: RUN (runs/emoji), DATA (RUN/data), OUT (RUN/export), ALIGN_*_STEPS (below), DEFAULT_STEPS.
+# Environment: RUN (runs/emoji), DATA (RUN/data), DATA3 (RUN/data3: three styles), OUT (RUN/export), ALIGN_*_STEPS
+# (below), DEFAULT_STEPS.
 set -euo pipefail
 set -f # overrides like sample.prompts=[] must not be globbed
 
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/emoji}
 DATA=${DATA:-$RUN/data}
+DATA3=${DATA3:-$RUN/data3}
 OUT=${OUT:-$RUN/export}
 # the text-align run of v2.7 (docs/experiments-log.md, "v3, sixteenth" to "nineteenth sitting"): ALIGN_STEPS with
 # text-align.toml, then on to ALIGN_FORMS_STEPS with the two extra caption forms, the last ALIGN_DECAY_STEPS cooling down;
@@ -194,6 +198,15 @@ if stage align "the text encoder learns a lower-casing tokenizer and rewritten c
   "${run_align[@]}" run.max_steps="$(steps "$ALIGN_FINAL_STEPS" 5)" optim.decay_steps="$(steps "$ALIGN_DECAY_STEPS")"
   sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/align"
   mark align
+fi
+
+if stage decoder-styles "the VAE decoder on three styles, 3d drawn twice as often (encoder frozen)"; then
+  [[ -f "$DATA3/splits.jsonl" ]] || sdxs data emoji "$DATA3" --styles 3d,twemoji,noto
+  python scripts/kind_weights.py "$DATA3" "$RUN/vae-style-weights.csv" --style-weight 3d=2 --balance "" --power 0
+  train vae configs/emoji/vae-decoder-styles.toml "$RUN/vae-styles" model.pretrained="$RUN/model" \
+    data.path="$DATA3/train" data.sample_weights="$RUN/vae-style-weights.csv" run.max_steps="$(steps 4000)"
+  sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae-styles"
+  mark decoder-styles
 fi
 
 if stage export "fp16 hub folder in $OUT (the model at the root)"; then

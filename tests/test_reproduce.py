@@ -27,6 +27,7 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline
+    from test_data_emoji import _styled_cache
     from test_readme_training import EMOJI, fake_npm_cache
 
     from sdxs.data.emoji import make_emoji_dataset
@@ -34,13 +35,16 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     fake_npm_cache(tmp_path / "npm")
     data = tmp_path / "data"
     make_emoji_dataset(data, cache_dir=tmp_path / "npm", min_images=len(EMOJI))
+    _styled_cache(tmp_path / "npm3")  # Fluent 3D, Twemoji and Noto, for the decoder-styles stage
+    data3 = tmp_path / "data3"
+    make_emoji_dataset(data3, cache_dir=tmp_path / "npm3", min_images=5, styles="3d,twemoji,noto")
     run = tmp_path / "run"
-    env = {**os.environ, "SMOKE": "1", "RUN": str(run), "DATA": str(data), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "SMOKE": "1", "RUN": str(run), "DATA": str(data), "DATA3": str(data3)}  # threads: conftest
     start = time.perf_counter()
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ["data", "te", "vae", "decoder", "prepare", "unet-v1", "unet-e", "unet-f", "unet-g", "unet-h"]
-    stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align-4", "align", "export"]
+    stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align-4", "align", "decoder-styles", "export"]
     assert all((run / f".done-{s}").is_file() for s in stages), sorted(p.name for p in run.glob(".done-*"))
     # the resumed stages went on from their checkpoints: G's run holds H's and I's steps too
     steps = [json.loads(line)["step"] for line in (run / "unet-g" / "metrics.jsonl").read_text().splitlines()]
@@ -55,6 +59,11 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     align_steps = [json.loads(line)["step"] for line in (run / "align" / "metrics.jsonl").read_text().splitlines()]
     assert max(align_steps) == 10
     assert json.loads((run / "align" / "config.json").read_text())["captions"]["filler"] == 0.3
+    # the decoder's last stage drew from three styles, the 3d renders weighted 2 (v2.8)
+    vae_config = json.loads((run / "vae-styles" / "config.json").read_text())
+    assert vae_config["data"]["path"] == str(data3 / "train") and not vae_config["model"]["train_encoder"]
+    weights = (run / "vae-style-weights.csv").read_text().splitlines()
+    assert {line.split(",")[1] for line in weights[1:]} == {"2.0", "1.0"}
     pipe = DiffusionPipeline.from_pretrained(shipped, trust_remote_code=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("Red Apples!", num_inference_steps=2, seed=0).images[0]
