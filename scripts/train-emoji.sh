@@ -2,7 +2,7 @@
 # Reproduce sdxs-emoji, the model at the repository root, from nothing: every stage that made it, in order, with the
 # step counts as they were run (docs/training-emoji.md says what each stage does, why, and what it cost).
 #
-#   scripts/train-emoji.sh                         # into runs/emoji; ~38 h on 2 CPU cores, resumable (rerun it)
+#   scripts/train-emoji.sh                         # into runs/emoji; ~39 h on 2 CPU cores, resumable (rerun it)
 #   GPU=1 scripts/train-emoji.sh                   # the same stages with bf16 autocast on a CUDA GPU
 #   SMOKE=1 RUN=/tmp/smoke scripts/train-emoji.sh  # 2 steps a stage: the whole chain end to end in minutes
 #   DATA=data/emoji scripts/train-emoji.sh         # an existing `sdxs data emoji` folder (no download)
@@ -28,7 +28,9 @@
 #             back at 2e-4 once more, a cool-down over the last 1,200 (v2.7) to 15,000
 #   decoder-styles  sdxs data emoji --styles 3d,twemoji,noto, then sdxs train vae (vae-decoder-styles.toml): the
 #             decoder on Fluent 3D, Twemoji (CC-BY 4.0) and Noto (Apache-2.0), 3d drawn twice as often (v2.8)  4,000 x 16
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.8)
+#   refine-2  the refine stage again, over the align stage's text encoder (whose lower layers it reads) (v2.9)
+#                                                                                                 2,400 + 1,600 x 32
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.9)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
 # Environment: RUN (runs/emoji), DATA (RUN/data), DATA3 (RUN/data3: three styles), OUT (RUN/export), ALIGN_*_STEPS
@@ -207,6 +209,15 @@ if stage decoder-styles "the VAE decoder on three styles, 3d drawn twice as ofte
     data.path="$DATA3/train" data.sample_weights="$RUN/vae-style-weights.csv" run.max_steps="$(steps 4000)"
   sdxs init "$RUN/model" --base "$RUN/model" --vae "$RUN/vae-styles"
   mark decoder-styles
+fi
+
+if stage refine-2 "refine_prompts again over the align stage's text encoder (2,400, then to 4,000)"; then
+  train text-encoder configs/emoji/text_encoder-refine.toml "$RUN/refine-2" model.pretrained="$RUN/model" \
+    data.path="$TRAIN_DATA" run.max_steps="$(steps 2400)"
+  train text-encoder configs/emoji/text_encoder-refine.toml "$RUN/refine-2" model.pretrained="$RUN/model" \
+    data.path="$TRAIN_DATA" run.max_steps="$(steps 4000 2)" optim.extend=replan
+  sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/refine-2"
+  mark refine-2
 fi
 
 if stage export "fp16 hub folder in $OUT (the model at the root)"; then

@@ -183,7 +183,10 @@ def test_held_out_style_pairs_are_scored_among_their_styles_renders(data, styled
     # strict_eval: the other groups on the default style's renders only, then the pairs; one style: no pair rows
     result = es.strict_eval(renders, generate, per_kind=2, seed=0, image_prompts=0)
     labels = [s.label for s in result.scores]
-    assert labels[-1] == "held-out style pairs, twemoji" and all(s.top(1) == 100.0 for s in result.scores)
+    assert labels[-2:] == ["training, exact caption, twemoji", "held-out style pairs, twemoji"]
+    assert all(s.top(1) == 100.0 for s in result.scores)
+    flat_exact = result.scores[-2]  # the other style's own captions, among its own renders, its training emoji only
+    assert all(p.endswith(", flat") for p in flat_exact.prompts) and "blue heart, flat" not in flat_exact.prompts
     assert all(s.gallery_size == 6 for s in result.scores)
     single = es.strict_eval(es.load_renders(data), lambda ps: [Image.new("RGB", (8, 8))] * len(ps), image_prompts=0)
     assert not any("style pairs" in s.label for s in single.scores)

@@ -44,7 +44,8 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ["data", "te", "vae", "decoder", "prepare", "unet-v1", "unet-e", "unet-f", "unet-g", "unet-h"]
-    stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align-4", "align", "decoder-styles", "export"]
+    stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align-4", "align", "decoder-styles", "refine-2"]
+    stages += ["export"]
     assert all((run / f".done-{s}").is_file() for s in stages), sorted(p.name for p in run.glob(".done-*"))
     # the resumed stages went on from their checkpoints: G's run holds H's and I's steps too
     steps = [json.loads(line)["step"] for line in (run / "unet-g" / "metrics.jsonl").read_text().splitlines()]
@@ -59,6 +60,9 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     align_steps = [json.loads(line)["step"] for line in (run / "align" / "metrics.jsonl").read_text().splitlines()]
     assert max(align_steps) == 10
     assert json.loads((run / "align" / "config.json").read_text())["captions"]["filler"] == 0.3
+    # the refine head was trained again over the align stage's text encoder, in two legs (v2.9)
+    refine_steps = [json.loads(line)["step"] for line in (run / "refine-2" / "metrics.jsonl").read_text().splitlines()]
+    assert max(refine_steps) == 4
     # the decoder's last stage drew from three styles, the 3d renders weighted 2 (v2.8)
     vae_config = json.loads((run / "vae-styles" / "config.json").read_text())
     assert vae_config["data"]["path"] == str(data3 / "train") and not vae_config["model"]["train_encoder"]

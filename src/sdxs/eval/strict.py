@@ -360,8 +360,9 @@ def strict_eval(
     On: training emoji per kind as bare names and exact captions (the same emoji), held-out emoji and skin tones
     (bare names), refined bare names (with the share of refined prompts that still name their emoji), and image
     prompts of training images. The gallery is every render (train and validation). A dataset of several styles:
-    all that on its default style (the gallery is that style's renders), and held-out (emoji, style) pairs as
-    exact captions ("red apple, flat") among the renders of the asked style, per style and all together.
+    all that on its default style (the gallery is that style's renders), each other style's training emoji as exact
+    captions ("red apple, flat") among that style's renders, and held-out (emoji, style) pairs the same way, per
+    style and all together.
 
     Chance level: k / gallery size (0.03% top-1, 0.15% top-5 for 3,375 renders); the refine share has no chance
     level (a refined prompt that keeps the user's words names the emoji: 100%).
@@ -393,8 +394,9 @@ def strict_eval(
         if label == "training, bare name":
             result.grid = _across_kinds(images, prompts, targets, grid_images)
     if len(styles) > 1:
-        _stage(progress, "strict: held-out style pairs")
+        _stage(progress, "strict: the other styles")
         galleries = {styles[0]: gallery}
+        result.scores += style_exact_scores(every_style, generate_prompts, per_kind, seed, galleries)
         result.scores += style_pair_scores(every_style, generate_prompts, held_out, seed, galleries)
     if refine is not None:
         _stage(progress, "strict: refine")
@@ -405,6 +407,36 @@ def strict_eval(
         images = generate_images([r.path for r in pick])
         result.scores.append(score_images(gallery, images, pick, "image prompts, training images"))
     return result
+
+
+def style_exact_scores(
+    renders: Sequence[Render], generate_prompts, per_kind: int = 24, seed: int = 0, galleries: dict | None = None
+) -> list[StrictScores]:
+    """What: does each style other than the default answer its own captions? Training emoji of that style per kind
+    as exact captions ("red apple, flat"), each scored among the renders of that style (L2 at 32x32 on white,
+    `score_images`): one group per style, "training, exact caption, STYLE". The default style's exact captions are
+    `strict_eval`'s "training, exact caption".
+
+    On: `per_kind` training renders of each kind and style (`pick_per_kind`, `seed`); `generate_prompts` as in
+    `strict_eval`; `galleries` (style -> `PixelGallery`) as in `style_pair_scores`, filled in here.
+
+    Chance level: k / the style's render count; no groups when the dataset has one style.
+    """
+    styles = styles_of(renders)
+    galleries = galleries if galleries is not None else {}
+    out = []
+    for style in styles[1:]:
+        own = in_style(renders, style)
+        pick = pick_per_kind([r for r in own if r.split == "train"], per_kind, seed)
+        if not pick:
+            continue
+        if style not in galleries:
+            galleries[style] = PixelGallery(own)
+        prompts = [r.exact for r in pick]
+        scores = score_images(galleries[style], generate_prompts(prompts), pick, f"training, exact caption, {style}")
+        scores.prompts = prompts
+        out.append(scores)
+    return out
 
 
 def style_pair_scores(
