@@ -430,12 +430,7 @@ def style_exact_scores(
         pick = pick_per_kind([r for r in own if r.split == "train"], per_kind, seed)
         if not pick:
             continue
-        if style not in galleries:
-            galleries[style] = PixelGallery(own)
-        prompts = [r.exact for r in pick]
-        scores = score_images(galleries[style], generate_prompts(prompts), pick, f"training, exact caption, {style}")
-        scores.prompts = prompts
-        out.append(scores)
+        out.append(_exact_in_style(galleries, style, own, pick, generate_prompts, f"training, exact caption, {style}"))
     return out
 
 
@@ -465,15 +460,20 @@ def style_pair_scores(
         if not pool:
             continue
         pick = sorted(rng.sample(pool, min(held_out, len(pool))), key=lambda r: r.index)
-        if style not in galleries:
-            galleries[style] = PixelGallery(own)
-        prompts = [r.exact for r in pick]
-        scores = score_images(galleries[style], generate_prompts(prompts), pick, f"held-out style pairs, {style}")
-        scores.prompts = prompts
-        out.append(scores)
+        out.append(_exact_in_style(galleries, style, own, pick, generate_prompts, f"held-out style pairs, {style}"))
     if len(out) > 1:
         out.append(_merged("held-out style pairs, all styles", out))
     return out
+
+
+def _exact_in_style(galleries: dict, style: str, own, pick, generate_prompts, label: str) -> StrictScores:
+    """`pick`'s exact captions generated and ranked among `own` (the style's renders; gallery cached per style)."""
+    if style not in galleries:
+        galleries[style] = PixelGallery(own)
+    prompts = [r.exact for r in pick]
+    scores = score_images(galleries[style], generate_prompts(prompts), pick, label)
+    scores.prompts = prompts
+    return scores
 
 
 def _merged(label: str, scores: Sequence[StrictScores]) -> StrictScores:
