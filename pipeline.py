@@ -73,6 +73,42 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # `refine_prompts` drops one the prompt did not ask for
 SKIN_TONE_TAG = re.compile(r"^(light|medium-light|medium|medium-dark|dark) skin tone$", re.IGNORECASE)
 
+
+def check_style_tags(style_tags: dict[str, str] | None) -> dict[str, str]:
+    """The config's `style_tags` (style name -> caption tag), checked: non-empty names and tags, no comma in a tag
+    (a tag is the last comma-separated part of a caption), names and tags unique ignoring case."""
+    if style_tags is None:
+        return {}
+    if not isinstance(style_tags, dict):
+        raise TypeError(f"style_tags must be a dict of style name -> caption tag, got {type(style_tags).__name__}.")
+    out, seen = {}, set()
+    for name, tag in style_tags.items():
+        if not (isinstance(name, str) and isinstance(tag, str) and name.strip() and tag.strip()):
+            raise ValueError(f"style_tags: {name!r} -> {tag!r}: a style needs a non-empty name and caption tag.")
+        name, tag = name.strip(), " ".join(tag.split())
+        if "," in tag:
+            raise ValueError(f"style_tags: the tag of {name!r} ({tag!r}) has a comma; a tag is one caption part.")
+        if name.lower() in seen or tag.lower() in seen - {name.lower()}:
+            raise ValueError(f"style_tags: {name!r} -> {tag!r} repeats a name or a tag of another style.")
+        seen |= {name.lower(), tag.lower()}
+        out[name] = tag
+    return out
+
+
+def styled_prompt(prompt: str, tag: str, all_tags) -> str:
+    """`prompt` asking for the style of `tag`: style tags it already ends in (any of `all_tags`) are replaced,
+    otherwise `, tag` is added ("red apple" -> "red apple, flat"; "red apple, 3d render" -> "red apple, flat")."""
+    known = {t.lower() for t in all_tags}
+    text = prompt.strip()
+    while True:
+        head, comma, last = text.rpartition(",")
+        if not (comma and (not last.strip() or last.strip().lower() in known)):
+            break
+        text = head.rstrip()
+    if text.lower() in known:
+        text = ""
+    return f"{text}, {tag}" if text else tag
+
 # A hub repository with custom code names its pipeline class as [module file, class] in model_index.json.
 HUB_CLASS_NAME = ["pipeline", "SDXSPipeline"]
 
@@ -487,6 +523,9 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_num_inference_steps (`int`, *optional*, defaults to 40): the steps `__call__` takes when none are
             given; a model stores the count its quality-per-step curve supports (the CLI, server and page read it).
         refine_instruction (`str`, *optional*): default instruction for `refine_prompts`.
+        style_tags (`dict[str, str]`, *optional*): the styles the model was trained to draw, name -> the caption tag
+            that asks for it (`{"3d": "3d render", "twemoji": "flat"}`; the first is what a prompt without a tag
+            gets). `__call__(style=...)` and `apply_style` add the tag; empty: the model declares no styles.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -517,6 +556,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_height: int | None = None,
         refine_instruction: str | None = None,
         default_num_inference_steps: int | None = None,
+        style_tags: dict[str, str] | None = None,
     ):
         super().__init__()
         # One dtype on a plain load: diffusers loads the UNet and VAE in float32 unless `dtype=` is given, while
@@ -551,6 +591,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             default_height=int(default_height or default_side),
             refine_instruction=refine_instruction or DEFAULT_REFINE_INSTRUCTION,
             default_num_inference_steps=int(default_num_inference_steps or DEFAULT_NUM_INFERENCE_STEPS),
+            style_tags=check_style_tags(style_tags),
         )
         # Postprocessing only (resize/normalise of pipeline images is done at the latent scale below).
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=True)
@@ -574,6 +615,32 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @property
     def cross_attention_kwargs(self) -> dict[str, Any]:
         return self._cross_attention_kwargs
+
+    def apply_style(self, prompt: str | list[str], style: str) -> str | list[str]:
+        r"""
+        The prompt(s) asking for one of the model's styles (`config.style_tags`): its caption tag replaces a style
+        tag the prompt ends in, or is added (`"red apple"` with style "twemoji" -> `"red apple, flat"`).
+
+        Args:
+            prompt (`str` or `list[str]`): the prompt(s).
+            style (`str`): a style's name or its tag, any case (`"twemoji"` or `"flat"`).
+        """
+        tags = dict(self.config.get("style_tags") or {})
+        if not tags:
+            raise ValueError(
+                "style: this model declares no styles (its config's style_tags is empty); describe the style in the "
+                "prompt instead."
+            )
+        by_key = {k.lower(): tag for name, tag in tags.items() for k in (name, tag)}
+        tag = by_key.get(str(style).strip().lower()) if isinstance(style, str) else None
+        if tag is None:
+            choices = ", ".join(f"{name!r} ({tag})" for name, tag in tags.items())
+            raise ValueError(f"style={style!r} is not one of this model's styles: {choices}; or leave style out.")
+        if isinstance(prompt, str):
+            return styled_prompt(prompt, tag, tags.values())
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            return [styled_prompt(p, tag, tags.values()) for p in prompt]
+        raise TypeError(f"prompt must be a str or a list of str to take a style, got {type(prompt).__name__}.")
 
     # ------------------------------------------------------------------------------------------------------------
     # Prompt encoding
@@ -970,6 +1037,7 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        style: str | None = None,
         **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""
@@ -1005,6 +1073,8 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 "negative_prompt_embeds", "prompt_attention_mask". A `PipelineCallback` brings its own `tensor_inputs`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*): names passed in `callback_kwargs` (any of
                 `pipe._callback_tensor_inputs`; default ["latents"]).
+            style (`str`, *optional*): one of the model's styles (`pipe.config.style_tags`, by name or tag): its
+                caption tag is put at the end of each prompt (`apply_style`); needs `prompt`, not `prompt_embeds`.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple`: the generated images.
@@ -1019,6 +1089,10 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         # 1. Defaults, the deprecated `batch_size`, and every input check
         batch_size = self._pop_deprecated_kwargs(kwargs)
+        if style is not None:
+            if prompt is None:
+                raise ValueError("style needs a `prompt` (it adds a caption tag); with `prompt_embeds` leave it out.")
+            prompt = self.apply_style(prompt, style)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]

@@ -4,7 +4,8 @@
 
 Writes media/txt2img.png (prompts), media/apple.png (the source of the other examples), media/upscale.png (128 px -> image_upscale 256 px, beside bicubic),
 media/image-prompt.png (source -> encode_image variations), media/img2img.png (source -> strengths) and
-media/refine.md (refine_prompts inputs and outputs, greedy).
+media/refine.md (refine_prompts inputs and outputs, greedy), and for a model that declares styles (`style_tags`)
+media/styles.png (the same subjects, one row per style, `__call__(style=...)`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PROMPTS = [
 ]
 SOURCE = "red apple, 3d render"  # the image the upscale, image-prompt and img2img examples start from
 REFINE = ["cat", "pizza", "smiling face", "rocket", "blue heart"]
+STYLE_SUBJECTS = ["red apple", "grinning face", "rocket", "dog face", "sun with face"]  # media/styles.png columns
 
 
 def main(argv=None) -> None:
@@ -81,13 +83,23 @@ def main(argv=None) -> None:
         out / "img2img.png"
     )
 
+    styles = dict(pipe.config.get("style_tags") or {})
+    if styles:  # one row per style: the same subjects and seeds, the style's tag at the end
+        cells, labels = [], []
+        for name, tag in styles.items():
+            cells += pipe(STYLE_SUBJECTS, style=name, num_inference_steps=steps, seed=0).images
+            labels += [f"{p}, {tag}" for p in STYLE_SUBJECTS]  # what the model read
+        make_grid(cells, labels, columns=len(STYLE_SUBJECTS)).save(out / "styles.png")
+
     with torch.no_grad():
         refined = pipe.refine_prompts(REFINE, max_new_tokens=40, do_sample=False)
     rows = ["| input | refine_prompts (greedy) |", "|---|---|"]
     rows += [f"| {p} | {r.replace('|', '/').strip()} |" for p, r in zip(REFINE, refined, strict=True)]
     (out / "refine.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
     print("\n".join(rows))
-    print(f"wrote {out}/txt2img.png upscale.png image-prompt.png img2img.png refine.md")
+    print(
+        f"wrote {out}/txt2img.png upscale.png image-prompt.png img2img.png refine.md" + (" styles.png" * bool(styles))
+    )
 
 
 if __name__ == "__main__":

@@ -105,6 +105,11 @@ def _generation_kwargs(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     )
 
 
+def _style(args: argparse.Namespace) -> dict[str, str]:
+    """`style=` for `__call__` when `--style` is given (a pipeline.py from before styles takes no such argument)."""
+    return {"style": args.style} if args.style else {}
+
+
 def _preflight(args: argparse.Namespace) -> None:
     """Sizes and the pixel limit, from the model's JSON files, before it loads (`sdxs.preflight`)."""
     from sdxs.preflight import check_generation
@@ -129,12 +134,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("generate needs a PROMPT (or -i for an interactive prompt loop)")
     check_output(args.output)
     _preflight(args)
+    from sdxs.preflight import check_style
+
+    check_style(resolve_model(args.model), args.style)
     pipe = load_pipeline(args)
     if args.interactive:
         return _interactive_loop(pipe, args)
     seed = random_seed() if args.seed is None else args.seed
     start = time.perf_counter()
-    images = pipe(args.prompt, **_generation_kwargs(args, seed)).images
+    images = pipe(args.prompt, **_style(args), **_generation_kwargs(args, seed)).images
     seconds = time.perf_counter() - start
     paths = output_paths(args.output, len(images))
     save_images(images, paths)
@@ -165,7 +173,7 @@ def _interactive_loop(pipe, args: argparse.Namespace) -> int:
         seed = random_seed() if args.seed is None else args.seed
         start = time.perf_counter()
         try:
-            images = pipe(prompt, **_generation_kwargs(args, seed)).images
+            images = pipe(prompt, **_style(args), **_generation_kwargs(args, seed)).images
         except USER_ERRORS as e:
             # a bad prompt or size must not end the session: report it and read the next prompt
             print(f"sdxs generate: error: {_one_line(e)}", file=sys.stderr)
@@ -299,6 +307,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _style_tags(items: list[str]) -> dict[str, str]:
+    """`--style 3d="3d render" --style twemoji=flat` -> {"3d": "3d render", "twemoji": "flat"}; `--style ""` -> {}."""
+    tags = {}
+    for item in items:
+        if not item.strip():
+            continue
+        name, eq, tag = item.partition("=")
+        if not (eq and name.strip() and tag.strip()):
+            raise UserError(f"--style {item!r}: write NAME=TAG, e.g. --style twemoji=flat ('' clears the styles)")
+        tags[name.strip()] = tag.strip()
+    return tags
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Assemble a model folder (`sdxs.model_folder.assemble`) and print its path."""
     from sdxs.model_folder import assemble
@@ -319,6 +340,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         shift=args.shift,
         text_normalization=None if args.text_normalization is None else _names(args.text_normalization),
         default_steps=args.default_steps,
+        style_tags=None if args.style is None else _style_tags(args.style),
     )
     print(out)
     return 0

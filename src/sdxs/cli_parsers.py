@@ -67,6 +67,11 @@ def add_generate_parser(sub, func: Handler, model: argparse.ArgumentParser, gen:
     p.add_argument("prompt", nargs="?", help="what to draw (optional with -i)")
     p.add_argument("-o", "--output", default="image.png", help="PNG path; several images get -1, -2, ... suffixes")
     p.add_argument("-i", "--interactive", action="store_true", help="read prompts from stdin until EOF / 'quit'")
+    p.add_argument(
+        "--style",
+        metavar="NAME",
+        help="one of the model's styles (model_index.json style_tags), by name or tag: its tag ends the prompt",
+    )
 
 
 def add_upscale_parser(sub, func: Handler, model: argparse.ArgumentParser) -> None:
@@ -209,6 +214,13 @@ def add_init_parser(sub, func: Handler) -> None:
         type=positive_int,
         metavar="N",
         help="Euler steps the model takes when none are given (default: as the base's; bench/bench_steps.py)",
+    )
+    p.add_argument(
+        "--style",
+        action="append",
+        metavar="NAME=TAG",
+        help="a style the model draws and the caption tag that asks for it, repeated, the default style first "
+        "(--style 3d='3d render' --style twemoji=flat); --style '' clears them (default: as the base's)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")

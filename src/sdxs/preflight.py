@@ -76,3 +76,16 @@ def check_generation(
             f"2-core CPU, and the model was trained at {facts['default_width']}x{facts['default_height']}); pass "
             f"--max-pixels {w * h} (or 0 for no limit) to make it anyway"
         )
+
+
+def check_style(model: str, style: str | None) -> None:
+    """Refuse (`UserError`) a `--style` the model does not declare (`style_tags` in model_index.json) before it
+    loads; the message lists the model's styles."""
+    if style is None or not (Path(model) / "model_index.json").is_file():
+        return
+    tags = json.loads((Path(model) / "model_index.json").read_text()).get("style_tags") or {}
+    if not tags:
+        raise UserError(f"--style {style}: this model declares no styles; describe the style in the prompt instead")
+    if style.strip().lower() not in {k.lower() for name, tag in tags.items() for k in (name, tag)}:
+        choices = ", ".join(f"{name} ({tag})" for name, tag in tags.items())
+        raise UserError(f"--style {style}: not one of this model's styles: {choices}")

@@ -17,6 +17,7 @@ PIPELINE_CONFIG_KEYS = (
     "default_height",
     "default_num_inference_steps",
     "refine_instruction",
+    "style_tags",
 )
 CHECKPOINT_PREFIX = "step-"  # RUN/checkpoints/step-0000200/: one complete checkpoint (state.json written last)
 

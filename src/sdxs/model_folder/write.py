@@ -55,6 +55,7 @@ def assemble(
     shift: float | None = None,
     text_normalization: list[str] | None = None,
     default_steps: int | None = None,
+    style_tags: dict[str, str] | None = None,
 ) -> Path:
     """Write a model folder to `out` from `base` (or fresh `preset` components) with the given components swapped in.
 
@@ -66,6 +67,8 @@ def assemble(
     (`sdxs.tokenizer.TEXT_NORMALIZATIONS`; our own byte-level tokenizers only): the text encoder and the UNet then
     need fine-tuning to the new token forms. `default_steps` is the step count `__call__`, the CLI, the server and
     the eval take when none is given (`default_num_inference_steps`; choose it from `bench/bench_steps.py`'s curve).
+    `style_tags` (style name -> caption tag, the default style first; {} clears them) are the styles the model was
+    trained to draw, for `__call__(style=...)`, `sdxs generate --style` and the page's style select.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -120,6 +123,10 @@ def assemble(
         sources["tokenizer"] += f" (normalization: {', '.join(text_normalization) or 'none'})"
     if default_steps is not None:
         pipe.register_to_config(default_num_inference_steps=default_steps)
+    if style_tags is not None:
+        from sdxs.pipeline import check_style_tags
+
+        pipe.register_to_config(style_tags=check_style_tags(style_tags))
     extra = {"assembled_by": "sdxs init", "preset": preset, "base": str(base) if base else None, "sources": sources}
     out = save_hub_layout(pipe, out, dtype=dtype, extra_config=extra, verify=verify)
     for name in COMPONENT_FOLDERS:

@@ -305,7 +305,9 @@ def add_generate_route(app: FastAPI, pipe, on_device, GenerateRequest) -> None:
         seeds = image_seeds(random_seed() if req.seed is None else req.seed, req.num_images)
 
         def job(cancel):
-            images = pipe(req.prompt, **_call_kwargs(req, seeds, cancel)).images
+            # `style`: a field only where the model declares styles
+            styled = {"style": req.style} if getattr(req, "style", None) else {}
+            images = pipe(req.prompt, **styled, **_call_kwargs(req, seeds, cancel)).images
             if cancel.is_set():
                 raise Cancelled()
             return _encoded(images, seeds)

@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -64,6 +65,9 @@ class Limits:
     max_prompt_chars: int
     max_seed: int = MAX_SEED
     sizes: list[int] = field(default_factory=list)  # choices for the page's width/height selects
+    # the model's styles, name -> caption tag (`style_tags` in its config; the first is the default): the page's
+    # style select and /generate's `style`; empty: the model declares none and /generate takes no `style`
+    styles: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def resolve(cls, pipe, settings: ServerSettings) -> "Limits":
@@ -93,6 +97,7 @@ class Limits:
             max_upscale_side=settings.max_upscale_side,
             max_prompt_chars=settings.max_prompt_chars,
             sizes=sizes,
+            styles=dict(pipe.config.get("style_tags") or {}),
         )
 
 
@@ -170,6 +175,12 @@ def request_models(lim: Limits) -> tuple[type[BaseModel], type[BaseModel], type[
 
     class GenerateRequest(GenerationParams):
         prompt: str = Field(min_length=1, max_length=lim.max_prompt_chars, description="what to draw")
+        if lim.styles:  # only a model that declares styles takes one
+            style: Literal[tuple(lim.styles)] | None = Field(  # type: ignore[valid-type]
+                None,
+                description="one of the model's styles (its caption tag ends the prompt): "
+                + ", ".join(f"{name} ({tag})" for name, tag in lim.styles.items()),
+            )
 
         @field_validator("prompt")
         @classmethod

@@ -109,6 +109,11 @@ function applyConfig(cfg) {
   $("seed").max = cfg.max_seed;
   $("prompt").maxLength = cfg.max_prompt_chars;
   $("negative").maxLength = cfg.max_prompt_chars;
+  // a model that declares styles gets a select (its tag ends the prompt on the server); none: no select
+  const styles = Object.entries(cfg.styles || {});
+  $("style-field").hidden = styles.length === 0;
+  fillSelect($("style"), styles.map(([name]) => name), styles.length ? styles[0][0] : null,
+    (name) => `${name} (${cfg.styles[name]})`);
   showValues();
   updateFeatures();
 }
@@ -238,9 +243,11 @@ async function generate() {
   }
   const params = readParams();
   if (!params) return;
+  const style = $("style-field").hidden ? null : $("style").value;
+  if (style) params.style = style;
   await run("Generating", async () => {
     const result = await postJson("/generate", { prompt, ...params });
-    addGenerated(result, prompt, "sdxs");
+    addGenerated(result, style ? `${prompt} [${style}]` : prompt, "sdxs");
   });
 }
 
