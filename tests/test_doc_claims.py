@@ -79,7 +79,7 @@ def test_every_example_prompt_was_checked_and_passed():
             rows[m.group(1)] = m.group(3)
     examples = find_examples(ROOT)
     assert examples, "no example prompts found: the extractor is broken"
-    missing = sorted({e.prompt for e in examples} - set(rows))
+    missing = sorted({e.key for e in examples} - set(rows))
     assert not missing, f"examples not checked yet (run scripts/check_examples.py): {missing}"
-    failed = sorted(p for p in {e.prompt for e in examples} if rows[p] != "pass")
+    failed = sorted(p for p in {e.key for e in examples} if rows[p] != "pass")
     assert not failed, f"examples that do not draw what they name: {failed}"

@@ -140,3 +140,16 @@ def test_server_style_field_and_config(styled_pipe, tiny_pipe):
         assert client.get("/config").json()["styles"] == {}
         r = client.post("/generate", json={"prompt": "red apple", "width": 32, "height": 32, "style": "flat"})
         assert r.status_code == 422 and "style" in r.text
+
+
+def test_styled_examples_are_found_with_their_style(tmp_path):
+    from sdxs.eval.examples import find_examples
+
+    (tmp_path / "README.md").write_text(
+        'image = pipe("red apple", style="twemoji").images[0]\n'
+        'plain = pipe("grinning face, 3d render").images[0]\n'
+        '    sdxs generate "rocket" --style noto -o rocket.png\n'
+    )
+    found = {(e.prompt, e.style) for e in find_examples(tmp_path)}
+    assert found == {("red apple", "twemoji"), ("grinning face, 3d render", None), ("rocket", "noto")}
+    assert {e.key for e in find_examples(tmp_path)} >= {"red apple (style twemoji)", "grinning face, 3d render"}

@@ -38,6 +38,12 @@ PATTERNS = (
     r"^PROMPT \?= (.+)$",  # the Makefile's default
     r'id="prompt"[^>]*?placeholder="([^"]+)"',  # the page's prompt box
 )
+# examples with a style (`pipe("red apple", style="twemoji")`, `sdxs generate "red apple" --style twemoji`): the
+# prompt, then the style; such a prompt is checked against the renders of that style
+STYLED_PATTERNS = (
+    r'pipe\(\s*(?:prompt=)?"([^"]+)",\s*style="([^"]+)"',
+    r'sdxs generate "([^"]+)" --style ([\w-]+)',
+)
 NOT_PROMPTS = {"x", "...", "X"}  # placeholders in argument-error examples
 
 
@@ -45,22 +51,38 @@ NOT_PROMPTS = {"x", "...", "X"}  # placeholders in argument-error examples
 class Example:
     source: str
     prompt: str
+    style: str | None = None  # a style of the model (`__call__(style=...)`), or None: the prompt as it is
+
+    @property
+    def key(self) -> str:
+        """How docs/examples-check.md names it: the prompt, and its style when it has one."""
+        return self.prompt if self.style is None else f"{self.prompt} (style {self.style})"
+
+
+def _clean(text: str) -> str | None:
+    prompt = " ".join(text.split())  # a prompt wrapped over two lines of a paragraph
+    return prompt if prompt and prompt not in NOT_PROMPTS and not re.search(r"[{$]", prompt) else None
 
 
 def find_examples(root: str | Path) -> list[Example]:
-    """Every example prompt in `SOURCES`, each (source, prompt) once, in file order."""
+    """Every example prompt in `SOURCES`, each (source, prompt, style) once, in file order."""
     root = Path(root)
-    found: dict[tuple[str, str], Example] = {}
+    found: dict[tuple[str, str, str | None], Example] = {}
     for name in SOURCES:
         path = root / name
         if not path.is_file():
             continue
         text = path.read_text(encoding="utf-8")
+        styled_at = set()  # where a styled example's prompt starts: not also an example without the style
+        for pattern in STYLED_PATTERNS:
+            for m in re.finditer(pattern, text, re.M):
+                styled_at.add(m.start(1))
+                if prompt := _clean(m.group(1)):
+                    found.setdefault((name, prompt, m.group(2)), Example(name, prompt, m.group(2)))
         for pattern in PATTERNS:
             for m in re.finditer(pattern, text, re.M):
-                prompt = " ".join(m.group(1).split())  # a prompt wrapped over two lines of a paragraph
-                if prompt and prompt not in NOT_PROMPTS and not re.search(r"[{$]", prompt):
-                    found.setdefault((name, prompt), Example(name, prompt))
+                if m.start(1) not in styled_at and (prompt := _clean(m.group(1))):
+                    found.setdefault((name, prompt, None), Example(name, prompt))
     return list(found.values())
 
 
