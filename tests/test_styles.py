@@ -54,7 +54,7 @@ def test_styled_prompt_replaces_or_adds_the_tag(prompt, expected):
 
 def test_style_tags_are_checked():
     assert check_style_tags(None) == {}
-    assert list(check_style_tags(TAGS)) == ["3d", "twemoji", "noto"]  # order kept: the first is the default
+    assert list(check_style_tags(TAGS)) == ["3d", "twemoji", "noto"]  # in memory; a saved config sorts its keys
     for bad in ({"a": ""}, {"a": "x, y"}, {"a": "x", "b": "x"}, {"a": "x", "x": "y"}):
         with pytest.raises(ValueError, match="style_tags"):
             check_style_tags(bad)

@@ -219,7 +219,7 @@ def add_init_parser(sub, func: Handler) -> None:
         "--style",
         action="append",
         metavar="NAME=TAG",
-        help="a style the model draws and the caption tag that asks for it, repeated, the default style first "
+        help="a style the model draws and the caption tag that asks for it, repeated "
         "(--style 3d='3d render' --style twemoji=flat); --style '' clears them (default: as the base's)",
     )
     p.add_argument("--no-verify", action="store_true", help="skip reloading the folder with plain diffusers")

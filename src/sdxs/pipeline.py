@@ -524,8 +524,9 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             given; a model stores the count its quality-per-step curve supports (the CLI, server and page read it).
         refine_instruction (`str`, *optional*): default instruction for `refine_prompts`.
         style_tags (`dict[str, str]`, *optional*): the styles the model was trained to draw, name -> the caption tag
-            that asks for it (`{"3d": "3d render", "twemoji": "flat"}`; the first is what a prompt without a tag
-            gets). `__call__(style=...)` and `apply_style` add the tag; empty: the model declares no styles.
+            that asks for it (`{"3d": "3d render", "twemoji": "flat"}`; a prompt without a tag gets the style the training
+            captions without one had). `__call__(style=...)` and `apply_style` add the tag; empty: no styles. (Saved
+            configs sort their keys, so the order of the styles is not kept.)
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"

@@ -67,7 +67,7 @@ def assemble(
     (`sdxs.tokenizer.TEXT_NORMALIZATIONS`; our own byte-level tokenizers only): the text encoder and the UNet then
     need fine-tuning to the new token forms. `default_steps` is the step count `__call__`, the CLI, the server and
     the eval take when none is given (`default_num_inference_steps`; choose it from `bench/bench_steps.py`'s curve).
-    `style_tags` (style name -> caption tag, the default style first; {} clears them) are the styles the model was
+    `style_tags` (style name -> caption tag; {} clears them) are the styles the model was
     trained to draw, for `__call__(style=...)`, `sdxs generate --style` and the page's style select.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler

@@ -65,7 +65,7 @@ class Limits:
     max_prompt_chars: int
     max_seed: int = MAX_SEED
     sizes: list[int] = field(default_factory=list)  # choices for the page's width/height selects
-    # the model's styles, name -> caption tag (`style_tags` in its config; the first is the default): the page's
+    # the model's styles, name -> caption tag (`style_tags` in its config): the page's
     # style select and /generate's `style`; empty: the model declares none and /generate takes no `style`
     styles: dict[str, str] = field(default_factory=dict)
 

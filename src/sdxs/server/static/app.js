@@ -109,11 +109,11 @@ function applyConfig(cfg) {
   $("seed").max = cfg.max_seed;
   $("prompt").maxLength = cfg.max_prompt_chars;
   $("negative").maxLength = cfg.max_prompt_chars;
-  // a model that declares styles gets a select (its tag ends the prompt on the server); none: no select
-  const styles = Object.entries(cfg.styles || {});
+  // a model that declares styles gets a select (a style's tag ends the prompt on the server; "as typed" sends
+  // none: the prompt's own tag, or the style of the training captions without one); none: no select
+  const styles = Object.keys(cfg.styles || {});
   $("style-field").hidden = styles.length === 0;
-  fillSelect($("style"), styles.map(([name]) => name), styles.length ? styles[0][0] : null,
-    (name) => `${name} (${cfg.styles[name]})`);
+  fillSelect($("style"), ["", ...styles], "", (name) => (name ? `${name} (${cfg.styles[name]})` : "as typed"));
   showValues();
   updateFeatures();
 }
