@@ -212,6 +212,8 @@ def main() -> None:
         print(er.markdown_table(robust))
     if result.refine_kept is not None:
         print(f"\nrefine_prompts keeps the named emoji in {result.refine_kept:.1f}% of bare names")
+        own, foreign = result.refine_tags
+        print(f"and adds {own} of the emoji's own caption tags and {foreign} others (style and skin tones aside)")
         for a, b in result.refine_examples[:8]:
             print(f"  {a!r} -> {b!r}")
     bands = loss_bands(pipe, args.loss_bands) if args.loss_bands else None
@@ -229,6 +231,9 @@ def main() -> None:
             "rows": [row for s in result.scores for row in s.rows()],
             "prompts": {s.label: s.per_prompt() for s in result.scores},  # for scripts/compare_strict.py
             "refine_kept": result.refine_kept,
+            "refine_tags": dict(zip(("own", "foreign"), result.refine_tags, strict=True))
+            if result.refine_tags
+            else None,
             "refine_examples": result.refine_examples,
             "loss_bands": bands,
             **(robust_payload(args, robust) if robust is not None else {}),

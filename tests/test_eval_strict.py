@@ -107,6 +107,12 @@ def test_strict_eval_groups_and_refine_check(data):
     ]
     assert all(s.top(1) == 100.0 for s in result.scores)
     assert result.refine_kept == 100.0 and len(result.grid) == result.find("training, bare name").count
+    assert result.refine_tags == (0, len(result.refine_examples))  # "+" is no emoji's caption tag
+    # added tags: after the name, style tags and skin tones aside; a tag of the emoji's own captions is "own"
+    apple = renders[0]
+    assert apple.tags == {apple.name.lower(), "3d render"}
+    added = es.added_tags(f"{apple.bare}, 3d render, Zebra, medium skin tone, {apple.name}", apple, ["3d render"])
+    assert added == ["zebra", apple.name.lower()] and [t in apple.tags for t in added] == [False, True]
     lossy = es.strict_eval(renders, generate, refine=refine, per_kind=2, seed=0, image_prompts=0)
     assert lossy.refine_kept == pytest.approx(50.0)
     assert lossy.find("refine set, refined").top(1) < lossy.find("refine set, bare name").top(1)

@@ -263,7 +263,8 @@ def _strict_lines(result: EvalResult) -> list[str]:
     if st.refine_kept is not None:
         lines += [
             f"`refine_prompts` of bare training names keeps the named emoji in {st.refine_kept:.1f}% of "
-            f"{len(st.refine_examples)} prompts (rows 'refine set'). Examples:",
+            f"{len(st.refine_examples)} prompts (rows 'refine set') and adds {st.refine_tags[0]} of the emoji's own "
+            f"caption tags and {st.refine_tags[1]} others (style and skin tones aside). Examples:",
             "",
             "| bare name | refined |",
             "|---|---|",

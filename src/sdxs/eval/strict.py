@@ -76,6 +76,7 @@ class Render:
     skin_tones: list[str]
     kind: str
     style: str = DEFAULT_STYLE  # splits.jsonl's `style` (absent in the 3d-only dataset)
+    tags: frozenset[str] = frozenset()  # every comma-separated part of its caption lines, lower case
 
     @property
     def bare(self) -> str:
@@ -98,7 +99,8 @@ def load_renders(data_dir: str | os.PathLike) -> list[Render]:
         holdout = str(row.get("holdout") or "")
         path = Path(data_dir) / row["file_name"]
         style = row.get("style") or DEFAULT_STYLE
-        renders.append(Render(len(renders), path, row.get("split", "train"), holdout, name, tones, kind, style))
+        tags = frozenset(t.strip().lower() for line in row.get("text") or [] for t in line.split(",") if t.strip())
+        renders.append(Render(len(renders), path, row.get("split", "train"), holdout, name, tones, kind, style, tags))
     return renders
 
 
@@ -313,6 +315,14 @@ def names_the_emoji(refined: str, render: Render) -> bool:
     return tags[0] == render.name.lower() and tones == {t.lower() for t in render.skin_tones}
 
 
+def added_tags(refined: str, render: Render, style_tags: Sequence[str] = ()) -> list[str]:
+    """The tags a refinement of `render.bare` added after it, lower case, without style tags (`style_tags`) and
+    skin tones (`names_the_emoji` judges those)."""
+    skip = {t.lower() for t in style_tags}
+    tags = [t.strip().lower() for t in refined.split(",")][len(render.bare.split(",")) :]
+    return [t for t in tags if t and t not in skip and not t.endswith("skin tone")]
+
+
 def markdown_table(scores: Sequence[StrictScores]) -> str:
     lines = [
         "| prompts | kind | n | top-1 | top-5 | nearest-render distance (median) | edge energy (median) |",
@@ -334,6 +344,9 @@ class StrictResult:
     scores: list[StrictScores]
     refine_kept: float | None = None  # % of refined bare names that still name their emoji
     refine_examples: list[tuple[str, str]] = field(default_factory=list)
+    # tags the refinements added (`added_tags`): among the emoji's own caption tags, and not (a drifted refine
+    # head writes other emoji's keywords while still keeping the name: v2.4-v2.8, 68 own / 32 foreign on 144 names)
+    refine_tags: tuple[int, int] | None = None
     grid: list[tuple[PIL.Image.Image, str]] = field(default_factory=list)  # bare-name generations across kinds
 
     def find(self, label: str) -> StrictScores | None:
@@ -527,6 +540,9 @@ def _refine_rows(result: StrictResult, gallery, train, refine, generate_prompts,
     kept = [names_the_emoji(text, r) for text, r in zip(refined, targets, strict=True)]
     result.refine_kept = 100.0 * sum(kept) / len(kept)
     result.refine_examples = list(zip([r.bare for r in targets], refined, strict=True))
+    styles = list(STYLE_TAGS.values())
+    added = [(t, t in r.tags) for text, r in zip(refined, targets, strict=True) for t in added_tags(text, r, styles)]
+    result.refine_tags = (sum(own for _, own in added), sum(not own for _, own in added))
     for label, prompts in (("refine set, bare name", [r.bare for r in targets]), ("refine set, refined", refined)):
         images = generate_prompts(list(prompts))
         result.scores.append(score_images(gallery, images, targets, label))
