@@ -95,6 +95,14 @@ def check_style_tags(style_tags: dict[str, str] | None) -> dict[str, str]:
     return out
 
 
+def find_style(style_tags: dict[str, str], style) -> str | None:
+    """The name of the style `style` asks for, by name or tag, any case (`"Flat"` -> `"twemoji"`); None: none."""
+    if not isinstance(style, str):
+        return None
+    key = style.strip().lower()
+    return next((name for name, tag in style_tags.items() if key in (name.lower(), tag.lower())), None)
+
+
 def styled_prompt(prompt: str, tag: str, all_tags) -> str:
     """`prompt` asking for the style of `tag`: style tags it already ends in (any of `all_tags`) are replaced,
     otherwise `, tag` is added ("red apple" -> "red apple, flat"; "red apple, 3d render" -> "red apple, flat")."""
@@ -632,11 +640,11 @@ class SDXSPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 "style: this model declares no styles (its config's style_tags is empty); describe the style in the "
                 "prompt instead."
             )
-        by_key = {k.lower(): tag for name, tag in tags.items() for k in (name, tag)}
-        tag = by_key.get(str(style).strip().lower()) if isinstance(style, str) else None
-        if tag is None:
+        name = find_style(tags, style)
+        if name is None:
             choices = ", ".join(f"{name!r} ({tag})" for name, tag in tags.items())
             raise ValueError(f"style={style!r} is not one of this model's styles: {choices}; or leave style out.")
+        tag = tags[name]
         if isinstance(prompt, str):
             return styled_prompt(prompt, tag, tags.values())
         if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):

@@ -16,6 +16,7 @@ import torch
 from sdxs.eval import examples as ex
 from sdxs.eval import strict as es
 from sdxs.model_folder import load_local_pipeline
+from sdxs.pipeline import find_style
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 4
@@ -43,8 +44,7 @@ def main() -> None:
         e = by_key[key]
         # a styled example is scored among the renders of its style (by name or tag: the model's style name), the
         # others among the dataset's first style, the one a prompt without a tag asks for
-        style = next((n for n, t in styles.items() if e.style and e.style.lower() in (n.lower(), t.lower())), None)
-        style = style or (e.style if e.style else es.styles_of(all_renders)[0])
+        style = (find_style(styles, e.style) or e.style) if e.style else es.styles_of(all_renders)[0]
         if style not in galleries:
             renders = es.in_style(all_renders, style)
             galleries[style] = (es.PixelGallery(renders), {r.bare: r for r in renders}) if renders else None

@@ -86,6 +86,8 @@ def check_style(model: str, style: str | None) -> None:
     tags = json.loads((Path(model) / "model_index.json").read_text()).get("style_tags") or {}
     if not tags:
         raise UserError(f"--style {style}: this model declares no styles; describe the style in the prompt instead")
-    if style.strip().lower() not in {k.lower() for name, tag in tags.items() for k in (name, tag)}:
+    from sdxs.pipeline import find_style
+
+    if find_style(tags, style) is None:
         choices = ", ".join(f"{name} ({tag})" for name, tag in tags.items())
         raise UserError(f"--style {style}: not one of this model's styles: {choices}")
