@@ -142,10 +142,6 @@ class CaptionAugmentConfig:
     # drink"): keywords people type instead of a name; a held-out tag is still never a prompt on its own
     keywords_form: float = 0.0
     head_first: float = 0.0  # a name whose head word is its last word, head first (`inversions`: "apple (red)")
-    # the subject replaced by one of its unambiguous tags beside 1-2 of its ambiguous ones, in any order ("drink,
-    # coffee"): the one word that tells the subjects apart must carry the choice, so a held-out tag (which is still
-    # never a prompt on its own) is learnt as a name where in `keywords_form` another unambiguous tag could carry it
-    keyword_pairs: float = 0.0
     plural: float = 0.15  # plural of the subject (half of them after a quantity word)
     adjective: float = 0.15
     template: float = 0.5
@@ -388,13 +384,6 @@ class CaptionAugmenter:
         elif 0 <= beyond - c.keywords_form < c.head_first and c.inversions and len(words) >= 2 and head == words[-1]:
             inversion = rng.choice(c.inversions)
             text, plural_ok = inversion.replace("{head}", head).replace("{rest}", " ".join(words[:-1])), False
-        elif 0 <= beyond - c.keywords_form - c.head_first < c.keyword_pairs:
-            names = [t for t in e.tags if t.lower() in self.unambiguous_tags]
-            shared = [t for t in e.tags if t.lower() not in self.unambiguous_tags]
-            if names and shared:
-                pair = [rng.choice(names), *rng.sample(shared, k=rng.randint(1, min(2, len(shared))))]
-                rng.shuffle(pair)
-                text, plural_ok = ", ".join(pair), False
         if len(text.split()) > 5:  # a sentence-like caption: no plural or adjective games
             plural_ok = False
         # 2. number, adjective, template

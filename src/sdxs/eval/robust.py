@@ -13,8 +13,7 @@ a class measures a phrasing the model never saw, not a memorised one.
     punctuation     "red apple?", "'red apple'", "red apple..."
     everyday words  a keyword that names this emoji alone and was never a training prompt on its own
                     (`CaptionAugmentConfig.holdout_tags`): it was only ever seen beside other words (in a caption,
-                    in a list of keywords with `keywords_form`, or beside keywords other emoji share with
-                    `keyword_pairs`); words only, no codes ("fi", "2130")
+                    or in a list of keywords with `keywords_form`); words only, no codes ("fi", "2130")
     word order      the qualifier first ("medium skin tone, woman surfing") or the head noun first ("apple, red"; the
                     training's `head_first` form never puts a comma there: "apple (red)", "apple: red")
 
