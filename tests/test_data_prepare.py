@@ -380,8 +380,17 @@ def test_loader_sample_weights_draw_listed_images_more_often(cache, tmp_path):
     both, _ = draws(sample_weights=table, balance_pattern=r"^\d$")
     with pytest.raises(ValueError, match="balance"):
         plain_loader.load_state_dict(loader.state_dict())
-    with pytest.raises(ValueError, match="balance"):
+    with pytest.raises(ValueError, match="replan_data"):
         both.load_state_dict(loader.state_dict())
+    # ...or, with replan, resumed at the start of the next epoch, drawn the new way from its first batch
+    mid = LatentShardLoader(cache, batch_size=1, seed=0)
+    next(iter(mid))
+    state = mid.state_dict()
+    both.load_state_dict(state, replan=True)
+    assert (both.epoch, both.state_dict()["step"]) == (state["epoch"] + 1, 0)
+    fresh = LatentShardLoader(cache, batch_size=1, seed=0, sample_weights=table, balance_pattern=r"^\d$")
+    fresh.epoch = state["epoch"] + 1
+    assert [b["keys"] for b in both] == [b["keys"] for b in fresh]
     # bad tables: named with the row and the fix
     with pytest.raises(FileNotFoundError, match="sample_weights"):
         LatentShardLoader(cache, batch_size=1, sample_weights=tmp_path / "missing.csv")

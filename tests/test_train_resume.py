@@ -177,6 +177,31 @@ def test_checkpoint_every_minutes_checkpoints_by_wall_time(tmp_path, tiny_hub_di
     assert [p.name for p in checkpoint_dirs(run)] == ["step-0000004"]
 
 
+def test_replan_data_resumes_a_run_with_new_sample_weights(tmp_path, tiny_hub_dir, colour_cache, capsys):
+    """A resume with another `data.sample_weights` is refused (the epoch plan would differ), unless
+    `run.replan_data=true`: then the run goes on from the same weights and optimizer, at the next epoch."""
+    from sdxs.train.checkpoint import load_rank_state
+    from sdxs.train.cli import main
+
+    run = tmp_path / "mix"
+    extra = {"run.max_steps": 2, "run.checkpoint_every": 0, "optim.grad_accum": 1, "ema.enabled": "false"}
+    cmd = ["train", "unet", "--config", TINY_UNET_CONFIG]
+    assert main([*cmd, *overrides(run, tiny_hub_dir, colour_cache, **extra)]) == 0
+    before = load_rank_state(find_checkpoint(run, "latest"), 0)["data"]
+    table = tmp_path / "w.csv"
+    table.write_text("file_name,weight\nred.png,5\n")
+    extra.update({"run.max_steps": 3, "data.sample_weights": table})
+    assert main([*cmd, *overrides(run, tiny_hub_dir, colour_cache, **extra), "--resume", "latest"]) == 2
+    assert "run.replan_data=true" in capsys.readouterr().err
+    extra["run.replan_data"] = "true"
+    assert main([*cmd, *overrides(run, tiny_hub_dir, colour_cache, **extra), "--resume", "latest"]) == 0
+    last = find_checkpoint(run, "latest")
+    assert last.name == "step-0000003"
+    after = load_rank_state(last, 0)["data"]
+    assert (after["epoch"], after["step"]) == (before["epoch"] + 1, 1) and after["balance"] != before["balance"]
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl") if "loss" in m] == [1, 2, 3]
+
+
 def test_checkpoint_clock_rejects_negative_minutes():
     from sdxs.train.stop import CheckpointClock
 

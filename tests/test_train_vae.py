@@ -153,6 +153,9 @@ def test_vae_sample_weights_draw_images_in_proportion(tmp_path):
     assert next(again.index) == next(batches.index)
     with pytest.raises(ValueError, match="sample_weights"):  # a resume with another table would draw otherwise
         ImageBatches(files, 32, 4, seed=0).load_state_dict(state)
+    plain = ImageBatches(files, 32, 4, seed=0)  # ...unless replanned: the next epoch, drawn the new way
+    plain.load_state_dict(state, replan=True)
+    assert (plain.index.epoch, plain.index.position) == (state["epoch"] + 1, 0)
 
     (tmp_path / "bad.csv").write_text("file_name,weight\nimages/0.png,2\n")
     with pytest.raises(ValueError, match="relative to `data.path`"):

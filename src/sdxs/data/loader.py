@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +38,8 @@ from sdxs.data.captions import CaptionAugmentConfig, CaptionAugmenter
 from sdxs.data.fingerprint import compare_fingerprints, model_fingerprint
 from sdxs.data.folder import read_rows
 from sdxs.data.shards import EMPTY_PROMPT_NAME, load_manifest
+
+logger = logging.getLogger(__name__)
 
 
 def pad_text(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,16 +240,30 @@ class LatentShardLoader:
             "balance": self._balance_id(),
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at a position from `state_dict()`; refuses a state made with another plan."""
-        for key in ("seed", "batch_size", "world_size", "num_samples", "balance"):
-            mine = self.state_dict()[key]
-            if key in state and state[key] != mine:
-                raise ValueError(
-                    f"Loader state was saved with {key}={state[key]!r}, this loader has {mine!r}: "
-                    "the epoch plan would differ. Resume with the same settings and cache."
-                )
-        self.epoch, self._step = int(state["epoch"]), int(state["step"])
+    def load_state_dict(self, state: dict[str, int], replan: bool = False) -> None:
+        """Resume at a position from `state_dict()`. A state made with another plan (seed, batch size, world size,
+        cache, balance or sample weights) is refused, or with `replan` resumed at the start of the next epoch, whose
+        plan is this loader's: no batch is drawn half under one plan and half under the other."""
+        mine = self.state_dict()
+        changed = [
+            k
+            for k in ("seed", "batch_size", "world_size", "num_samples", "balance")
+            if k in state and state[k] != mine[k]
+        ]
+        if changed and not replan:
+            k = changed[0]
+            raise ValueError(
+                f"Loader state was saved with {k}={state[k]!r}, this loader has {mine[k]!r}: the epoch plan would "
+                "differ. Resume with the same settings and cache, or pass `run.replan_data=true` to go on from the "
+                "next epoch under the new plan."
+            )
+        if changed:
+            logger.info(
+                "data plan changed (%s): resuming at the start of epoch %d", ", ".join(changed), int(state["epoch"]) + 1
+            )
+            self.epoch, self._step = int(state["epoch"]) + 1, 0
+        else:
+            self.epoch, self._step = int(state["epoch"]), int(state["step"])
 
     # ---------------------------------------------------------------------------------------------------------
     # Iteration

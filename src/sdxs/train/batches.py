@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class IndexBatches:
@@ -52,10 +55,17 @@ class IndexBatches:
         state = {"epoch": self.epoch, "position": self.position}
         return {**state, "weights": self._weights_id()} if self.p is not None else state
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("weights", "") != self._weights_id():
+    def load_state_dict(self, state: dict, replan: bool = False) -> None:
+        """Resume at a position from `state_dict()`; a state drawn with other weights is refused, or with `replan`
+        resumed at the start of the next epoch, drawn with these weights."""
+        if state.get("weights", "") == self._weights_id():
+            self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        elif replan:
+            self.epoch, self.position = int(state["epoch"]) + 1, 0
+            logger.info("sample weights changed: resuming at the start of epoch %d", self.epoch)
+        else:
             raise ValueError(
                 "the checkpoint was made with other `data.sample_weights` (or without them, or with them): resume "
-                "with the table it was made with, or start a new run (`run.output_dir`)."
+                "with the table it was made with, pass `run.replan_data=true` to go on from the next epoch with the "
+                "new table, or start a new run (`run.output_dir`)."
             )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -335,7 +335,7 @@ def _log_new_length(step: int, optim, old_max: int, new_max: int, old_anchor, an
 def _resume_rank(loop: _Loop, ckpt: Path) -> None:
     """This rank's data position, RNG states and noise generator (after wrapping)."""
     rank_state = load_rank_state(ckpt, loop.accelerator.process_index)
-    loop.task.data.load_state_dict(rank_state["data"])
+    loop.task.data.load_state_dict(rank_state["data"], replan=loop.cfg.run.replan_data)
     set_rng_state(rank_state["rng"])
     loop.noise_gen.set_state(rank_state["noise_gen"].to(loop.noise_gen.get_state().device))
     logger.info("resumed from %s at step %d", ckpt, loop.step)

@@ -43,6 +43,10 @@ class RunConfig:
     # session ending, a killed machine) loses when steps are slow, whatever checkpoint_every is
     checkpoint_every_minutes: float = 0.0
     keep_last: int = 3  # periodic checkpoints kept besides the final one
+    # on --resume, a data plan other than the checkpoint's (data.sample_weights, balance, batch size, another
+    # cache) starts the next epoch under the new plan instead of being refused; the weights, optimizer, EMA and
+    # LR schedule carry on. Changes a long run's mix without a fork (and without a fresh optimizer)
+    replan_data: bool = False
     sample_every: int = 0  # steps between validation grids (0: none during training; one at the end if prompts)
     export_at_end: bool = True  # write output_dir/export (hub layout) after the final checkpoint
     progress_bar: bool = True  # tqdm on the main process

@@ -181,8 +181,8 @@ class Endless:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+    def load_state_dict(self, state: dict, replan: bool = False) -> None:
+        self.loader.load_state_dict(state, replan)
         self._it = None
 
 

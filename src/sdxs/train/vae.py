@@ -180,8 +180,8 @@ class ImageBatches:
     def state_dict(self) -> dict:
         return self.index.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.index.load_state_dict(state)
+    def load_state_dict(self, state: dict, replan: bool = False) -> None:
+        self.index.load_state_dict(state, replan)
 
 
 # ----------------------------------------------------------------------------------------------------------------
