@@ -156,6 +156,8 @@ def test_vae_sample_weights_draw_images_in_proportion(tmp_path):
     plain = ImageBatches(files, 32, 4, seed=0)  # ...unless replanned: the next epoch, drawn the new way
     plain.load_state_dict(state, replan=True)
     assert (plain.index.epoch, plain.index.position) == (state["epoch"] + 1, 0)
+    with pytest.raises(ValueError, match="batch_size=4"):  # another batch size: the positions would differ
+        ImageBatches(files, 32, 2, seed=0, weights=weights).load_state_dict(state)
 
     (tmp_path / "bad.csv").write_text("file_name,weight\nimages/0.png,2\n")
     with pytest.raises(ValueError, match="relative to `data.path`"):

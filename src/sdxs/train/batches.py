@@ -52,20 +52,30 @@ class IndexBatches:
         return "" if self.p is None else hashlib.sha256(self.p.tobytes()).hexdigest()[:12]
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "position": self.position}
+        state = {"epoch": self.epoch, "position": self.position, "n": self.n, "batch_size": self.batch_size}
         return {**state, "weights": self._weights_id()} if self.p is not None else state
 
     def load_state_dict(self, state: dict, replan: bool = False) -> None:
-        """Resume at a position from `state_dict()`; a state drawn with other weights is refused, or with `replan`
-        resumed at the start of the next epoch, drawn with these weights."""
-        if state.get("weights", "") == self._weights_id():
+        """Resume at a position from `state_dict()`; a state drawn another way (other weights, dataset size or batch
+        size) is refused, or with `replan` resumed at the start of the next epoch, drawn this way."""
+        changed = [k for k in ("n", "batch_size") if k in state and state[k] != getattr(self, k)]
+        if state.get("weights", "") != self._weights_id():
+            changed.append("sample weights")
+        if not changed:
             self.epoch, self.position = int(state["epoch"]), int(state["position"])
         elif replan:
             self.epoch, self.position = int(state["epoch"]) + 1, 0
-            logger.info("sample weights changed: resuming at the start of epoch %d", self.epoch)
-        else:
+            logger.info("data plan changed (%s): resuming at the start of epoch %d", ", ".join(changed), self.epoch)
+        elif changed[-1] == "sample weights":
             raise ValueError(
                 "the checkpoint was made with other `data.sample_weights` (or without them, or with them): resume "
                 "with the table it was made with, pass `run.replan_data=true` to go on from the next epoch with the "
                 "new table, or start a new run (`run.output_dir`)."
+            )
+        else:
+            k = changed[0]
+            raise ValueError(
+                f"the checkpoint was made with {k}={state[k]}, this run has {getattr(self, k)} (`data.batch_size` or "
+                "the dataset changed): resume with the same, or pass `run.replan_data=true` to go on from the next "
+                "epoch under the new plan."
             )
