@@ -66,16 +66,13 @@ class IndexBatches:
         elif replan:
             self.epoch, self.position = int(state["epoch"]) + 1, 0
             logger.info("data plan changed (%s): resuming at the start of epoch %d", ", ".join(changed), self.epoch)
-        elif changed[-1] == "sample weights":
-            raise ValueError(
-                "the checkpoint was made with other `data.sample_weights` (or without them, or with them): resume "
-                "with the table it was made with, pass `run.replan_data=true` to go on from the next epoch with the "
-                "new table, or start a new run (`run.output_dir`)."
-            )
         else:
-            k = changed[0]
+            what = ", ".join(
+                "`data.sample_weights`" if k == "sample weights" else f"{k}={state[k]} (this run: {getattr(self, k)})"
+                for k in changed
+            )
             raise ValueError(
-                f"the checkpoint was made with {k}={state[k]}, this run has {getattr(self, k)} (`data.batch_size` or "
-                "the dataset changed): resume with the same, or pass `run.replan_data=true` to go on from the next "
-                "epoch under the new plan."
+                f"the checkpoint was drawn with other data ({what}): resume with the same table, batch size and "
+                "dataset, pass `run.replan_data=true` to go on from the next epoch under the new plan, or start a new "
+                "run (`run.output_dir`)."
             )
