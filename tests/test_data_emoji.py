@@ -175,14 +175,15 @@ def test_emoji_dataset_in_three_styles_offline(tmp_path, monkeypatch):
     assert (out / face["file_name"]).with_suffix(".txt").read_text().splitlines() == face["text"]
     with Image.open(out / face["file_name"]) as im:
         assert im.size == (256, 256) and im.mode == "RGBA"
-    # the split is per emoji: held out in one style = held out in all; the 3d split is the 3d-only dataset's
+    # the split is per emoji: held out in one style = held out in all; the 3d split is exactly the 3d-only dataset's
     for e, r in by_style["3d"].items():
         assert {by_style[s][e]["holdout"] for s in by_style if e in by_style[s]} - {"style"} <= {r["holdout"]} | {""}
-    assert {(r["emoji"], r["split"]) for r in default_rows} == {
-        (e, "validation" if r["holdout"] in ("emoji", "skin tone") else "train") for e, r in by_style["3d"].items()
+    assert {(r["emoji"], r["split"], r["holdout"]) for r in default_rows} == {
+        (e, r["split"], r["holdout"]) for e, r in by_style["3d"].items()
     }
     # held-out pairs (here for half the emoji, to have many): the emoji trains in another style; deterministic, and
-    # independent of the order of --styles (which only decides the default style, the one with bare names)
+    # independent of the order of --styles (which only decides the default style, the one with bare names); never
+    # the 3d style, whose split stays the 3d-only dataset's (the images a 3d model learnt)
     monkeypatch.setattr(emoji_styles, "HOLDOUT_STYLE_PERCENT", 50)
     many = make_emoji_dataset(tmp_path / "a", cache_dir=cache, min_images=5, styles="3d,twemoji,noto")
     again = make_emoji_dataset(tmp_path / "b", cache_dir=cache, min_images=5, styles=["noto", "3d", "twemoji"])
@@ -191,7 +192,8 @@ def test_emoji_dataset_in_three_styles_offline(tmp_path, monkeypatch):
     held = {(r["emoji"], r["style"], r["holdout"]) for r in rows_a if r["split"] == "validation"}
     assert held == {(r["emoji"], r["style"], r["holdout"]) for r in rows_b if r["split"] == "validation"}
     pairs = [r for r in rows_a if r["holdout"] == "style"]
-    assert {r["style"] for r in pairs} == {"3d", "twemoji", "noto"}
+    assert {r["style"] for r in pairs} == {"twemoji", "noto"}
+    assert not any(r["holdout"] == "style" for r in rows_b if r["style"] == "3d")
     for r in pairs:
         assert r["file_name"].startswith("validation/") and r["name"] not in STAPLES
         assert any(o["emoji"] == r["emoji"] and o["split"] == "train" for o in rows_a if o["style"] != r["style"])

@@ -104,9 +104,12 @@ def to_dataset_image(png: bytes) -> bytes:
 
 
 def assign_style_holdouts(emoji: list, styles: tuple[str, ...], staples: frozenset[str]) -> None:
-    """Deterministic held-out (emoji, style) pairs: for ~`HOLDOUT_STYLE_PERCENT`% of the emoji that train (by a
-    hash of their codepoints without skin tones), one of their styles is left out of training in all their tone
-    variants; `held_style` names it. The choice does not depend on the order of `--styles`. No-op for one style."""
+    """Deterministic held-out (emoji, style) pairs: ~`HOLDOUT_STYLE_PERCENT`% of the emoji that train are drawn
+    (by a hash of their codepoints without skin tones) and one of their styles picked; where that is not the 3d
+    style, its images are left out of training in all their tone variants and `held_style` names it. The 3d style
+    is never held out: its split stays exactly the 3d-only dataset's, whose every training image the shipped model
+    learnt (a fine-tune on three styles that held some out would forget them, and measure memory, not
+    generalisation). The choice does not depend on the order of `--styles`. No-op for one style."""
     if len(styles) < 2:
         return
     order = [s for s in STYLE_TAGS if s in styles]
@@ -121,6 +124,8 @@ def assign_style_holdouts(emoji: list, styles: tuple[str, ...], staples: frozens
         if len(present) < 2:
             continue
         held = present[_hash("which style:" + base) % len(present)]
+        if held == DEFAULT_STYLE:  # drawn, but the 3d images stay in training (the draw itself keeps the other pairs)
+            continue
         for e in group:
             # only where the emoji keeps another style in training: a pair, not a held-out emoji
             if held in e.images and len(e.images) >= 2:
@@ -165,8 +170,10 @@ def styles_readme(summary: dict) -> str:
         f"(`red apple`), which only the first style, {first}, has: a prompt without a tag asks for that style.",
         "The split is per emoji, the same in every style: a held-out emoji or skin tone is held out in all styles.",
         f'Held-out (emoji, style) pairs ({summary["held_out_pairs"]} images, `holdout` "style" in splits.jsonl): '
-        f"~{HOLDOUT_STYLE_PERCENT}% of the training emoji train in some styles only; the image of the missing style "
-        "is in validation/, for the eval to ask for that style (`red apple, flat`).",
+        f"of ~{HOLDOUT_STYLE_PERCENT}% of the training emoji one style is picked, and where it is a flat one "
+        "the emoji trains in its other styles only; the image of the missing style is in validation/, for the eval "
+        "to ask for that style (`red apple, flat`). The 3d style is never held out: its split is the 3d-only "
+        "dataset's.",
         "Images of the 3d style are at train/<codepoints>.webp as in the 3d-only dataset; the others at "
         "train/<style>/<codepoints>.webp (and the same under validation/). Twemoji and Noto images are the "
         f"packages' {SOURCE_SIZE} px PNGs upscaled to {IMAGE_SIZE} px with Lanczos, stored as lossless WebP.",
