@@ -2,7 +2,7 @@
 # Reproduce sdxs-emoji, the model at the repository root, from nothing: every stage that made it, in order, with the
 # step counts as they were run (docs/training-emoji.md says what each stage does, why, and what it cost).
 #
-#   scripts/train-emoji.sh                         # into runs/emoji; ~39 h on 2 CPU cores, resumable (rerun it)
+#   scripts/train-emoji.sh                         # into runs/emoji; ~47 h on 2 CPU cores, resumable (rerun it)
 #   GPU=1 scripts/train-emoji.sh                   # the same stages with bf16 autocast on a CUDA GPU
 #   SMOKE=1 RUN=/tmp/smoke scripts/train-emoji.sh  # 2 steps a stage: the whole chain end to end in minutes
 #   DATA=data/emoji scripts/train-emoji.sh         # an existing `sdxs data emoji` folder (no download)
@@ -30,7 +30,12 @@
 #             decoder on Fluent 3D, Twemoji (CC-BY 4.0) and Noto (Apache-2.0), 3d drawn twice as often (v2.8)  4,000 x 16
 #   refine-2  the refine stage again, over the align stage's text encoder (whose lower layers it reads) (v2.9)
 #                                                                                                 2,400 + 1,600 x 32
-#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v2.9)
+#   unet-styles  sdxs prepare DATA3/train, then sdxs train unet (unet-styles.toml): the UNet on the three styles,
+#             each caption ending in its style's tag, the 3d renders weighed 1.5, to 7,000 (the last 2,400 cooling
+#             down), back at 2e-4 to 8,400 and cooling down to 11,400; from its EMA a fork with the 3d renders weighed 2,
+#             6,000 steps (the last 2,400 cooling down) and 1,600 at the floor, then weighed 3, back at 1e-4 cooling
+#             down to 10,000 and once more to 11,600; the model declares the styles (v3.0)        11,400 + 11,600 x 64
+#   export    sdxs init --base RUN/model --dtype fp16: the hub folder of the model at the root (v3.0)
 # Runs F and G restarted from the previous run's EMA with a fresh optimiser, H and I resumed G's run: the sittings that
 # made them lost or kept their machines, and the script reproduces them as they happened.
 # Environment: RUN (runs/emoji), DATA (RUN/data), DATA3 (RUN/data3: three styles), OUT (RUN/export), ALIGN_*_STEPS
@@ -218,6 +223,38 @@ if stage refine-2 "refine_prompts again over the align stage's text encoder (2,4
     data.path="$TRAIN_DATA" run.max_steps="$(steps 4000 2)" optim.extend=replan
   sdxs init "$RUN/model" --base "$RUN/model" --text-encoder "$RUN/refine-2"
   mark refine-2
+fi
+
+if stage unet-styles "the UNet on three styles (11,400 steps), then a fork with the 3d renders weighed up (11,600)"; then
+  [[ -f "$DATA3/splits.jsonl" ]] || sdxs data emoji "$DATA3" --styles 3d,twemoji,noto
+  sdxs prepare "$DATA3/train" "$RUN/cache3" --model "$RUN/model" --image-embeds --no-progress
+  # draw weights by kind as in the 3d stages, times 1.5, 2 and 3 for the 3d renders in the parts below
+  for w in 1.5 2 3; do
+    python scripts/kind_weights.py "$DATA3" "$RUN/style-weights-$w.csv" --weight objects=2 --weight flags=1.5 \
+      --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7 --power 0.5 --style-weight 3d="$w"
+  done
+  styles=(train unet configs/emoji/unet-styles.toml "$RUN/unet-styles" model.pretrained="$RUN/model"
+    data.path="$RUN/cache3" data.sample_weights="$RUN/style-weights-1.5.csv")
+  # legs 1-2: 7,000 steps, the last 2,400 cooling down; back at 2e-4 to 8,400, cooling down to 11,400
+  leg unet-styles-1 "${styles[@]}" run.max_steps="$(steps 7000)" optim.decay_steps="$(steps 2400)"
+  leg unet-styles-2 "${styles[@]}" run.max_steps="$(steps 11400 2)" optim.decay_steps="$(steps 3000)"
+  # the fork from leg 2's EMA (a fresh optimiser), 3d weighed 2: 6,000 steps, the last 2,400 cooling down, then
+  # 1,600 at the floor 2e-5; then 3d weighed 3 (the data replanned), back at 1e-4 cooling down to 10,000 and once
+  # more to 11,600. Until 10,000 the run read the dataset as it was before the 3d renders stopped being held out as
+  # pairs (141 images of 63 emoji, docs/experiments-log.md); this script reads today's throughout.
+  sdxs init "$RUN/model-styles" --base "$RUN/model" --unet "$RUN/unet-styles"
+  fork=(train unet configs/emoji/unet-styles.toml "$RUN/unet-styles-3d" model.pretrained="$RUN/model-styles"
+    data.path="$RUN/cache3")
+  leg unet-styles-3 "${fork[@]}" data.sample_weights="$RUN/style-weights-2.csv" run.max_steps="$(steps 6000)" \
+    optim.decay_steps="$(steps 2400)"
+  leg unet-styles-4 "${fork[@]}" data.sample_weights="$RUN/style-weights-2.csv" run.max_steps="$(steps 7600 2)" \
+    optim.lr=2e-5 optim.decay_steps=0
+  fork+=(data.sample_weights="$RUN/style-weights-3.csv" run.replan_data=true optim.lr=1e-4)
+  leg unet-styles-5 "${fork[@]}" run.max_steps="$(steps 10000 3)" optim.decay_steps="$(steps 2400)"
+  "${fork[@]}" run.max_steps="$(steps 11600 4)" optim.decay_steps="$(steps 1600)"
+  sdxs init "$RUN/model" --base "$RUN/model" --unet "$RUN/unet-styles-3d" \
+    --style 3d="3d render" --style twemoji=flat --style noto=cartoon
+  mark unet-styles
 fi
 
 if stage export "fp16 hub folder in $OUT (the model at the root)"; then

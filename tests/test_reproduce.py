@@ -45,6 +45,7 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = ["data", "te", "vae", "decoder", "prepare", "unet-v1", "unet-e", "unet-f", "unet-g", "unet-h"]
     stages += ["unet-i", "refine", "align-1", "align-2", "align-3", "align-4", "align", "decoder-styles", "refine-2"]
+    stages += ["unet-styles-1", "unet-styles-2", "unet-styles-3", "unet-styles-4", "unet-styles-5", "unet-styles"]
     stages += ["export"]
     assert all((run / f".done-{s}").is_file() for s in stages), sorted(p.name for p in run.glob(".done-*"))
     # the resumed stages went on from their checkpoints: G's run holds H's and I's steps too
@@ -68,10 +69,21 @@ def test_train_emoji_script_runs_every_stage_in_smoke_mode(tmp_path):
     assert vae_config["data"]["path"] == str(data3 / "train") and not vae_config["model"]["train_encoder"]
     weights = (run / "vae-style-weights.csv").read_text().splitlines()
     assert {line.split(",")[1] for line in weights[1:]} == {"2.0", "1.0"}
+    # the UNet's last stage: two runs on the three styles' cache, the fork's last legs with the 3d renders weighed 3
+    # and its data replanned; the model declares the styles (v3.0)
+    styles_steps = [json.loads(ln)["step"] for ln in (run / "unet-styles" / "metrics.jsonl").read_text().splitlines()]
+    fork_steps = [json.loads(ln)["step"] for ln in (run / "unet-styles-3d" / "metrics.jsonl").read_text().splitlines()]
+    assert max(styles_steps) == 4 and max(fork_steps) == 8
+    fork_config = json.loads((run / "unet-styles-3d" / "config.json").read_text())
+    assert fork_config["data"]["path"] == str(run / "cache3") and fork_config["run"]["replan_data"]
+    assert fork_config["data"]["sample_weights"] == str(run / "style-weights-3.csv")
+    assert index["style_tags"] == {"3d": "3d render", "twemoji": "flat", "noto": "cartoon"}
     pipe = DiffusionPipeline.from_pretrained(shipped, trust_remote_code=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("Red Apples!", num_inference_steps=2, seed=0).images[0]
     assert np.asarray(image).std() > 0
+    flat = pipe("red apple", style="twemoji", num_inference_steps=2, seed=0).images[0]
+    assert np.asarray(flat).std() > 0
     # a rerun finds every stage done and does nothing
     again = subprocess.run(["bash", str(REPO / "scripts" / "train-emoji.sh")], env=env, capture_output=True, text=True)
     assert again.returncode == 0 and stages_run(again.stdout) == []
