@@ -58,7 +58,7 @@ def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
     # the shipped model: its UNet follows its text encoder (a random tiny UNet barely reads the text)
     hub = copy_model_folder(root_model_dir, tmp_path / "hub")
     cache = make_cache(tmp_path, hub)
-    steps = ("run.max_steps=30", "optim.lr=1e-4", "optim.warmup_steps=0")
+    steps = ("run.max_steps=30", "optim.lr=3e-4", "optim.warmup_steps=0")
     base = load_base_pipeline(str(hub))
     before = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
     acc = Accelerator(cpu=True)
@@ -87,7 +87,9 @@ def test_rewrites_are_learnt_and_the_rest_is_kept(tmp_path, root_model_dir):
     assert logs["rewrite"] > 0 and "image" in logs
     fit(task, cfg, accelerator=acc)
     end = unet_logs()
-    assert end["rewrite"] < 0.6 * start["rewrite"], (start, end)  # measured on v2.4: 0.131 -> 0.015, captions 0.022
+    # measured with the shipped model: v2.4 at 1e-4 0.131 -> 0.015 (captions 0.022); v3.0 (the three-style UNet, for
+    # which these "flat colour" captions name a style) at 3e-4 0.209 -> 0.086 (captions 0.020), at 1e-4 only -> 0.186
+    assert end["rewrite"] < 0.6 * start["rewrite"], (start, end)
     assert max(end["caption"], end["image"]) < 0.25 * start["rewrite"], (start, end)
 
     after = base.text_encoder.state_dict()
