@@ -84,6 +84,10 @@ stage() {
 # steps N [K]: N, or 2 K in smoke mode (K: how many smoke stages this total spans)
 steps() { if [[ "$SMOKE" != 0 ]]; then echo $((2 * ${2:-1})); else echo "$1"; fi; }
 
+# the UNet's draw weights by kind (scripts/kind_weights.py): the prepare stage's, and the styles stage's times a style
+KIND_WEIGHTS=(--weight objects=2 --weight flags=1.5 --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7
+  --power 0.5)
+
 # train KIND CONFIG DIR [overrides...]: resume from the latest complete checkpoint when there is one
 train() {
   local kind=$1 config=$2 dir=$3
@@ -124,8 +128,7 @@ fi
 
 if stage prepare "latent cache with caption and image embeddings, draw weights by kind"; then
   sdxs prepare "$TRAIN_DATA" "$RUN/cache" --model "$RUN/model" --image-embeds --no-progress
-  python scripts/kind_weights.py "$DATA" "$RUN/kind-weights.csv" --weight objects=2 --weight flags=1.5 \
-    --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7 --power 0.5
+  python scripts/kind_weights.py "$DATA" "$RUN/kind-weights.csv" "${KIND_WEIGHTS[@]}"
   mark prepare
 fi
 
@@ -230,8 +233,7 @@ if stage unet-styles "the UNet on three styles (11,400 steps), then a fork with 
   sdxs prepare "$DATA3/train" "$RUN/cache3" --model "$RUN/model" --image-embeds --no-progress
   # draw weights by kind as in the 3d stages, times 1.5, 2 and 3 for the 3d renders in the parts below
   for w in 1.5 2 3; do
-    python scripts/kind_weights.py "$DATA3" "$RUN/style-weights-$w.csv" --weight objects=2 --weight flags=1.5 \
-      --weight smileys=1.5 --weight symbols=1.5 --weight toned=0.7 --power 0.5 --style-weight 3d="$w"
+    python scripts/kind_weights.py "$DATA3" "$RUN/style-weights-$w.csv" "${KIND_WEIGHTS[@]}" --style-weight 3d="$w"
   done
   styles=(train unet configs/emoji/unet-styles.toml "$RUN/unet-styles" model.pretrained="$RUN/model"
     data.path="$RUN/cache3" data.sample_weights="$RUN/style-weights-1.5.csv")
