@@ -7,7 +7,8 @@
 Both files must come from `scripts/strict_eval.py --json` with the same emoji (same --data, --per-kind,
 --held-out, --seed), which is what makes the comparison paired: the same prompt, the same seed, two models. Per group
 and kind it prints top-k before and after, the prompts gained and lost, and the two-sided exact sign test (McNemar)
-on them (`sdxs.eval.strict.paired_changes`). Top-k of 24 or 60 prompts moves by several points on noise alone; a
+on them (`sdxs.eval.strict.paired_changes`); with the typed-prompt classes too when both files have them
+(`--robust-per-kind` > 0), per class and pooled. Top-k of 24 or 60 prompts moves by several points on noise alone; a
 group whose p is above ~0.05 did not change in a way this eval can tell.
 """
 
@@ -26,7 +27,14 @@ def load(path: Path) -> dict[str, list[dict]]:
         raise ValueError(
             f"{path}: no per-prompt records; it predates them. Score the model again with scripts/strict_eval.py --json"
         )
-    return payload["prompts"]
+    groups = dict(payload["prompts"])
+    # the prompts as people type them (`--robust-per-kind`): one group per class, and all classes pooled
+    robust = payload.get("robust_prompts") or {}
+    for label, records in robust.items():
+        groups[f"typed: {label}"] = records
+    if robust:
+        groups["typed: all classes"] = [r for records in robust.values() for r in records]
+    return groups
 
 
 def main() -> None:

@@ -146,6 +146,30 @@ def test_paired_changes_counts_prompts_gained_and_lost_and_tests_them(data):
     assert all(r["p"] == 1.0 for r in es.paired_changes({"g": records}, {"g": records}))
 
 
+def test_compare_strict_pairs_the_typed_prompt_classes_too(tmp_path):
+    """scripts/compare_strict.py: the typed-prompt classes of two `--json` files, per class and pooled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def rec(prompt, rank):
+        return {"prompt": prompt, "text": prompt, "kind": "smileys", "rank": rank}
+
+    def payload(ranks):
+        typed = {"case": [rec("RED APPLE", ranks[0])], "plurals": [rec("two red apples", ranks[1])]}
+        return {"prompts": {"training, bare name": [rec("red apple", 0)]}, "robust_prompts": typed}
+
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps(payload([0, 9])))
+    after.write_text(json.dumps(payload([9, 0])))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_strict.py"
+    out = subprocess.run([sys.executable, str(script), str(before), str(after)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| typed: case | all | 1 | 100.0% | 0.0% | 0 | 1 |" in out.stdout
+    assert "| typed: plurals | all | 1 | 0.0% | 100.0% | 1 | 0 |" in out.stdout
+    assert "| typed: all classes | all | 2 | 50.0% | 50.0% | 1 | 1 |" in out.stdout
+
+
 @pytest.fixture(scope="module")
 def styled(tmp_path_factory):
     """Two styles: 3d discs and flat squares of the same colours; the flat blue heart is a held-out pair."""
