@@ -3,19 +3,31 @@ the Makefile and the web page, found in the files themselves and checked with th
 
     python scripts/check_examples.py --data DATA          # writes docs/examples-check.md
 
-A prompt's target is the emoji whose name it contains (the longest such name; `None` for a prompt that names no
-emoji, which fails). Each prompt is generated with seeds 0-3 at the model's default step count and scored by the
-strict check (`sdxs.eval.strict.score_images`: retrieval among every render at 32x32 on white); it passes when the
-target is among the 5 nearest renders for at least 3 of the 4 seeds. `tests/test_doc_claims.py` checks that every
-example found in the files today is in docs/examples-check.md and passed, so a new example cannot skip the check.
+Examples are found in code (`pipe("...")`, `sdxs generate "..."`, the Makefile's and the page's defaults) and in
+the cells of a Markdown table's "example" column (the README's "what you can type" table: `RED APPLE` / `apple,
+red`). A table's example is a claim that it works when its row gives it a rate of 50% or more (its own part of the
+row: `A` / `B` against `90% / 40%`); below that the row shows a limitation (`gherkin` for cucumber: 0%), and the
+check records what it draws without requiring a pass.
+
+A prompt's target is the emoji whose name it asks for (`target_of`: the longest name whose words are all in the
+prompt, in any order and any number, case and punctuation ignored; `None` for a prompt that names no emoji, which
+fails). A prompt that ends in one of the model's style tags (`red apple, flat`) is scored among that style's
+renders. Each prompt is generated with seeds 0-3 at the model's default step count and scored by the strict check
+(`sdxs.eval.strict.score_images`: retrieval among every render at 32x32 on white); it passes when the target is
+among the 5 nearest renders for at least 3 of the 4 seeds. `tests/test_doc_claims.py` checks that every example
+found in the files today is in docs/examples-check.md and passed (a limitation: recorded), so a new example cannot
+skip the check.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from sdxs.data.captions import word_stem
 
 # Where users read example prompts, relative to the repository root (docs/eval.md, docs/benchmarks.md and the
 # experiments log are records of measured prompts and commands, not examples to copy)
@@ -45,6 +57,7 @@ STYLED_PATTERNS = (
     r'sdxs generate "([^"]+)" --style ([\w-]+)',
 )
 NOT_PROMPTS = {"x", "...", "X"}  # placeholders in argument-error examples
+CLAIM = 50.0  # a table row's rate (top-5 %) from which its example is shown as working
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Example:
     source: str
     prompt: str
     style: str | None = None  # a style of the model (`__call__(style=...)`), or None: the prompt as it is
+    limitation: bool = False  # shown as what the model does not do (a table row's rate under `CLAIM`)
 
     @property
     def key(self) -> str:
@@ -83,15 +97,81 @@ def find_examples(root: str | Path) -> list[Example]:
             for m in re.finditer(pattern, text, re.M):
                 if m.start(1) not in styled_at and (prompt := _clean(m.group(1))):
                     found.setdefault((name, prompt, None), Example(name, prompt))
+        if name.endswith(".md"):
+            for prompt, limitation in table_examples(text):
+                key = (name, prompt, None)
+                if key in found:  # shown both in code and in a table: a claim wherever it is one
+                    found[key].limitation = found[key].limitation and limitation
+                else:
+                    found[key] = Example(name, prompt, limitation=limitation)
     return list(found.values())
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def table_examples(text: str) -> list[tuple[str, bool]]:
+    """(prompt, limitation) of every backticked prompt in the "example" column of the Markdown tables in `text`.
+
+    The row's rates (`NN%` in the cells after it) say what each example claims: the example cell and the rates split
+    on " / " into as many parts pair up part by part (`A` / `B` with `90% / 40%`), else every example takes the row's
+    best rate. A rate under `CLAIM` (or none) marks a limitation."""
+    out: list[tuple[str, bool]] = []
+    column = None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.lstrip().startswith("|"):
+            column = None
+            continue
+        cells = _cells(line)
+        if column is None:
+            heads = [c.lower() for c in cells]
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if "example" in heads and re.fullmatch(r"\s*\|?[\s:|-]+\|?\s*", nxt):
+                column = heads.index("example")
+            else:
+                column = -1  # a table without an example column: skipped to its end
+            continue
+        if column < 0 or column >= len(cells) or re.fullmatch(r"[\s:-]+", cells[column]):
+            continue
+        rest = " | ".join(cells[column + 1 :])
+        parts = cells[column].split(" / ")
+        rate_parts = [[float(x) for x in re.findall(r"(\d+(?:\.\d+)?)%", r)] for r in rest.split(" / ")]
+        for j, part in enumerate(parts):
+            if len(parts) == len(rate_parts) and rate_parts[j]:
+                rates = rate_parts[j]
+            else:
+                rates = [x for r in rate_parts for x in r]
+            limitation = not rates or max(rates) < CLAIM
+            for m in re.finditer(r"`([^`]+)`", part):
+                if prompt := _clean(m.group(1)):
+                    out.append((prompt, limitation))
+    return out
+
+
 def target_of(prompt: str, names: Sequence[str]) -> str | None:
-    """The emoji name a prompt asks for: the longest name it contains as whole words (case and hyphens ignored)."""
+    """The emoji name a prompt asks for: the name with the most words all of which the prompt has, in any order and
+    any inflection (`word_stem`: "apples" is "apple"; case, hyphens and punctuation ignored); ties go to the one
+    the prompt contains as a phrase, then to the longer. `None`: no name is in the prompt.
 
-    def norm(s: str) -> str:
-        return " " + re.sub(r"[^a-z0-9]+", " ", s.lower()).strip() + " "
+    "three red apples" and "apple, red" ask for "red apple"; "grinning face, 3d render" for "grinning face"."""
 
-    text = norm(prompt)
-    hits = [n for n in names if norm(n) in text]
-    return max(hits, key=len) if hits else None
+    def words(s: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", s.lower())
+
+    def phrase(ws: list[str]) -> str:
+        return " " + " ".join(ws) + " "
+
+    have = words(prompt)
+    stems = Counter(word_stem(w) for w in have)
+    best, best_key = None, None
+    for name in names:
+        ws = words(name)
+        need = Counter(word_stem(w) for w in ws)
+        if not ws or any(stems[k] < n for k, n in need.items()):
+            continue
+        key = (len(ws), phrase(ws) in phrase(have), len(name))
+        if best_key is None or key > best_key:
+            best, best_key = name, key
+    return best
