@@ -70,6 +70,9 @@ def test_a_copy_of_the_render_is_a_hit_and_a_wrong_colour_is_not(data):
     # the blue heart drawn red retrieves the red apple: a miss at top-1 for the blue heart
     wrong = es.score_images(gallery, [exact[0]], [renders[2]], "wrong colour")
     assert wrong.ranks[0] >= 1 and wrong.top(1) == 0.0
+    # each record names what the generation drew instead: the render nearest to it
+    assert [r["drawn"] for r in scores.per_prompt()] == [r.bare for r in renders]
+    assert wrong.per_prompt()[0]["drawn"] == renders[0].bare != renders[2].bare
     # blur lowers the edge energy, noise raises it
     blurred = exact[0].convert("RGB").filter(ImageFilter.GaussianBlur(4))
     rng = np.random.default_rng(0)

@@ -182,6 +182,7 @@ class StrictScores:
     gallery_size: int
     extra: dict = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)  # what each generation was asked for (bare name of its target)
+    drawn: list[str] = field(default_factory=list)  # bare name of the render nearest to each generation
 
     @property
     def count(self) -> int:
@@ -223,10 +224,21 @@ class StrictScores:
         return out
 
     def per_prompt(self) -> list[dict]:
-        """One dict per generation (target, kind, rank, nearest, edge): what `paired_changes` compares."""
+        """One dict per generation (target, kind, rank, nearest, edge, and the render it is nearest to: what a miss
+        drew instead): what `paired_changes` compares."""
+        drawn = self.drawn or [None] * len(self.prompts)
         return [
-            {"prompt": p, "kind": k, "rank": int(r), "nearest": round(float(n), 4), "edge": round(float(e), 3)}
-            for p, k, r, n, e in zip(self.prompts, self.kinds, self.ranks, self.nearest, self.edge_ratio, strict=True)
+            {
+                "prompt": p,
+                "kind": k,
+                "rank": int(r),
+                "nearest": round(float(n), 4),
+                "edge": round(float(e), 3),
+                "drawn": d,
+            }
+            for p, k, r, n, e, d in zip(
+                self.prompts, self.kinds, self.ranks, self.nearest, self.edge_ratio, drawn, strict=True
+            )
         ]
 
 
@@ -274,7 +286,7 @@ def paired_changes(before: dict[str, list[dict]], after: dict[str, list[dict]], 
 def score_images(gallery: PixelGallery, images: Sequence, targets: Sequence[Render], label: str) -> StrictScores:
     """What: strict retrieval of generated `images`: the rank of `targets[i]` (what image i was asked to show) among
     all renders by L2 distance at 32x32 on white, the RMS distance to the nearest render, and the edge energy over
-    that render's (blur < 1 < blotchy).
+    that render's (blur < 1 < blotchy), and that render's name (`drawn`: what a miss drew instead).
 
     On: `images` against every render of `gallery`.
 
@@ -293,7 +305,16 @@ def score_images(gallery: PixelGallery, images: Sequence, targets: Sequence[Rend
         ref = gallery.edge_energy(int(j), im.size)
         edges.append(sobel_energy(im) / max(ref, 1e-6))
     kinds = [t.kind for t in targets]
-    return StrictScores(label, ranks, nearest, np.array(edges), kinds, len(gallery), prompts=[t.bare for t in targets])
+    return StrictScores(
+        label,
+        ranks,
+        nearest,
+        np.array(edges),
+        kinds,
+        len(gallery),
+        prompts=[t.bare for t in targets],
+        drawn=[gallery.renders[int(j)].bare for j in nearest_i],
+    )
 
 
 def pick_per_kind(renders: Sequence[Render], per_kind: int, seed: int) -> list[Render]:
@@ -500,6 +521,7 @@ def _merged(label: str, scores: Sequence[StrictScores]) -> StrictScores:
         [k for s in scores for k in s.kinds],
         round(sum(s.gallery_size * s.count for s in scores) / max(n, 1)),
         prompts=[p for s in scores for p in s.prompts],
+        drawn=[d for s in scores for d in (s.drawn or [None] * s.count)],
     )
 
 
