@@ -82,6 +82,28 @@ def test_rewrites_keep_what_the_image_shows():
     assert any(s.lower().startswith(("surf", "sea", "ocean")) for s in seen)  # a tag first / alone
 
 
+def test_a_dataset_of_styles_names_the_subject_without_its_tag_and_keeps_the_tag_of_the_other_styles():
+    """`sdxs data emoji --styles`: the default style has a bare line, the others tag every line ("red apple, flat");
+    a flat image's rewrite always keeps "flat" (dropping it would ask for the 3d render), a 3d one may drop it."""
+    styled = [
+        *DATASET,
+        ["red apple, flat", "red apple, fruit, food, flat"],
+        ["cat, cartoon", "cat, animal, meow, pet, cartoon"],
+    ]
+    aug = CaptionAugmenter(CaptionAugmentConfig(probability=1.0, style_tags=["3d render", "flat", "cartoon"]), styled)
+    flat = aug.parse(styled[-2])
+    assert (flat.subject, flat.main, flat.qualifiers) == ("red apple", "red apple", [])
+    assert flat.tags == ["fruit", "food"] and flat.styles == ["flat"] and not flat.untagged
+    assert aug.parse(styled[0]).untagged and aug.parse(styled[0]).styles == ["3d render"]
+    assert "meow" in aug.unambiguous_tags  # the cat in two styles is still one subject
+    rng = random.Random(0)
+    flat_rewrites = [aug(styled[-2], styled[-2][0], rng) for _ in range(300)]
+    assert all("flat" in s.lower() for s in flat_rewrites)
+    assert any(not s.lower().rstrip("!.~;:*]>- ").endswith("flat") for s in flat_rewrites)  # also in front
+    rewrites_3d = [aug(styled[0], styled[0][1], rng) for _ in range(300)]
+    assert any("3d render" not in s.lower() for s in rewrites_3d)  # the default style may go untagged
+
+
 def test_held_out_and_ambiguous_tags_never_stand_alone():
     aug = augmenter(
         holdout_tags=0.5,

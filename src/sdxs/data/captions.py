@@ -283,6 +283,9 @@ class _Entry:
     qualifiers: list[str]  # the other parts (["medium skin tone"])
     tags: list[str]
     styles: list[str]
+    # a line of the image has no style tag: a prompt without one asks for this picture (the dataset's default
+    # style), so a rewrite may drop the tag; an image whose every line is tagged ("red apple, flat") keeps it
+    untagged: bool = True
 
 
 class CaptionAugmenter:
@@ -351,10 +354,23 @@ class CaptionAugmenter:
         return pool
 
     def parse(self, lines: Sequence[str]) -> _Entry:
-        subject = subject_of(lines)
+        # a style tag closing a line is not part of the name: "red apple, flat" and "red apple, fruit, flat" name
+        # "red apple" (a dataset of several styles tags every line of its other styles)
+        style = {t.lower() for t in self.config.style_tags}
+        bare, styles, untagged = [], [], not lines
+        for line in lines:
+            parts = split_parts(line)
+            if len(parts) > 1 and parts[-1].lower() in style:
+                styles += [parts[-1]] if parts[-1] not in styles else []
+                line = ", ".join(parts[:-1])
+            else:
+                untagged = True
+            bare.append(line)
+        subject = subject_of(bare)
         parts = split_parts(subject)
-        tags, styles = tags_of(lines, subject, self.config.style_tags)
-        return _Entry(subject, parts[0] if parts else "", parts[1:], tags, styles)
+        tags, more = tags_of(bare, subject, self.config.style_tags)
+        styles += [t for t in more if t not in styles]
+        return _Entry(subject, parts[0] if parts else "", parts[1:], tags, styles, untagged)
 
     def __call__(self, lines: Sequence[str], chosen: str, rng: random.Random) -> str:
         """A prompt for one image: `chosen` (the caption line the loader drew) as it is with probability
@@ -414,10 +430,10 @@ class CaptionAugmenter:
             parts.insert(0, rng.choice(extra))
         if e.styles:
             r = rng.random()
-            if r < c.keep_style:
-                parts.append(e.styles[0])
-            elif r < c.keep_style + (1 - c.keep_style) / 5:
+            if c.keep_style <= r < c.keep_style + (1 - c.keep_style) / 5:
                 parts.insert(0, e.styles[0])
+            elif r < c.keep_style or not e.untagged:  # dropped only where a line of the image goes without it
+                parts.append(e.styles[0])
         if len(parts) > 1 and rng.random() < c.shuffle_parts:
             rng.shuffle(parts)
         text = ", ".join(parts)
