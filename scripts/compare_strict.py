@@ -8,7 +8,7 @@ Both files must come from `scripts/strict_eval.py --json` with the same emoji (s
 --held-out, --seed), which is what makes the comparison paired: the same prompt, the same seed, two models. Per group
 and kind it prints top-k before and after, the prompts gained and lost, and the two-sided exact sign test (McNemar)
 on them (`sdxs.eval.strict.paired_changes`); with the typed-prompt classes too when both files have them
-(`--robust-per-kind` > 0), per class and pooled. Top-k of 24 or 60 prompts moves by several points on noise alone; a
+(`--robust-per-kind` > 0, or a `--robust-only` file), per class and pooled. Top-k of 24 or 60 prompts moves by several points on noise alone; a
 group whose p is above ~0.05 did not change in a way this eval can tell.
 """
 
@@ -23,11 +23,11 @@ from sdxs.eval.strict import paired_changes
 
 def load(path: Path) -> dict[str, list[dict]]:
     payload = json.loads(path.read_text())
-    if "prompts" not in payload:
+    if "prompts" not in payload and "robust_prompts" not in payload:
         raise ValueError(
             f"{path}: no per-prompt records; it predates them. Score the model again with scripts/strict_eval.py --json"
         )
-    groups = dict(payload["prompts"])
+    groups = dict(payload.get("prompts") or {})  # none in a `--robust-only` file: its typed classes only
     # the prompts as people type them (`--robust-per-kind`): one group per class, and all classes pooled
     robust = payload.get("robust_prompts") or {}
     for label, records in robust.items():

@@ -171,6 +171,12 @@ def test_compare_strict_pairs_the_typed_prompt_classes_too(tmp_path):
     assert "| typed: case | all | 1 | 100.0% | 0.0% | 0 | 1 |" in out.stdout
     assert "| typed: plurals | all | 1 | 0.0% | 100.0% | 1 | 0 |" in out.stdout
     assert "| typed: all classes | all | 2 | 50.0% | 50.0% | 1 | 1 |" in out.stdout
+    # a `strict_eval.py --robust-only` file has the typed classes only: compared against a full one, those
+    robust_only = tmp_path / "robust-only.json"
+    robust_only.write_text(json.dumps({"robust_prompts": payload([9, 0])["robust_prompts"]}))
+    out = subprocess.run([sys.executable, str(script), str(before), str(robust_only)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| typed: plurals | all | 1 | 0.0% | 100.0% | 1 | 0 |" in out.stdout and "bare name" not in out.stdout
 
 
 @pytest.fixture(scope="module")
