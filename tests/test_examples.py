@@ -49,3 +49,11 @@ def test_target_is_the_longest_name_in_any_order_and_number():
     assert target_of("grinning face, 3d render", NAMES) == "grinning face"
     assert target_of("gherkin", NAMES) is None
     assert target_of("apple", NAMES) is None  # half a name is no name
+
+
+def test_a_request_body_shown_for_the_server_is_an_example(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "server.md").write_text(
+        """curl -s localhost:8000/generate -d '{"prompt": "a red apple, 3d render", "seed": 7}'\n"""
+    )
+    assert [(e.source, e.prompt) for e in find_examples(tmp_path)] == [("docs/server.md", "a red apple, 3d render")]

@@ -3,11 +3,11 @@ the Makefile and the web page, found in the files themselves and checked with th
 
     python scripts/check_examples.py --data DATA          # writes docs/examples-check.md
 
-Examples are found in code (`pipe("...")`, `sdxs generate "..."`, the Makefile's and the page's defaults) and in
-the cells of a Markdown table's "example" column (the README's "what you can type" table: `RED APPLE` / `apple,
-red`). A table's example is a claim that it works when its row gives it a rate of 50% or more (its own part of the
-row: `A` / `B` against `90% / 40%`); below that the row shows a limitation (`gherkin` for cucumber: 0%), and the
-check records what it draws without requiring a pass.
+Examples are found in code (`pipe("...")`, `sdxs generate "..."`, a request's `{"prompt": "..."}`, the Makefile's
+and the page's defaults) and in the cells of a Markdown table's "example" column (the README's "what you can type"
+table: `RED APPLE` / `apple, red`). A table's example is a claim that it works when its row gives it a rate of 50%
+or more (its own part of the row: `A` / `B` against `90% / 40%`); below that the row shows a limitation (`gherkin`
+for cucumber: 0%), and the check records what it draws without requiring a pass.
 
 A prompt's target is the emoji whose name it asks for (`target_of`: the longest name whose words are all in the
 prompt, in any order and any number, case and punctuation ignored; `None` for a prompt that names no emoji, which
@@ -49,6 +49,7 @@ PATTERNS = (
     r'PROMPT="([^"]+)"',
     r"^PROMPT \?= (.+)$",  # the Makefile's default
     r'id="prompt"[^>]*?placeholder="([^"]+)"',  # the page's prompt box
+    r'"prompt"\s*:\s*"([^"]+)"',  # a JSON request body (curl -d '{"prompt": "..."}' to the server)
 )
 # examples with a style (`pipe("red apple", style="twemoji")`, `sdxs generate "red apple" --style twemoji`): the
 # prompt, then the style; such a prompt is checked against the renders of that style
